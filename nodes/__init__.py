@@ -1,0 +1,12 @@
+"""ComfyUI adapters for SALAD (the only part of the pack that imports ``comfy``)."""
+from .apply import SALADApplyAttention
+from .loader import SALADWeightsLoader
+
+NODE_CLASS_MAPPINGS = {
+    "SALADWeightsLoader": SALADWeightsLoader,
+    "SALADApplyAttention": SALADApplyAttention,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "SALADWeightsLoader": "SALAD Weights Loader",
+    "SALADApplyAttention": "Apply SALAD Attention",
+}

@@ -1,0 +1,85 @@
+"""Apply SALAD Attention node: MODEL (+ SALAD_WEIGHTS) -> patched MODEL."""
+from __future__ import annotations
+
+from .blocks import parse_block_list
+from .loader import SALAD_WEIGHTS
+from .patch import PatchOptions, apply_salad
+
+PATTERNS = ["topk", "window"]
+BACKENDS = ["auto", "triton", "torch"]
+
+
+class SALADApplyAttention:
+    DESCRIPTION = ("Makes a Wan 2.1 / 2.2 model's self-attention sparse (SALAD: block-sparse attention over 3-D "
+                   "video tiles plus a gated linear-attention branch). Returns a patched copy; the input model "
+                   "is left as it was. Without SALAD weights it runs sparse attention only.")
+    CATEGORY = "model/patch/SALAD"
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The model with SALAD attention. Connect it where the original model went (KSampler).",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "A Wan 2.1 / 2.2 model (T2V, I2V, 5B, 14B high- or low-noise); "
+                                               "LoRA'd and GGUF models work."}),
+                "sparsity": ("FLOAT", {"default": 0.9, "min": 0.0, "max": 0.99, "step": 0.01, "display": "slider",
+                                       "tooltip": "Share of key blocks each query block skips. 0.9 = 90% skipped "
+                                                  "(about 2x faster end to end on long videos). 0 = exact dense "
+                                                  "attention."}),
+                "pattern": (PATTERNS, {"default": "topk",
+                                       "tooltip": "topk: keep the key blocks with the highest pooled q.k score, "
+                                                  "per head and step. window: keep the key blocks nearest in space "
+                                                  "and time (a 3-D sliding window; static, slightly cheaper)."}),
+                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                            "tooltip": "Sampling before this point (0 = first step) keeps dense "
+                                                       "attention. Raise it (e.g. 0.1-0.2) to keep the layout-"
+                                                       "forming first steps exact."}),
+                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                          "tooltip": "Sampling after this point (1 = last step) keeps dense "
+                                                     "attention."}),
+                "dense_blocks": ("STRING", {"default": "", "multiline": False,
+                                            "tooltip": "Transformer blocks that stay dense, e.g. '0,1,28-29' "
+                                                       "(negative numbers count from the end). Empty = none."}),
+                "backend": (BACKENDS, {"default": "auto",
+                                       "tooltip": "auto: Triton kernels on NVIDIA GPUs, PyTorch elsewhere. "
+                                                  "triton: require the Triton kernels. torch: PyTorch reference "
+                                                  "path (same math, slower)."}),
+            },
+            "optional": {
+                "salad_weights": (SALAD_WEIGHTS, {"tooltip": "Gate and linear-branch weights from SALAD Weights "
+                                                             "Loader. Without them: sparse attention only."}),
+                "min_tokens": ("INT", {"default": 0, "min": 0, "max": 1_000_000, "step": 256,
+                                       "tooltip": "Sequences shorter than this many tokens stay dense (short "
+                                                  "clips gain little from sparsity)."}),
+                "verbose": ("BOOLEAN", {"default": False,
+                                        "tooltip": "Log which blocks ran SALAD and why calls were handed on."}),
+            },
+        }
+
+    def apply(self, model, sparsity, pattern, start_percent, end_percent, dense_blocks, backend,
+              salad_weights=None, min_tokens=0, verbose=False):
+        if not 0.0 <= sparsity <= 0.99:
+            raise ValueError(f"Apply SALAD Attention: sparsity must be in [0, 0.99], got {sparsity}")
+        if pattern not in PATTERNS:
+            raise ValueError(f"Apply SALAD Attention: pattern must be one of {PATTERNS}, got '{pattern}'")
+        if backend not in BACKENDS:
+            raise ValueError(f"Apply SALAD Attention: backend must be one of {BACKENDS}, got '{backend}'")
+        if not 0.0 <= start_percent <= end_percent <= 1.0:
+            raise ValueError(f"Apply SALAD Attention: need 0 <= start_percent <= end_percent <= 1, got "
+                             f"start_percent={start_percent}, end_percent={end_percent}")
+        if backend == "triton":
+            from ..kernels import triton_available
+            import comfy.model_management as mm
+            dev = mm.get_torch_device()
+            if not triton_available(dev):
+                raise RuntimeError(f"Apply SALAD Attention: backend 'triton' needs an NVIDIA GPU with Triton; "
+                                   f"this ComfyUI runs on {dev}. Choose 'auto' or 'torch'.")
+        num_blocks = len(model.get_model_object("diffusion_model").blocks) \
+            if hasattr(model.get_model_object("diffusion_model"), "blocks") else 0
+        dense = parse_block_list(dense_blocks, num_blocks) if num_blocks else set()
+        opts = PatchOptions(sparsity=float(sparsity), pattern=pattern, start_percent=float(start_percent),
+                            end_percent=float(end_percent), dense_blocks=frozenset(dense), backend=backend,
+                            min_tokens=int(min_tokens), verbose=bool(verbose))
+        return (apply_salad(model, opts, salad_weights),)

@@ -1,0 +1,224 @@
+"""Patch a ComfyUI Wan model so its self-attention runs SALAD attention.
+
+How (no ComfyUI file is edited, the user's model object is never touched):
+  * ``model.clone()``; everything below is an object patch or callback on the clone, applied by
+    ComfyUI when the clone is loaded and removed when another model runs.
+  * ``diffusion_model.patch_embedding.forward`` records the latent token grid of each forward
+    (ComfyUI >= 0.5 also passes ``transformer_options["grid_sizes"]``, which wins when present).
+  * ``diffusion_model.blocks.{i}.self_attn.forward`` for every block we own: for the duration of
+    that call it puts our function on top of ``transformer_options["optimized_attention_override"]``
+    (keeping the previous override, if any, for calls we decline) and remembers the block index and
+    the block input x (for the gate).  Cross-attention runs after the self-attention call has
+    returned, so it never reaches our function; blocks we do not own never see it either.
+  * The gate/Proj weights live in their own ModelPatcher attached with ``set_additional_models``,
+    so ComfyUI's memory management loads and offloads them with the model.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger("SALAD")
+
+KEY = "salad"
+
+
+@dataclass
+class PatchOptions:
+    sparsity: float = 0.9
+    pattern: str = "topk"
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    dense_blocks: frozenset = frozenset()
+    backend: str = "auto"
+    min_tokens: int = 0
+    verbose: bool = False
+
+
+@dataclass
+class RunStats:
+    sparse_calls: Counter = field(default_factory=Counter)      # block -> calls run with SALAD
+    declined: Counter = field(default_factory=Counter)          # reason -> calls handed on
+    kv_mismatch_seen: int = 0                                   # calls with len(q) != len(k): never ours
+    shapes: set = field(default_factory=set)
+
+    def summary(self) -> str:
+        blocks = ",".join(f"{b}:{n}" for b, n in sorted(self.sparse_calls.items()))
+        declined = ",".join(f"{r}:{n}" for r, n in sorted(self.declined.items()))
+        return (f"SALAD stats: sparse_calls={{{blocks}}} declined={{{declined}}} "
+                f"cross_attention_calls_seen={self.kv_mismatch_seen} shapes={sorted(self.shapes)}")
+
+
+class SaladPatch:
+    """State shared by the object patches of one patched clone."""
+
+    def __init__(self, diffusion_model, opts: PatchOptions, weights=None, sigma_start=None, sigma_end=None):
+        from ..salad_core.attention import SaladConfig  # lazy: keeps import of the pack light
+        self.opts = opts
+        self.weights = weights            # a ComfyUI ModelPatcher whose .model is SaladWeights, or None
+        self.config = SaladConfig(sparsity=opts.sparsity, pattern=opts.pattern, backend=opts.backend)
+        self.num_blocks = len(diffusion_model.blocks)
+        self.has_ref_conv = getattr(diffusion_model, "ref_conv", None) is not None
+        self.patch_size = tuple(getattr(diffusion_model, "patch_size", (1, 2, 2)))
+        self.sigma_start = sigma_start
+        self.sigma_end = sigma_end
+        self._grid = None
+        self._fresh_forward = True
+        self._sigma_cache = (None, None)
+        self.stats = RunStats()
+
+    # -- object patches ----------------------------------------------------------------------
+    def make_patch_embedding_forward(self, prev_forward):
+        def forward(x, *args, **kwargs):
+            out = prev_forward(x, *args, **kwargs)
+            if self._fresh_forward and out.ndim == 5:
+                self._grid = tuple(int(s) for s in out.shape[2:])
+                self._fresh_forward = False
+            return out
+        return forward
+
+    def make_self_attn_forward(self, block: int, prev_forward):
+        def forward(x, freqs, *args, **kwargs):
+            args = list(args)
+            if "transformer_options" in kwargs:
+                to = kwargs["transformer_options"]
+            elif args and isinstance(args[0], dict):
+                to = args[0]
+            else:
+                to = None
+            if to is None:
+                to = {}
+                kwargs["transformer_options"] = to
+            self._fresh_forward = True       # the next patch_embedding call starts a new forward
+            had = "optimized_attention_override" in to
+            previous = to.get("optimized_attention_override")
+
+            def override(func, q, k, v, heads, *a, **kw):
+                return self.attention(func, previous, block, x, q, k, v, heads, *a, **kw)
+
+            to["optimized_attention_override"] = override
+            try:
+                return prev_forward(x, freqs, *args, **kwargs)
+            finally:
+                if had:
+                    to["optimized_attention_override"] = previous
+                else:
+                    to.pop("optimized_attention_override", None)
+        return forward
+
+    # -- the attention override --------------------------------------------------------------
+    def _decline(self, reason, func, previous, q, k, v, heads, *a, **kw):
+        self.stats.declined[reason] += 1
+        if previous is not None:
+            return previous(func, q, k, v, heads, *a, **kw)
+        return func(q, k, v, heads, *a, **kw)
+
+    def _in_sigma_window(self, transformer_options) -> bool:
+        if self.sigma_start is None:
+            return True
+        sigmas = transformer_options.get("sigmas") if transformer_options else None
+        if sigmas is None:
+            return True
+        key = (id(sigmas), sigmas.data_ptr() if torch.is_tensor(sigmas) else None)
+        if self._sigma_cache[0] != key:
+            s = float(sigmas.reshape(-1)[0]) if torch.is_tensor(sigmas) else float(sigmas[0])
+            self._sigma_cache = (key, s)
+        s = self._sigma_cache[1]
+        return self.sigma_end <= s <= self.sigma_start
+
+    def grid_for(self, transformer_options):
+        g = transformer_options.get("grid_sizes") if transformer_options else None
+        if g is not None:
+            return tuple(int(s) for s in g)
+        return self._grid
+
+    def attention(self, func, previous, block, x, q, k, v, heads, *a, **kw):
+        to = kw.get("transformer_options") or {}
+        mask = kw.get("mask", a[0] if a else None)
+        if kw.get("skip_reshape") or kw.get("skip_output_reshape"):
+            return self._decline("layout", func, previous, q, k, v, heads, *a, **kw)
+        if mask is not None:
+            return self._decline("mask", func, previous, q, k, v, heads, *a, **kw)
+        if q.ndim != 3 or k.shape != q.shape or v.shape[:2] != q.shape[:2]:
+            self.stats.kv_mismatch_seen += 1
+            return self._decline("not_self_attention", func, previous, q, k, v, heads, *a, **kw)
+        L = q.shape[1]
+        if L < self.opts.min_tokens:
+            return self._decline("short", func, previous, q, k, v, heads, *a, **kw)
+        if not self._in_sigma_window(to):
+            return self._decline("outside_percent", func, previous, q, k, v, heads, *a, **kw)
+        grid = self.grid_for(to)
+        if grid is None:
+            return self._decline("no_grid", func, previous, q, k, v, heads, *a, **kw)
+        n_video = grid[0] * grid[1] * grid[2]
+        extra = L - n_video
+        if extra < 0:
+            return self._decline("grid_mismatch", func, previous, q, k, v, heads, *a, **kw)
+        n_front, n_back = (extra, 0) if self.has_ref_conv else (0, extra)
+
+        from ..salad_core.attention import salad_self_attention
+        proj = gate = None
+        if self.weights is not None:
+            sw = self.weights.model
+            if sw.has_block(block):
+                proj, gate = sw.proj_for(block), sw.gate_for(block)
+        out = salad_self_attention(q, k, v, heads, grid=grid, n_front=n_front, n_back=n_back, x=x,
+                                   proj=proj, gate=gate, config=self.config)
+        self.stats.sparse_calls[block] += 1
+        self.stats.shapes.add((tuple(q.shape), grid))
+        return out
+
+    # -- callbacks ---------------------------------------------------------------------------
+    def on_cleanup(self, *args, **kwargs):
+        if self.stats.sparse_calls or self.stats.declined:
+            msg = self.stats.summary()
+            if self.opts.verbose:
+                log.info(msg)
+            else:
+                log.debug(msg)
+        self.stats = RunStats()
+        self._grid = None
+        self._fresh_forward = True
+        self._sigma_cache = (None, None)
+
+
+def apply_salad(model, opts: PatchOptions, weights_patcher=None):
+    """Return a patched clone of the ComfyUI ModelPatcher ``model``."""
+    import comfy.patcher_extension as pe
+
+    m = model.clone()
+    dm = m.get_model_object("diffusion_model")
+    blocks = getattr(dm, "blocks", None)
+    if blocks is None or not hasattr(dm, "patch_embedding") or not all(hasattr(b, "self_attn") for b in blocks):
+        raise ValueError(f"Apply SALAD Attention: model input is a {type(dm).__name__}; SALAD supports Wan 2.1 / "
+                         f"2.2 video models (WanModel and its variants)")
+    num_blocks = len(blocks)
+    dim = int(getattr(dm, "dim", 0) or blocks[0].self_attn.dim)
+    heads = int(getattr(dm, "num_heads", 0) or blocks[0].self_attn.num_heads)
+    if weights_patcher is not None:
+        weights_patcher.model.check_compatible(model_family="wan", dim=dim, heads=heads, num_blocks=num_blocks)
+
+    sigma_start = sigma_end = None
+    if opts.start_percent > 0.0 or opts.end_percent < 1.0:
+        ms = m.get_model_object("model_sampling")
+        sigma_start = float(ms.percent_to_sigma(opts.start_percent))
+        sigma_end = float(ms.percent_to_sigma(opts.end_percent))
+
+    state = SaladPatch(dm, opts, weights_patcher, sigma_start, sigma_end)
+    key = "diffusion_model.patch_embedding.forward"
+    m.add_object_patch(key, state.make_patch_embedding_forward(m.get_model_object(key)))
+    owned = [i for i in range(num_blocks) if i not in opts.dense_blocks]
+    for i in owned:
+        key = f"diffusion_model.blocks.{i}.self_attn.forward"
+        m.add_object_patch(key, state.make_self_attn_forward(i, m.get_model_object(key)))
+    if weights_patcher is not None:
+        m.set_additional_models(KEY, [weights_patcher])
+    m.add_callback_with_key(pe.CallbacksMP.ON_CLEANUP, KEY, state.on_cleanup)
+    if opts.verbose:
+        log.info("SALAD: patched %d of %d blocks (sparsity %.2f, pattern %s, backend %s, weights %s)",
+                 len(owned), num_blocks, opts.sparsity, opts.pattern, opts.backend,
+                 "yes" if weights_patcher is not None else "none: sparse-only")
+    return m

@@ -1,0 +1,45 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+
+from _pack import register  # noqa: E402
+
+register()
+
+TINY = ["wan21_t2v_tiny", "wan21_i2v_tiny", "wan22_5b_tiny", "wan21_t2v_tiny_3blk"]
+
+
+@pytest.fixture(scope="session")
+def comfyui_dir():
+    from comfy_harness import find_comfyui
+    return find_comfyui()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, comfyui_dir):
+    from comfy_harness import make_fixtures
+    d = tmp_path_factory.mktemp("diffusion_models")
+    paths = make_fixtures(comfyui_dir, d, TINY)
+    return {p.stem: p for p in paths}
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory, tiny_models):
+    """One headless ComfyUI for the whole session, with our pack and the tiny Wan models."""
+    from comfy_harness import ComfyServer
+    base = tmp_path_factory.mktemp("comfy_base")
+    server = ComfyServer(base_dir=base)
+    for name, p in tiny_models.items():
+        (server.diffusion_dir / p.name).symlink_to(p)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        if os.environ.get("SALAD_KEEP_LOGS"):
+            print(server.log())

@@ -1,0 +1,83 @@
+"""Test-only ComfyUI nodes, loaded by the test harness and the developer demo, never shipped to users.
+
+Real Wan text conditioning comes from umt5-xxl (11 GB), which a CPU test machine cannot hold.
+``SALADTest_Conditioning`` makes conditioning of exactly the shape Wan expects
+([[tensor(B, tokens, 4096), {}]]) from a seed, so graphs run end to end with a tiny Wan model.
+``SALADTest_LatentPreview`` writes the first frame of a latent as a PNG so a person can look at it.
+"""
+import os
+
+import torch
+
+
+class SALADTest_Conditioning:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+            "tokens": ("INT", {"default": 16, "min": 1, "max": 512}),
+            "dim": ("INT", {"default": 4096, "min": 8, "max": 8192}),
+        }}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "make"
+    CATEGORY = "testing/salad"
+
+    def make(self, seed, tokens, dim):
+        g = torch.Generator().manual_seed(seed)
+        emb = torch.randn(1, tokens, dim, generator=g)
+        return ([[emb, {}]],)
+
+
+class SALADTest_LatentPreview:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",),
+                             "filename_prefix": ("STRING", {"default": "salad_preview"})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    CATEGORY = "testing/salad"
+
+    def save(self, samples, filename_prefix):
+        import folder_paths
+        import numpy as np
+        from PIL import Image
+        x = samples["samples"][0]          # (C, T, H, W)
+        frame = x[:3, 0].float()
+        frame = (frame - frame.amin()) / (frame.amax() - frame.amin() + 1e-6)
+        img = (frame.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        img = np.kron(img, np.ones((8, 8, 1), dtype=np.uint8))
+        out_dir = folder_paths.get_output_directory()
+        os.makedirs(out_dir, exist_ok=True)
+        name = f"{filename_prefix}_00001.png"
+        Image.fromarray(img).save(os.path.join(out_dir, name))
+        return {"ui": {"images": [{"filename": name, "subfolder": "", "type": "output"}]}}
+
+
+class SALADTest_EmptyLatentVideo:
+    """An empty video latent with any channel count (Wan 2.2 5B uses 48) without needing a VAE."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "channels": ("INT", {"default": 16, "min": 1, "max": 128}),
+            "frames": ("INT", {"default": 5, "min": 1, "max": 64}),
+            "height": ("INT", {"default": 16, "min": 2, "max": 256}),
+            "width": ("INT", {"default": 16, "min": 2, "max": 256}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 8}),
+        }}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "make"
+    CATEGORY = "testing/salad"
+
+    def make(self, channels, frames, height, width, batch_size):
+        return ({"samples": torch.zeros(batch_size, channels, frames, height, width)},)
+
+
+NODE_CLASS_MAPPINGS = {
+    "SALADTest_EmptyLatentVideo": SALADTest_EmptyLatentVideo,
+    "SALADTest_Conditioning": SALADTest_Conditioning,
+    "SALADTest_LatentPreview": SALADTest_LatentPreview,
+}

@@ -1,0 +1,87 @@
+"""Build tiny, random-weight Wan checkpoints that ComfyUI's own UNETLoader detects as Wan.
+
+Run with ComfyUI importable (``--comfyui DIR``); it uses ComfyUI's WanModel class so the
+state-dict keys are exactly the real ones.  Weights are random (seeded), so nothing is downloaded.
+
+Variants (all with head_dim 128, as ComfyUI derives heads = dim // 128):
+  wan21_t2v_tiny   dim 256 (2 heads), 2 blocks, in/out 16 channels     -> WAN21_T2V
+  wan21_i2v_tiny   same, in_dim 36 + img_emb (CLIP-vision projection)  -> WAN21_I2V
+  wan22_5b_tiny    dim 256, 2 blocks, in/out 48 channels               -> WAN22_T2V (the 5B family)
+  wan21_t2v_tiny_3blk  dim 384 (3 heads), 3 blocks                     -> for "wrong model size" tests
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+VARIANTS = {
+    "wan21_t2v_tiny": dict(model_type="t2v", dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=16, out_dim=16),
+    "wan21_i2v_tiny": dict(model_type="i2v", dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=36, out_dim=16),
+    "wan22_5b_tiny": dict(model_type="t2v", dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=48, out_dim=48),
+    "wan21_t2v_tiny_3blk": dict(model_type="t2v", dim=384, ffn_dim=512, num_heads=3, num_layers=3, in_dim=16, out_dim=16),
+}
+
+
+def _import_comfy(comfyui_dir: str):
+    if comfyui_dir not in sys.path:
+        sys.path.insert(0, comfyui_dir)
+    import comfy.options
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import comfy.ops
+    import comfy.ldm.wan.model as wan
+    return comfy, wan
+
+
+def build_state_dict(comfyui_dir: str, variant: str, seed: int = 0):
+    import torch
+    comfy, wan = _import_comfy(comfyui_dir)
+    cfg = VARIANTS[variant]
+    model = wan.WanModel(text_dim=4096, operations=comfy.ops.disable_weight_init, device="cpu",
+                         dtype=torch.float32, **cfg)
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, t in model.state_dict().items():
+        if "norm" in name and name.endswith("weight") and t.ndim == 1:
+            val = torch.ones(t.shape)
+        elif name.endswith("bias"):
+            val = torch.randn(t.shape, generator=gen) * 0.02
+        else:
+            fan_in = t[0].numel() if t.ndim > 1 else t.numel()
+            val = torch.randn(t.shape, generator=gen) / max(fan_in, 1) ** 0.5
+            if "modulation" in name:
+                val = val * 0.1
+        sd[name] = val.to(torch.float16).contiguous()
+    return sd
+
+
+def write_variant(comfyui_dir: str, out_dir: Path, variant: str, seed: int = 0) -> Path:
+    from safetensors.torch import save_file
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{variant}.safetensors"
+    if path.exists():
+        return path
+    sd = build_state_dict(comfyui_dir, variant, seed)
+    tmp = path.with_suffix(".tmp")
+    save_file(sd, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--comfyui", required=True)
+    ap.add_argument("--out", required=True, help="diffusion_models folder to write into")
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    for v in a.variants:
+        p = write_variant(a.comfyui, Path(a.out), v, a.seed)
+        print(p)
+
+
+if __name__ == "__main__":
+    main()
