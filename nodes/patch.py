@@ -166,7 +166,7 @@ class SaladPatch:
             if sw.has_block(block):
                 proj, gate = sw.proj_for(block), sw.gate_for(block)
         out = salad_self_attention(q, k, v, heads, grid=grid, n_front=n_front, n_back=n_back, x=x,
-                                   proj=proj, gate=gate, config=self.config)
+                                   proj=proj, gate=gate, config=self.config, block_id=block)
         self.stats.sparse_calls[block] += 1
         self.stats.shapes.add((tuple(q.shape), grid))
         return out
@@ -199,7 +199,10 @@ def apply_salad(model, opts: PatchOptions, weights_patcher=None):
     dim = int(getattr(dm, "dim", 0) or blocks[0].self_attn.dim)
     heads = int(getattr(dm, "num_heads", 0) or blocks[0].self_attn.num_heads)
     if weights_patcher is not None:
-        weights_patcher.model.check_compatible(model_family="wan", dim=dim, heads=heads, num_blocks=num_blocks)
+        try:
+            weights_patcher.model.check_compatible(model_family="wan", dim=dim, heads=heads, num_blocks=num_blocks)
+        except ValueError as e:
+            raise ValueError(f"Apply SALAD Attention: salad_weights do not fit this model: {e}") from None
 
     sigma_start = sigma_end = None
     if opts.start_percent > 0.0 or opts.end_percent < 1.0:

@@ -49,11 +49,12 @@ class SALADTest_LatentPreview:
         frame = (frame - frame.amin()) / (frame.amax() - frame.amin() + 1e-6)
         img = (frame.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
         img = np.kron(img, np.ones((8, 8, 1), dtype=np.uint8))
-        out_dir = folder_paths.get_output_directory()
-        os.makedirs(out_dir, exist_ok=True)
-        name = f"{filename_prefix}_00001.png"
-        Image.fromarray(img).save(os.path.join(out_dir, name))
-        return {"ui": {"images": [{"filename": name, "subfolder": "", "type": "output"}]}}
+        full_dir, name, counter, subfolder, _ = folder_paths.get_save_image_path(
+            filename_prefix, folder_paths.get_output_directory(), img.shape[1], img.shape[0])
+        os.makedirs(full_dir, exist_ok=True)
+        name = f"{name}_{counter:05}_.png"
+        Image.fromarray(img).save(os.path.join(full_dir, name))
+        return {"ui": {"images": [{"filename": name, "subfolder": subfolder, "type": "output"}]}}
 
 
 class SALADTest_EmptyLatentVideo:
@@ -81,3 +82,36 @@ NODE_CLASS_MAPPINGS = {
     "SALADTest_Conditioning": SALADTest_Conditioning,
     "SALADTest_LatentPreview": SALADTest_LatentPreview,
 }
+
+
+class SALADTest_RecordingOverride:
+    """Installs an attention override in the style of KJNodes' sage patch (no chaining), that counts the
+    calls it receives by kind and hands each to ComfyUI's own attention.  Logs the counts at cleanup."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "tag": ("STRING", {"default": "rec"})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    CATEGORY = "testing/salad"
+
+    def patch(self, model, tag):
+        import logging
+        import comfy.patcher_extension as pe
+        counts = {"self": 0, "cross": 0}
+
+        def override(func, q, k, v, *args, **kwargs):
+            counts["self" if k.shape[1] == q.shape[1] else "cross"] += 1
+            return func(q, k, v, *args, **kwargs)
+
+        def report(*_a, **_k):
+            logging.info("RECORDING OVERRIDE %s self=%d cross=%d", tag, counts["self"], counts["cross"])
+            counts["self"] = counts["cross"] = 0
+
+        m = model.clone()
+        m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
+        m.add_callback_with_key(pe.CallbacksMP.ON_CLEANUP, "salad_test_recorder", report)
+        return (m,)
+
+
+NODE_CLASS_MAPPINGS["SALADTest_RecordingOverride"] = SALADTest_RecordingOverride

@@ -1,0 +1,209 @@
+"""(Re)generate the UI-format workflows in workflows/ and their API twins in tests/workflow_twins/.
+
+Widget order and socket types are read from a running ComfyUI's /object_info, so the files match
+what ComfyUI expects.  Run:  .venv/bin/python scripts/build_workflows.py
+"""
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from comfy_harness import ComfyServer  # noqa: E402
+from workflow_convert import _has_control, _input_specs, _is_widget  # noqa: E402
+
+NEG = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
+       "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，"
+       "背景人很多，倒着走")
+POS = "A red fox trotting through fresh snow in a birch forest at sunrise, cinematic, shallow depth of field"
+SALAD = dict(sparsity=0.9, pattern="topk", start_percent=0.0, end_percent=1.0, dense_blocks="", backend="auto",
+             min_tokens=0, verbose=False)
+
+
+def N(nid, typ, pos, widgets=None, links=None, mode=0, title=None, size=None):
+    return dict(id=nid, type=typ, pos=pos, widgets=widgets or {}, links=links or {}, mode=mode, title=title,
+                size=size)
+
+
+def note(nid, pos, text):
+    return dict(id=nid, type="Note", pos=pos, text=text)
+
+
+WORKFLOWS = {
+    "wan21_t2v_1.3b_salad": [
+        note(100, [-420, -260], "SALAD: sparse + linear attention for Wan.\n\n1. Apply SALAD Attention sits "
+             "between the model loader and KSampler. sparsity 0.9 skips 90% of the attention blocks (about 2x "
+             "faster at 480p/81 frames on an H100).\n2. Without SALAD weights it runs sparse attention only. "
+             "With a trained weight file in ComfyUI/models/salad, un-bypass 'SALAD Weights Loader' (Ctrl+B) "
+             "and pick the file.\n3. Raise start_percent (e.g. 0.1) to keep the first steps dense."),
+        N(1, "UNETLoader", [-420, 0], {"unet_name": "wan2.1_t2v_1.3B_fp16.safetensors", "weight_dtype": "default"}),
+        N(2, "CLIPLoader", [-420, 160], {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
+                                         "device": "default"}),
+        N(3, "VAELoader", [-420, 320], {"vae_name": "wan_2.1_vae.safetensors"}),
+        N(4, "SALADWeightsLoader", [-420, 420], {"weights_name": "salad_wan2.1_t2v_1.3b.safetensors"}, mode=4),
+        N(5, "ModelSamplingSD3", [0, -120], {"shift": 8.0}, {"model": (1, 0)}),
+        N(6, "SALADApplyAttention", [0, 0], SALAD, {"model": (5, 0), "salad_weights": (4, 0)}),
+        N(7, "CLIPTextEncode", [0, 260], {"text": POS}, {"clip": (2, 0)}, title="Positive prompt"),
+        N(8, "CLIPTextEncode", [0, 480], {"text": NEG}, {"clip": (2, 0)}, title="Negative prompt"),
+        N(9, "EmptyHunyuanLatentVideo", [0, 700], {"width": 832, "height": 480, "length": 81, "batch_size": 1}),
+        N(10, "KSampler", [420, 0], {"seed": 42, "steps": 30, "cfg": 6.0, "sampler_name": "uni_pc",
+                                     "scheduler": "simple", "denoise": 1.0},
+          {"model": (6, 0), "positive": (7, 0), "negative": (8, 0), "latent_image": (9, 0)}),
+        N(11, "VAEDecode", [820, 0], {}, {"samples": (10, 0), "vae": (3, 0)}),
+        N(12, "SaveAnimatedWEBP", [1060, 0], {"filename_prefix": "salad/wan21_t2v", "fps": 16.0,
+                                              "lossless": False, "quality": 90, "method": "default"},
+          {"images": (11, 0)}),
+    ],
+    "wan22_14b_t2v_salad_high_low": [
+        note(100, [-420, -300], "Wan 2.2 14B: one Apply SALAD Attention on each of the high-noise and low-noise "
+             "experts. Both samplers share the same latent; the high-noise model runs steps 0-10, the low-noise "
+             "model steps 10-20. Set the sparsity of each expert separately (e.g. keep the high-noise expert at "
+             "a lower sparsity if motion suffers)."),
+        N(1, "UNETLoader", [-420, 0], {"unet_name": "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors",
+                                       "weight_dtype": "default"}, title="High-noise model"),
+        N(2, "UNETLoader", [-420, 160], {"unet_name": "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors",
+                                         "weight_dtype": "default"}, title="Low-noise model"),
+        N(3, "CLIPLoader", [-420, 320], {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
+                                         "device": "default"}),
+        N(4, "VAELoader", [-420, 480], {"vae_name": "wan_2.1_vae.safetensors"}),
+        N(5, "ModelSamplingSD3", [0, -160], {"shift": 8.0}, {"model": (1, 0)}),
+        N(6, "ModelSamplingSD3", [0, 200], {"shift": 8.0}, {"model": (2, 0)}),
+        N(7, "SALADApplyAttention", [300, -160], SALAD, {"model": (5, 0)}, title="SALAD (high noise)"),
+        N(8, "SALADApplyAttention", [300, 200], SALAD, {"model": (6, 0)}, title="SALAD (low noise)"),
+        N(9, "CLIPTextEncode", [0, 520], {"text": POS}, {"clip": (3, 0)}, title="Positive prompt"),
+        N(10, "CLIPTextEncode", [0, 740], {"text": NEG}, {"clip": (3, 0)}, title="Negative prompt"),
+        N(11, "EmptyHunyuanLatentVideo", [0, 960], {"width": 1280, "height": 720, "length": 81, "batch_size": 1}),
+        N(12, "KSamplerAdvanced", [700, -160], {"add_noise": "enable", "noise_seed": 42, "steps": 20, "cfg": 3.5,
+                                                "sampler_name": "euler", "scheduler": "simple", "start_at_step": 0,
+                                                "end_at_step": 10, "return_with_leftover_noise": "enable"},
+          {"model": (7, 0), "positive": (9, 0), "negative": (10, 0), "latent_image": (11, 0)}),
+        N(13, "KSamplerAdvanced", [1100, -160], {"add_noise": "disable", "noise_seed": 0, "steps": 20, "cfg": 3.5,
+                                                 "sampler_name": "euler", "scheduler": "simple",
+                                                 "start_at_step": 10, "end_at_step": 10000,
+                                                 "return_with_leftover_noise": "disable"},
+          {"model": (8, 0), "positive": (9, 0), "negative": (10, 0), "latent_image": (12, 0)}),
+        N(14, "VAEDecode", [1500, -160], {}, {"samples": (13, 0), "vae": (4, 0)}),
+        N(15, "SaveAnimatedWEBP", [1740, -160], {"filename_prefix": "salad/wan22_14b_t2v", "fps": 16.0,
+                                                 "lossless": False, "quality": 90, "method": "default"},
+          {"images": (14, 0)}),
+    ],
+    "wan21_i2v_480p_salad": [
+        note(100, [-420, -260], "Wan 2.1 image-to-video with SALAD. Only the video self-attention is made "
+             "sparse; the image and text cross-attention stay dense."),
+        N(1, "UNETLoader", [-420, 0], {"unet_name": "wan2.1_i2v_480p_14B_fp16.safetensors", "weight_dtype": "default"}),
+        N(2, "CLIPLoader", [-420, 160], {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
+                                         "device": "default"}),
+        N(3, "VAELoader", [-420, 320], {"vae_name": "wan_2.1_vae.safetensors"}),
+        N(4, "CLIPVisionLoader", [-420, 420], {"clip_name": "clip_vision_h.safetensors"}),
+        N(5, "LoadImage", [-420, 540], {"image": "example.png", "upload": "image"}),
+        N(6, "CLIPVisionEncode", [0, 540], {"crop": "none"}, {"clip_vision": (4, 0), "image": (5, 0)}),
+        N(7, "ModelSamplingSD3", [0, -120], {"shift": 8.0}, {"model": (1, 0)}),
+        N(8, "SALADApplyAttention", [0, 0], SALAD, {"model": (7, 0)}),
+        N(9, "CLIPTextEncode", [0, 260], {"text": POS}, {"clip": (2, 0)}, title="Positive prompt"),
+        N(10, "CLIPTextEncode", [0, 400], {"text": NEG}, {"clip": (2, 0)}, title="Negative prompt"),
+        N(11, "WanImageToVideo", [420, 300], {"width": 832, "height": 480, "length": 81, "batch_size": 1},
+          {"positive": (9, 0), "negative": (10, 0), "vae": (3, 0), "clip_vision_output": (6, 0),
+           "start_image": (5, 0)}),
+        N(12, "KSampler", [820, 0], {"seed": 42, "steps": 30, "cfg": 5.0, "sampler_name": "uni_pc",
+                                     "scheduler": "simple", "denoise": 1.0},
+          {"model": (8, 0), "positive": (11, 0), "negative": (11, 1), "latent_image": (11, 2)}),
+        N(13, "VAEDecode", [1220, 0], {}, {"samples": (12, 0), "vae": (3, 0)}),
+        N(14, "SaveAnimatedWEBP", [1460, 0], {"filename_prefix": "salad/wan21_i2v", "fps": 16.0,
+                                              "lossless": False, "quality": 90, "method": "default"},
+          {"images": (13, 0)}),
+    ],
+    "dev/salad_demo_tiny_wan": [
+        note(100, [-420, -200], "Developer demo (scripts/demo.sh): a tiny random-weight Wan 2.1 and test-only "
+             "conditioning, so it runs on a CPU without real checkpoints. Not a user template."),
+        N(1, "UNETLoader", [-420, 0], {"unet_name": "wan21_t2v_tiny.safetensors", "weight_dtype": "default"}),
+        N(2, "SALADApplyAttention", [0, 0], dict(SALAD, verbose=True), {"model": (1, 0)}),
+        N(3, "SALADTest_Conditioning", [0, 260], {"seed": 11, "tokens": 16, "dim": 4096}, title="positive"),
+        N(4, "SALADTest_Conditioning", [0, 420], {"seed": 12, "tokens": 16, "dim": 4096}, title="negative"),
+        N(5, "SALADTest_EmptyLatentVideo", [0, 580], {"channels": 16, "frames": 5, "height": 32, "width": 32,
+                                                       "batch_size": 1}),
+        N(6, "KSampler", [420, 0], {"seed": 7, "steps": 4, "cfg": 3.0, "sampler_name": "euler",
+                                    "scheduler": "simple", "denoise": 1.0},
+          {"model": (2, 0), "positive": (3, 0), "negative": (4, 0), "latent_image": (5, 0)}),
+        N(7, "SaveLatent", [820, 0], {"filename_prefix": "salad_demo/tiny_wan"}, {"samples": (6, 0)}),
+        N(8, "SALADTest_LatentPreview", [820, 200], {"filename_prefix": "salad_demo/tiny_wan_preview"},
+          {"samples": (6, 0)}),
+    ],
+}
+
+
+def build(spec: list, info: dict) -> tuple[dict, dict]:
+    ui_nodes, ui_links, api = [], [], {}
+    link_id = 0
+    out_links: dict[tuple[int, int], list[int]] = {}
+    by_id = {n["id"]: n for n in spec}
+    for order, n in enumerate(spec):
+        if n["type"] == "Note":
+            ui_nodes.append(dict(id=n["id"], type="Note", pos=n["pos"], size=[380, 180], flags={}, order=order,
+                                 mode=0, inputs=[], outputs=[], properties={}, widgets_values=[n["text"]],
+                                 color="#432", bgcolor="#653"))
+            continue
+        ninfo = info[n["type"]]
+        inputs, widgets_values, api_inputs = [], [], {}
+        for name, ispec in _input_specs(ninfo):
+            if name in n["links"]:
+                src, slot = n["links"][name]
+                link_id += 1
+                typ = info[by_id[src]["type"]]["output"][slot]
+                ui_links.append([link_id, src, slot, n["id"], len(inputs), typ])
+                out_links.setdefault((src, slot), []).append(link_id)
+                entry = {"name": name, "type": typ if not _is_widget(ispec) else ispec[0] if isinstance(ispec[0], str) else "COMBO", "link": link_id}
+                inputs.append(entry)
+                if by_id[src].get("mode", 0) != 4:
+                    api_inputs[name] = [str(src), slot]
+            elif not _is_widget(ispec):
+                continue
+            if _is_widget(ispec):
+                default = ispec[1].get("default") if len(ispec) > 1 else None
+                if default is None and isinstance(ispec[0], list) and ispec[0]:
+                    default = ispec[0][0]
+                val = n["widgets"].get(name, default)
+                widgets_values.append(val)
+                if _has_control(name, ispec) and ispec[0] == "INT":
+                    widgets_values.append("fixed")
+                if name not in n["links"]:
+                    api_inputs[name] = val
+        outputs = []
+        for slot, (otype, oname) in enumerate(zip(ninfo["output"], ninfo["output_name"])):
+            outputs.append({"name": oname, "type": otype, "links": [], "slot_index": slot})
+        node = dict(id=n["id"], type=n["type"], pos=n["pos"], size=n["size"] or [320, 130], flags={}, order=order,
+                    mode=n["mode"], inputs=inputs, outputs=outputs,
+                    properties={"Node name for S&R": n["type"]}, widgets_values=widgets_values)
+        if n["title"]:
+            node["title"] = n["title"]
+        ui_nodes.append(node)
+        if n["mode"] != 4:
+            api[str(n["id"])] = {"class_type": n["type"], "inputs": api_inputs}
+    for node in ui_nodes:
+        for slot, out in enumerate(node["outputs"]):
+            out["links"] = out_links.get((node["id"], slot), [])
+    ui = {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, "salad/" + str(spec[1]["type"]) + str(len(spec)))),
+          "revision": 0, "last_node_id": max(n["id"] for n in spec), "last_link_id": link_id,
+          "nodes": ui_nodes, "links": ui_links, "groups": [], "config": {},
+          "extra": {"ds": {"scale": 0.8, "offset": [500, 350]}}, "version": 0.4}
+    return ui, api
+
+
+def main():
+    with ComfyServer() as server:
+        info = server.get("/object_info")
+    for name, spec in WORKFLOWS.items():
+        ui, api = build(spec, info)
+        ui_path = ROOT / "workflows" / f"{name}.json"
+        ui_path.parent.mkdir(parents=True, exist_ok=True)
+        ui_path.write_text(json.dumps(ui, indent=2, ensure_ascii=False) + "\n")
+        twin = ROOT / "tests" / "workflow_twins" / f"{name.replace('/', '__')}.api.json"
+        twin.write_text(json.dumps(api, indent=2, ensure_ascii=False) + "\n")
+        print(ui_path.relative_to(ROOT), "+", twin.relative_to(ROOT))
+
+
+if __name__ == "__main__":
+    main()
