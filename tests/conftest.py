@@ -43,3 +43,17 @@ def comfy_server(tmp_path_factory, tiny_models):
         server.stop()
         if os.environ.get("SALAD_KEEP_LOGS"):
             print(server.log())
+
+
+@pytest.fixture(scope="session")
+def comfy_inprocess(comfyui_dir):
+    """ComfyUI's modules imported into this process (CPU), for tests that drive the ModelPatcher directly."""
+    if str(comfyui_dir) not in sys.path:
+        sys.path.insert(0, str(comfyui_dir))
+    import comfy.options
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401
+    import comfy.sd
+    return comfy

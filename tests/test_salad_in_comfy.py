@@ -215,3 +215,13 @@ def test_bad_dense_blocks_input_is_named(comfy_server):
     assert status_str(entry) == "error"
     msg = execution_error(entry)["exception_message"]
     assert "dense_blocks" in msg and "7" in msg and "2 blocks" in msg
+
+
+def test_start_percent_keeps_early_steps_dense(comfy_server):
+    mark = len(comfy_server.log())
+    _run_ok(comfy_server, t2v_prompt(T2V, steps=4, salad={"sparsity": 0.9, "start_percent": 0.5},
+                                     prefix=_uniq("pct")))
+    sparse, declined, _ = _stats_after(comfy_server, mark)[-1]
+    sparse, declined = _parse_counter(sparse), _parse_counter(declined)
+    assert set(sparse) == {0, 1} and 0 < sparse[0] < 4
+    assert declined.get("outside_percent", 0) + sum(sparse.values()) == 4 * 2
