@@ -1,0 +1,290 @@
+"""SALAD self-attention for Wan video DiTs.
+
+``out = O_sparse + G * proj(O_linear)``
+
+* ``O_sparse``: block-sparse softmax attention over the tile-ordered tokens (see :mod:`.tiling`);
+  each query block attends to ``keep_count(n_blocks, sparsity)`` key blocks chosen by a 3-D window
+  (``pattern="window"``, nearest block centroids, static per grid) or by pooled q.k scores
+  (``pattern="topk"``, input dependent).  A query block always sees its own block and every block
+  that holds extra (non-grid) tokens.  ``sparsity == 0`` keeps all blocks, i.e. exact dense
+  attention.
+* ``O_linear``: non-causal linear attention with a ReLU feature map over *all* tokens.  It is fed
+  with the same q, k that Wan passes to attention, i.e. after RMSNorm and Wan's 3-D RoPE; the
+  rotary position information therefore enters the linear branch through the rotated q, k (no
+  separate positional term).
+* ``proj``: per-block ``nn.Linear(dim, dim)`` on the (B, L, heads*D) linear-branch output
+  (zero-initialised in fresh weights so an untrained model equals sparse-only attention).
+* ``G = sigmoid(gate(mean_tokens(x)))``: one scalar per sample from the block input ``x``
+  (B, L, dim) through ``gate = nn.Linear(dim, 1)``.  When ``gate`` or ``x`` is None, G = 1.
+
+Nothing here builds an L x L tensor.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .. import kernels as K
+from .tiling import DEFAULT_TILE, TileLayout
+
+Tensor = torch.Tensor
+
+PATTERNS = ("window", "topk")
+BACKENDS = ("auto", "triton", "torch")
+
+
+@dataclass
+class SaladConfig:
+    """Settings of SALAD attention.
+
+    sparsity: fraction of key blocks skipped per query block, 0 <= sparsity <= 0.99.
+    pattern: "window" (static 3-D neighbourhood of block centroids) or "topk" (pooled q.k).
+    block: attention block size in tokens (default kernels.DEFAULT_BLOCK = 128, what the
+        Triton kernels are tuned for).
+    tile: 3-D tile (frames, rows, cols) used to re-order tokens; volume should equal ``block``.
+    window_scale: divisor of the (frame, row, col) centroid distances for the window pattern;
+        a larger value along an axis makes the window reach further along that axis.  Distances
+        are in token-grid units, so with the default tile (2, 8, 8) and scale (1, 1, 1) the
+        temporally adjacent tile (distance 2) is nearer than a spatially adjacent one (distance
+        8); ``window_scale=(2, 8, 8)`` measures in tiles instead (isotropic in tiles).
+    backend: "auto" | "triton" | "torch" (passed to the kernels).
+    eps: denominator epsilon of the linear branch.
+    """
+
+    sparsity: float = 0.9
+    pattern: str = "window"
+    block: int = K.DEFAULT_BLOCK
+    tile: Tuple[int, int, int] = DEFAULT_TILE
+    window_scale: Tuple[float, float, float] = (1.0, 1.0, 1.0)
+    backend: str = "auto"
+    eps: float = 1e-5
+
+    def __post_init__(self):
+        try:
+            self.sparsity = float(self.sparsity)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"SaladConfig.sparsity must be a number, got {self.sparsity!r}") from e
+        if not (0.0 <= self.sparsity <= 0.99) or math.isnan(self.sparsity):
+            raise ValueError(f"SaladConfig.sparsity must be in [0, 0.99], got {self.sparsity}")
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"SaladConfig.pattern must be one of {PATTERNS}, got {self.pattern!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"SaladConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 16:
+            raise ValueError(f"SaladConfig.block must be an int >= 16, got {self.block!r}")
+        try:
+            tile = tuple(int(t) for t in self.tile)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"SaladConfig.tile must be 3 positive ints, got {self.tile!r}") from e
+        if len(tile) != 3 or min(tile) < 1:
+            raise ValueError(f"SaladConfig.tile must be 3 positive ints, got {self.tile!r}")
+        self.tile = tile  # type: ignore[assignment]
+        try:
+            ws = tuple(float(s) for s in self.window_scale)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"SaladConfig.window_scale must be 3 positive numbers, got {self.window_scale!r}") from e
+        if len(ws) != 3 or not all(s > 0 and math.isfinite(s) for s in ws):
+            raise ValueError(f"SaladConfig.window_scale must be 3 positive numbers, got {self.window_scale!r}")
+        self.window_scale = ws  # type: ignore[assignment]
+        self.eps = float(self.eps)
+        if not (self.eps > 0 and math.isfinite(self.eps)):
+            raise ValueError(f"SaladConfig.eps must be > 0, got {self.eps}")
+
+
+# ----------------------------------------------------------------------------------------------
+# block selection
+# ----------------------------------------------------------------------------------------------
+
+_WINDOW_CACHE: "OrderedDict[tuple, Tuple[Tensor, Tensor]]" = OrderedDict()
+_WINDOW_LOCK = threading.Lock()
+_WINDOW_CACHE_SIZE = 32
+
+
+def _window_lut(layout: TileLayout, config: SaladConfig) -> Tuple[Tensor, Tensor]:
+    """(idx (1,1,nq,kmax), cnt (1,1,nq)) of the window pattern; static per grid, cached."""
+    key = (layout.grid, layout.n_front, layout.n_back, layout.tile, str(layout.device),
+           config.block, config.sparsity, config.window_scale)
+    with _WINDOW_LOCK:
+        hit = _WINDOW_CACHE.get(key)
+        if hit is not None:
+            _WINDOW_CACHE.move_to_end(key)
+            return hit
+    coords = layout.block_coords(config.block)
+    extra = layout.extra_blocks(config.block)
+    idx, cnt = K.select_window(coords, coords, config.sparsity, 1, 1, scale=config.window_scale,
+                               always_kept=extra if extra.numel() else None)
+    res = (idx.contiguous(), cnt.contiguous())
+    with _WINDOW_LOCK:
+        _WINDOW_CACHE[key] = res
+        while len(_WINDOW_CACHE) > _WINDOW_CACHE_SIZE:
+            _WINDOW_CACHE.popitem(last=False)
+    return res
+
+
+def select_blocks(qh: Tensor, kh: Tensor, layout: TileLayout, config: SaladConfig) -> Tuple[Tensor, Tensor]:
+    """Block lists for tile-ordered (B,H,L,D) q, k."""
+    B, H = qh.shape[:2]
+    if config.pattern == "window":
+        idx, cnt = _window_lut(layout, config)
+        return idx.expand(B, H, *idx.shape[2:]), cnt.expand(B, H, cnt.shape[-1])
+    extra = layout.extra_blocks(config.block)
+    return K.select_topk(qh, kh, config.sparsity, block=config.block,
+                         always_kept=extra if extra.numel() else None, backend=config.backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# main entry
+# ----------------------------------------------------------------------------------------------
+
+# optional capture hook: called with a dict of the inputs of salad_self_attention (see trainer)
+_CAPTURE_HOOK: Optional[Callable[[dict], None]] = None
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tuple[int, int, int, int]:
+    if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must all be (B, L, heads*D); got q{tuple(q.shape)} "
+                         f"k{tuple(k.shape)} v{tuple(v.shape)}")
+    B, L, HD = q.shape
+    heads = int(heads)
+    if heads < 1 or HD % heads:
+        raise ValueError(f"hidden size {HD} is not divisible by heads={heads}")
+    return B, L, heads, HD // heads
+
+
+def _to_heads_tiled(t: Tensor, layout: TileLayout, B: int, L: int, H: int, D: int) -> Tensor:
+    """(B,L,H*D) raster -> (B,H,L,D) *view* of one tile-ordered (B,L,H,D) buffer (one gather)."""
+    t4 = t.reshape(B, L, H, D)
+    if t4.stride(-1) != 1:
+        t4 = t4.contiguous()
+    return t4.index_select(1, layout.perm).permute(0, 2, 1, 3)
+
+
+def salad_branches(q: Tensor, k: Tensor, v: Tensor, heads: int, *, grid: Sequence[int],
+                   n_front: int = 0, n_back: int = 0, config: Optional[SaladConfig] = None,
+                   linear: bool = True, tile_order: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+    """Both branches of SALAD attention, before mixing.
+
+    Returns ``(o_sparse, o_linear)`` each (B, L, heads*D) in q.dtype (``o_linear`` None when
+    ``linear`` is False), in raster order, or in tile order when ``tile_order`` is True.
+    """
+    config = config or SaladConfig()
+    B, L, H, D = _check_inputs(q, k, v, heads)
+    layout = TileLayout.get(grid, n_front, n_back, config.tile, q.device)
+    layout.check_length(L)
+    qh = _to_heads_tiled(q, layout, B, L, H, D)
+    kh = _to_heads_tiled(k, layout, B, L, H, D)
+    vh = _to_heads_tiled(v, layout, B, L, H, D)
+    idx, cnt = select_blocks(qh, kh, layout, config)
+    scale = 1.0 / math.sqrt(D)
+    if linear:
+        o_s, o_l = K.sparse_linear_attention(qh, kh, vh, idx, cnt, block=config.block, scale=scale,
+                                             eps=config.eps, backend=config.backend)
+    else:
+        o_s, _ = K.block_sparse_attention(qh, kh, vh, idx, cnt, block=config.block, scale=scale,
+                                          backend=config.backend)
+        o_l = None
+
+    def back(o: Tensor) -> Tensor:
+        o = o.permute(0, 2, 1, 3)  # (B,L,H,D) view
+        if not tile_order:
+            o = o.index_select(1, layout.inv_perm)
+        return o.reshape(B, L, H * D)
+
+    return back(o_s), (back(o_l) if o_l is not None else None)
+
+
+def gate_value(x: Optional[Tensor], gate: Optional[torch.nn.Module], batch: int) -> Optional[Tensor]:
+    """G (B,1,1) = sigmoid(gate(mean over tokens of x)); None means G = 1.  The token mean is
+    accumulated in fp32 (no fp32 copy of x) and fed to the gate in its parameter dtype."""
+    if gate is None or x is None:
+        return None
+    if x.dim() != 3 or x.shape[0] != batch:
+        raise ValueError(f"x must be (B={batch}, L, dim), got {tuple(x.shape)}")
+    w = getattr(gate, "weight", None)
+    dt = w.dtype if w is not None else torch.float32
+    xm = torch.mean(x, dim=1, dtype=torch.float32).to(dt)
+    return torch.sigmoid(gate(xm)).reshape(batch, 1, 1)
+
+
+def _needs_grad(m: torch.nn.Module) -> bool:
+    return torch.is_grad_enabled() and any(p.requires_grad for p in m.parameters())
+
+
+def mix_branches(o_sparse: Tensor, o_linear: Tensor, proj: torch.nn.Module,
+                 G: Optional[Tensor], out_dtype=None) -> Tensor:
+    """``o_sparse + G * proj(o_linear)`` in ``out_dtype`` (default o_sparse.dtype).
+
+    Training (grad enabled and proj has trainable parameters): computed in the promoted dtype of
+    the activations and the (fp32 master) parameters.  Inference: an ``nn.Linear`` proj runs in
+    the activation dtype (its weights are cast if needed, no fp32 copy of the activations).
+    """
+    out_dtype = out_dtype or o_sparse.dtype
+    w = getattr(proj, "weight", None)
+    if _needs_grad(proj) or not isinstance(proj, torch.nn.Linear):
+        cdt = torch.promote_types(o_linear.dtype, w.dtype) if w is not None else o_linear.dtype
+        y = proj(o_linear.to(cdt))
+    else:
+        cdt = o_linear.dtype
+        b = proj.bias
+        y = F.linear(o_linear, w.to(device=o_linear.device, dtype=cdt),
+                     None if b is None else b.to(device=o_linear.device, dtype=cdt))
+    if G is not None:
+        y = y * G.to(y.dtype)
+    if y.dtype == out_dtype and o_sparse.dtype == out_dtype:
+        return y.add_(o_sparse) if not y.requires_grad else o_sparse + y
+    return (o_sparse.to(y.dtype) + y).to(out_dtype)
+
+
+def salad_self_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, *, grid: Sequence[int],
+                         n_front: int = 0, n_back: int = 0, x: Optional[Tensor] = None,
+                         proj: Optional[torch.nn.Module] = None, gate: Optional[torch.nn.Module] = None,
+                         config: Optional[SaladConfig] = None, block_id: Optional[int] = None) -> Tensor:
+    """SALAD attention for one Wan self-attention call.
+
+    q, k, v: (B, L, heads*D) as Wan passes them to its attention function (after RMSNorm and
+    3-D RoPE), tokens in raster order, L = n_front + F*Hh*Ww + n_back for ``grid = (F, Hh, Ww)``.
+    x: block input (B, L, dim) for the gate; proj: nn.Linear(dim, dim) or None (sparse only);
+    gate: nn.Linear(dim, 1) or None (G = 1).  ``block_id`` is only used by the capture hook
+    (see :func:`trainer.capture`).  Returns (B, L, heads*D) in q.dtype, raster order.
+    """
+    config = config or SaladConfig()
+    hook = _CAPTURE_HOOK
+    if hook is not None:
+        hook(dict(q=q, k=k, v=v, heads=heads, grid=tuple(int(g) for g in grid), n_front=int(n_front),
+                  n_back=int(n_back), x=x, block_id=block_id))
+    use_linear = proj is not None
+    # branches come back in raster order (one gather each straight from the kernels' (B,H,L,D)
+    # output); proj and the gate are token-wise / token-mean so they commute with the order
+    o_s, o_l = salad_branches(q, k, v, heads, grid=grid, n_front=n_front, n_back=n_back,
+                              config=config, linear=use_linear, tile_order=False)
+    if not use_linear:
+        return o_s if o_s.dtype == q.dtype else o_s.to(q.dtype)
+    G = gate_value(x, gate, q.shape[0])
+    return mix_branches(o_s, o_l, proj, G, out_dtype=q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# dense reference (tests / distillation targets)
+# ----------------------------------------------------------------------------------------------
+
+def dense_reference_attention(q: Tensor, k: Tensor, v: Tensor, heads: int,
+                              chunk: int = 4096, scale: Optional[float] = None) -> Tensor:
+    """Exact softmax attention, (B, L, heads*D) -> (B, L, heads*D) in q.dtype.
+
+    Query-chunked SDPA: memory is O(chunk x L) per (B, H), never L x L for long sequences.
+    """
+    B, L, H, D = _check_inputs(q, k, v, heads)
+    qh = q.reshape(B, L, H, D).transpose(1, 2)
+    kh = k.reshape(B, L, H, D).transpose(1, 2)
+    vh = v.reshape(B, L, H, D).transpose(1, 2)
+    outs = []
+    for s in range(0, L, chunk):
+        outs.append(F.scaled_dot_product_attention(qh[:, :, s:s + chunk], kh, vh, scale=scale))
+    o = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+    return o.transpose(1, 2).reshape(B, L, H * D).to(q.dtype)

@@ -1,0 +1,413 @@
+"""SALAD weight files: one ``.safetensors`` file per base model.
+
+Tensors (for each covered self-attention block ``i``)::
+
+    blocks.{i}.proj.weight  (dim, dim)
+    blocks.{i}.proj.bias    (dim,)
+    blocks.{i}.gate.weight  (1, dim)
+    blocks.{i}.gate.bias    (1,)
+
+Metadata (safetensors ``__metadata__``, all values strings):
+
+    salad_format_version  "1"
+    base_model            e.g. "wan2.1-t2v-1.3b"
+    model_family          "wan"
+    dim, heads, num_blocks  of the base model (num_blocks = transformer blocks of the base model)
+    blocks                covered block indices, e.g. "0-29" or "0-9,12,20-29"
+    pattern, sparsity     the attention settings the weights were trained for
+    training_steps        int
+    training_data         free text
+    created_by            free text
+
+The structural keys (format version, model_family, dim, heads, num_blocks, blocks) are required;
+the descriptive ones get defaults when missing but must parse when present.
+
+Fresh weights (:meth:`SaladWeights.new`): ``proj`` weight and bias are zero, so SALAD output
+equals sparse-only attention; ``gate`` weight and bias are zero, so ``G = sigmoid(0) = 0.5`` for
+every input until trained (the gate weight still receives gradient once proj is non-zero).
+
+Files are read only with safetensors (never pickle); the header is checked by hand first so that
+truncated / foreign / lying files produce a :class:`SaladWeightsError` naming the file.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+SALAD_FORMAT_VERSION = "1"
+SUPPORTED_FORMAT_VERSIONS = ("1",)
+REQUIRED_KEYS = ("salad_format_version", "model_family", "dim", "heads", "num_blocks", "blocks")
+DEFAULT_META = {
+    "base_model": "unknown",
+    "pattern": "window",
+    "sparsity": "0.9",
+    "training_steps": "0",
+    "training_data": "",
+    "created_by": "salad_core",
+}
+_MAX_HEADER = 100 * 1024 * 1024
+_DTYPE_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+               "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+_NAME_RE = re.compile(r"^blocks\.(\d+)\.(proj|gate)\.(weight|bias)$")
+
+PathLike = Union[str, os.PathLike]
+
+
+class SaladWeightsError(ValueError):
+    """A SALAD weight file is missing, malformed, or does not fit the model."""
+
+
+# ----------------------------------------------------------------------------------------------
+# block spec "0-29" / "0-9,12"
+# ----------------------------------------------------------------------------------------------
+
+def parse_block_spec(spec: str) -> List[int]:
+    """"0-3,7,9-10" -> [0, 1, 2, 3, 7, 9, 10] (sorted, unique).  Raises ValueError."""
+    out = set()
+    s = str(spec).strip()
+    if not s:
+        return []
+    for part in s.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
+        if m:
+            a, b = int(m.group(1)), int(m.group(2))
+            if b < a:
+                raise ValueError(f"bad block range {part!r}")
+            out.update(range(a, b + 1))
+        elif re.fullmatch(r"\d+", part):
+            out.add(int(part))
+        else:
+            raise ValueError(f"bad block spec element {part!r} in {spec!r}")
+    return sorted(out)
+
+
+def format_block_spec(ids: Iterable[int]) -> str:
+    """[0,1,2,3,7,9,10] -> "0-3,7,9-10"."""
+    ids = sorted(set(int(i) for i in ids))
+    parts, i = [], 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        parts.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# module
+# ----------------------------------------------------------------------------------------------
+
+class SaladWeights(nn.Module):
+    """Per-block ``proj`` (Linear dim->dim) and ``gate`` (Linear dim->1) of SALAD attention.
+
+    ``proj`` and ``gate`` are ``nn.ModuleDict`` keyed by ``str(block_index)``.
+    """
+
+    def __init__(self, dim: int, heads: int, num_blocks: int, block_ids: Sequence[int],
+                 metadata: Optional[Dict[str, str]] = None, path: Optional[str] = None):
+        super().__init__()
+        dim, heads, num_blocks = int(dim), int(heads), int(num_blocks)
+        if dim < 1 or heads < 1 or dim % heads:
+            raise SaladWeightsError(f"dim {dim} must be a positive multiple of heads {heads}")
+        ids = sorted(set(int(i) for i in block_ids))
+        bad = [i for i in ids if i < 0 or i >= num_blocks]
+        if bad:
+            raise SaladWeightsError(f"block indices {bad} out of range for num_blocks={num_blocks}")
+        self.dim, self.heads, self.num_blocks = dim, heads, num_blocks
+        self.block_ids: List[int] = ids
+        self.path = path
+        self.proj = nn.ModuleDict({str(i): nn.Linear(dim, dim) for i in ids})
+        self.gate = nn.ModuleDict({str(i): nn.Linear(dim, 1) for i in ids})
+        meta = dict(DEFAULT_META)
+        meta.update({k: str(v) for k, v in (metadata or {}).items()})
+        self.metadata: Dict[str, str] = meta
+        self._sync_metadata()
+
+    def _sync_metadata(self) -> None:
+        self.metadata.update({
+            "salad_format_version": SALAD_FORMAT_VERSION,
+            "model_family": self.metadata.get("model_family", "wan") or "wan",
+            "dim": str(self.dim),
+            "heads": str(self.heads),
+            "num_blocks": str(self.num_blocks),
+            "blocks": format_block_spec(self.block_ids),
+        })
+
+    @classmethod
+    def new(cls, dim: int, heads: int, num_blocks: int, blocks: Optional[Iterable[int]] = None,
+            base_model: str = "unknown", pattern: str = "window", sparsity: float = 0.9,
+            model_family: str = "wan", created_by: str = "salad_core") -> "SaladWeights":
+        """Fresh weights: proj = 0 (SALAD == sparse-only), gate = 0 (G = 0.5).
+        ``blocks``: iterable of block indices, a spec string ("0-29"), or None for all blocks."""
+        if blocks is None:
+            ids = list(range(int(num_blocks)))
+        elif isinstance(blocks, str):
+            ids = parse_block_spec(blocks)
+        else:
+            ids = list(blocks)
+        w = cls(dim, heads, num_blocks, ids, metadata=dict(
+            base_model=base_model, model_family=model_family, pattern=pattern, sparsity=str(float(sparsity)),
+            training_steps="0", training_data="", created_by=created_by))
+        with torch.no_grad():
+            for i in w.block_ids:
+                w.proj[str(i)].weight.zero_()
+                w.proj[str(i)].bias.zero_()
+                w.gate[str(i)].weight.zero_()
+                w.gate[str(i)].bias.zero_()
+        return w
+
+    # --------------------------------------------------------------------------------------
+    def has_block(self, i: int) -> bool:
+        return str(int(i)) in self.proj
+
+    def proj_for(self, i: int) -> Optional[nn.Linear]:
+        """proj of block i, or None if the file does not cover it."""
+        key = str(int(i))
+        return self.proj[key] if key in self.proj else None
+
+    def gate_for(self, i: int) -> Optional[nn.Linear]:
+        key = str(int(i))
+        return self.gate[key] if key in self.gate else None
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path) if self.path else f"<SaladWeights {self.metadata.get('base_model')}>"
+
+    def check_compatible(self, model_family: str, dim: int, heads: int, num_blocks: int) -> None:
+        """Raise SaladWeightsError naming the file and every mismatch with the model."""
+        mine = (self.metadata.get("model_family", "wan"), self.dim, self.heads, self.num_blocks)
+        theirs = (str(model_family), int(dim), int(heads), int(num_blocks))
+        if mine != theirs:
+            raise SaladWeightsError(
+                f"{self.name} was made for {mine[0]} dim {mine[1]} / {mine[2]} heads / {mine[3]} blocks "
+                f"(base model {self.metadata.get('base_model', 'unknown')}), the model is {theirs[0]} "
+                f"dim {theirs[1]} / {theirs[2]} heads / {theirs[3]} blocks")
+
+    def state_tensors(self) -> Dict[str, torch.Tensor]:
+        out = {}
+        for i in self.block_ids:
+            p, g = self.proj[str(i)], self.gate[str(i)]
+            out[f"blocks.{i}.proj.weight"] = p.weight
+            out[f"blocks.{i}.proj.bias"] = p.bias
+            out[f"blocks.{i}.gate.weight"] = g.weight
+            out[f"blocks.{i}.gate.bias"] = g.bias
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, heads={self.heads}, num_blocks={self.num_blocks}, "
+                f"blocks={format_block_spec(self.block_ids)!r}, base_model={self.metadata.get('base_model')!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# save
+# ----------------------------------------------------------------------------------------------
+
+def save_salad_weights(weights: SaladWeights, path: PathLike, dtype: Optional[torch.dtype] = None) -> Path:
+    """Atomically write ``weights`` to ``path`` (temp file in the same directory, fsync,
+    os.replace).  On any error the temp file is removed and an existing ``path`` is untouched."""
+    from safetensors.torch import save as st_save
+
+    path = Path(path)
+    weights._sync_metadata()
+    tensors = {}
+    for name, t in weights.state_tensors().items():
+        t = t.detach()
+        if dtype is not None:
+            t = t.to(dtype)
+        if not torch.isfinite(t).all():
+            raise SaladWeightsError(f"refusing to save {path.name}: tensor {name} has NaN/Inf values")
+        tensors[name] = t.to("cpu").contiguous()
+    meta = {str(k): str(v) for k, v in weights.metadata.items()}
+    directory = path.parent if str(path.parent) else Path(".")
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(directory))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(st_save(tensors, metadata=meta))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename durable (best effort; not supported everywhere)
+        dfd = os.open(str(directory), os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# load
+# ----------------------------------------------------------------------------------------------
+
+def _read_header(path: Path) -> dict:
+    name = path.name
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise SaladWeightsError(f"{name} is not a safetensors file: only {size} bytes "
+                                    f"(expected an 8-byte header length + JSON header + tensor data)")
+        if head[:1] == b"\x80" or head[:2] == b"PK":
+            raise SaladWeightsError(
+                f"{name} looks like a pickle / PyTorch checkpoint (.ckpt/.pt/.bin); SALAD weights must be "
+                f"a .safetensors file (pickle files are never loaded)")
+        (n,) = struct.unpack("<Q", head)
+        if n < 2 or n > _MAX_HEADER or 8 + n > size:
+            raise SaladWeightsError(
+                f"{name} is not a valid safetensors file (truncated or foreign format): header length "
+                f"field says {n} bytes but the file has {size} bytes")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SaladWeightsError(f"{name} is not a valid safetensors file: header is not JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise SaladWeightsError(f"{name} is not a valid safetensors file: header is not a JSON object")
+    data_len = size - 8 - n
+    end_max = 0
+    for tname, info in header.items():
+        if tname == "__metadata__":
+            continue
+        try:
+            dt, shape, (b, e) = info["dtype"], list(info["shape"]), info["data_offsets"]
+            nbytes = _DTYPE_SIZE[dt] * math.prod(int(s) for s in shape)
+            b, e = int(b), int(e)
+        except (KeyError, TypeError, ValueError) as ex:
+            raise SaladWeightsError(f"{name}: malformed header entry for tensor {tname!r} ({ex!r})") from ex
+        if b < 0 or e < b or e - b != nbytes:
+            raise SaladWeightsError(
+                f"{name}: header of tensor {tname} is inconsistent: dtype {dt} shape {shape} needs {nbytes} "
+                f"bytes but data_offsets give {e - b}")
+        if e > data_len:
+            raise SaladWeightsError(
+                f"{name} is truncated or its header lies: tensor {tname} ends at byte {e} of the data "
+                f"section but only {data_len} data bytes are present")
+        end_max = max(end_max, e)
+    if end_max != data_len:
+        raise SaladWeightsError(
+            f"{name}: data section has {data_len} bytes but the header describes {end_max} bytes")
+    return header
+
+
+def _parse_int(name: str, meta: dict, key: str, minimum: int = 0) -> int:
+    try:
+        v = int(str(meta[key]).strip())
+    except (KeyError, ValueError) as e:
+        raise SaladWeightsError(f"{name}: metadata {key}={meta.get(key)!r} is not an integer") from e
+    if v < minimum:
+        raise SaladWeightsError(f"{name}: metadata {key}={v} must be >= {minimum}")
+    return v
+
+
+def load_salad_weights(path: PathLike, device: Union[str, torch.device] = "cpu",
+                       dtype: Optional[torch.dtype] = None) -> SaladWeights:
+    """Load and validate a SALAD weight file.  Raises SaladWeightsError naming the file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    name = path.name
+    if not path.is_file():
+        raise SaladWeightsError(f"SALAD weight file {str(path)!r} does not exist")
+    header = _read_header(path)
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise SaladWeightsError(f"{name}: __metadata__ is not a JSON object")
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise SaladWeightsError(
+            f"{name} is not a SALAD weight file: metadata keys {missing} are missing "
+            f"(expected {list(REQUIRED_KEYS)})")
+    ver = str(meta["salad_format_version"]).strip()
+    if ver not in SUPPORTED_FORMAT_VERSIONS:
+        raise SaladWeightsError(
+            f"{name}: salad_format_version {ver!r} is not supported (supported: {list(SUPPORTED_FORMAT_VERSIONS)}); "
+            f"update the node pack")
+    dim = _parse_int(name, meta, "dim", 1)
+    heads = _parse_int(name, meta, "heads", 1)
+    nblk = _parse_int(name, meta, "num_blocks", 1)
+    if dim % heads:
+        raise SaladWeightsError(f"{name}: metadata dim {dim} is not divisible by heads {heads}")
+    try:
+        ids = parse_block_spec(meta["blocks"])
+    except ValueError as e:
+        raise SaladWeightsError(f"{name}: metadata blocks={meta['blocks']!r} does not parse ({e})") from e
+    if not ids:
+        raise SaladWeightsError(f"{name}: metadata blocks is empty")
+    if ids[-1] >= nblk:
+        raise SaladWeightsError(f"{name}: metadata blocks={meta['blocks']!r} exceeds num_blocks={nblk}")
+    full = dict(DEFAULT_META)
+    full.update({str(k): str(v) for k, v in meta.items()})
+    try:
+        sp = float(full["sparsity"])
+        if not (0.0 <= sp <= 0.99):
+            raise ValueError
+    except ValueError as e:
+        raise SaladWeightsError(f"{name}: metadata sparsity={full['sparsity']!r} is not a number in [0, 0.99]") from e
+    _parse_int(name, full, "training_steps", 0)
+    if full["pattern"] not in ("window", "topk"):
+        raise SaladWeightsError(f"{name}: metadata pattern={full['pattern']!r} is not 'window' or 'topk'")
+
+    expected = {}
+    for i in ids:
+        expected[f"blocks.{i}.proj.weight"] = [dim, dim]
+        expected[f"blocks.{i}.proj.bias"] = [dim]
+        expected[f"blocks.{i}.gate.weight"] = [1, dim]
+        expected[f"blocks.{i}.gate.bias"] = [1]
+    present = {k: v for k, v in header.items() if k != "__metadata__"}
+    extra = sorted(set(present) - set(expected))
+    lacking = sorted(set(expected) - set(present))
+    if extra or lacking:
+        msg = []
+        if lacking:
+            msg.append(f"missing tensors {lacking[:6]}{' ...' if len(lacking) > 6 else ''}")
+        if extra:
+            msg.append(f"unexpected tensors {extra[:6]}{' ...' if len(extra) > 6 else ''}")
+        raise SaladWeightsError(f"{name}: tensors do not match metadata (dim {dim}, blocks {meta['blocks']}): "
+                                + "; ".join(msg))
+    for tname, shape in expected.items():
+        info = present[tname]
+        if list(info["shape"]) != shape:
+            raise SaladWeightsError(
+                f"{name}: tensor {tname} has shape {list(info['shape'])}, expected {shape} for dim {dim}")
+        if info["dtype"] not in _FLOAT_DTYPES:
+            raise SaladWeightsError(f"{name}: tensor {tname} has dtype {info['dtype']}, expected a float type")
+
+    w = SaladWeights(dim, heads, nblk, ids, metadata=full, path=str(path))
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            with torch.no_grad():
+                for tname in expected:
+                    t = f.get_tensor(tname)
+                    if not torch.isfinite(t).all():
+                        raise SaladWeightsError(f"{name}: tensor {tname} contains NaN or Inf values")
+                    m = _NAME_RE.match(tname)
+                    i, kind, pname = m.group(1), m.group(2), m.group(3)
+                    mod = (w.proj if kind == "proj" else w.gate)[i]
+                    getattr(mod, pname).copy_(t.to(torch.float32))
+    except SaladWeightsError:
+        raise
+    except Exception as e:  # safetensors raises its own error types
+        raise SaladWeightsError(f"{name}: could not be read as safetensors ({type(e).__name__}: {e})") from e
+    w.to(device=device, dtype=dtype if dtype is not None else torch.float32)
+    return w
