@@ -23,8 +23,6 @@ import contextlib
 import copy
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
@@ -32,7 +30,7 @@ import torch
 
 from . import attention as _attn
 from .attention import SaladConfig, dense_reference_attention, mix_branches, salad_branches
-from .weights import SaladWeights, format_block_spec
+from .weights import SaladWeights, atomic_write_safetensors, format_block_spec
 
 Tensor = torch.Tensor
 
@@ -111,8 +109,6 @@ class SampleStore:
     # ----------------------------------------------------------------------------------------
     def save(self, path) -> Path:
         """Write all samples to one safetensors file (atomic)."""
-        from safetensors.torch import save as st_save
-
         path = Path(path)
         tensors, index = {}, []
         for n, s in enumerate(self.samples):
@@ -121,19 +117,7 @@ class SampleStore:
                     tensors[f"samples.{n}.{key}"] = s[key].detach().cpu().contiguous()
             index.append({k: (list(v) if k == "grid" else v) for k, v in s.items() if k not in _SAMPLE_TENSORS})
         meta = {"salad_samples_version": "1", "index": json.dumps(index)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(st_save(tensors, metadata=meta))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return path
+        return atomic_write_safetensors(tensors, meta, path)
 
     @classmethod
     def load(cls, path, device="cpu") -> "SampleStore":

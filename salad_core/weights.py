@@ -217,8 +217,6 @@ class SaladWeights(nn.Module):
 def save_salad_weights(weights: SaladWeights, path: PathLike, dtype: Optional[torch.dtype] = None) -> Path:
     """Atomically write ``weights`` to ``path`` (temp file in the same directory, fsync,
     os.replace).  On any error the temp file is removed and an existing ``path`` is untouched."""
-    from safetensors.torch import save as st_save
-
     path = Path(path)
     weights._sync_metadata()
     tensors = {}
@@ -230,12 +228,21 @@ def save_salad_weights(weights: SaladWeights, path: PathLike, dtype: Optional[to
             raise SaladWeightsError(f"refusing to save {path.name}: tensor {name} has NaN/Inf values")
         tensors[name] = t.to("cpu").contiguous()
     meta = {str(k): str(v) for k, v in weights.metadata.items()}
+    return atomic_write_safetensors(tensors, meta, path)
+
+
+def atomic_write_safetensors(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str], path: PathLike) -> Path:
+    """Write a safetensors file atomically: temp file in the same directory, fsync, os.replace.
+    On any error the temp file is removed and an existing ``path`` is left untouched."""
+    from safetensors.torch import save as st_save
+
+    path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(directory))
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(st_save(tensors, metadata=meta))
+            f.write(st_save(tensors, metadata=metadata))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
