@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .blocks import parse_block_list
 from .loader import SALAD_WEIGHTS
-from .patch import PatchOptions, apply_salad
+from .patch import PatchOptions, apply_salad, wan_model_info
 
 PATTERNS = ["topk", "window"]
 BACKENDS = ["auto", "triton", "torch"]
@@ -76,9 +76,8 @@ class SALADApplyAttention:
             if not triton_available(dev):
                 raise RuntimeError(f"Apply SALAD Attention: backend 'triton' needs an NVIDIA GPU with Triton; "
                                    f"this ComfyUI runs on {dev}. Choose 'auto' or 'torch'.")
-        num_blocks = len(model.get_model_object("diffusion_model").blocks) \
-            if hasattr(model.get_model_object("diffusion_model"), "blocks") else 0
-        dense = parse_block_list(dense_blocks, num_blocks) if num_blocks else set()
+        num_blocks = wan_model_info(model, "Apply SALAD Attention")["num_blocks"]
+        dense = parse_block_list(dense_blocks, num_blocks)
         opts = PatchOptions(sparsity=float(sparsity), pattern=pattern, start_percent=float(start_percent),
                             end_percent=float(end_percent), dense_blocks=frozenset(dense), backend=backend,
                             min_tokens=int(min_tokens), verbose=bool(verbose))

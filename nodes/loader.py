@@ -38,6 +38,10 @@ class SALADWeightsLoader:
             weights = load_salad_weights(path)
         except SaladWeightsError as e:
             raise ValueError(f"SALAD Weights Loader: {e}") from None
-        patcher = comfy.model_patcher.ModelPatcher(weights, load_device=mm.get_torch_device(),
-                                                   offload_device=mm.unet_offload_device())
-        return (patcher,)
+        return (self.wrap(weights),)
+
+    @staticmethod
+    def wrap(weights):
+        """Give the weights their own ModelPatcher so ComfyUI loads/offloads them with the model."""
+        return comfy.model_patcher.ModelPatcher(weights, load_device=mm.get_torch_device(),
+                                                offload_device=mm.unet_offload_device())

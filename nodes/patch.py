@@ -185,19 +185,28 @@ class SaladPatch:
         self._sigma_cache = (None, None)
 
 
+def wan_model_info(model, node_name: str) -> dict:
+    """dim / heads / block count of a ComfyUI Wan ModelPatcher; a clear error for anything else."""
+    dm = model.get_model_object("diffusion_model")
+    blocks = getattr(dm, "blocks", None)
+    if blocks is None or not hasattr(dm, "patch_embedding") or not all(hasattr(b, "self_attn") for b in blocks):
+        raise ValueError(f"{node_name}: model input is a {type(dm).__name__}; SALAD supports Wan 2.1 / 2.2 video "
+                         f"models (WanModel and its variants)")
+    dim = int(getattr(dm, "dim", 0) or blocks[0].self_attn.dim)
+    heads = int(getattr(dm, "num_heads", 0) or blocks[0].self_attn.num_heads)
+    model_type = getattr(model.model, "model_type", None)
+    base = f"wan-{type(model.model).__name__.lower()}-dim{dim}-{len(blocks)}blocks"
+    return dict(dim=dim, heads=heads, num_blocks=len(blocks), base_model=base, model_type=str(model_type))
+
+
 def apply_salad(model, opts: PatchOptions, weights_patcher=None):
     """Return a patched clone of the ComfyUI ModelPatcher ``model``."""
     import comfy.patcher_extension as pe
 
+    info = wan_model_info(model, "Apply SALAD Attention")
     m = model.clone()
     dm = m.get_model_object("diffusion_model")
-    blocks = getattr(dm, "blocks", None)
-    if blocks is None or not hasattr(dm, "patch_embedding") or not all(hasattr(b, "self_attn") for b in blocks):
-        raise ValueError(f"Apply SALAD Attention: model input is a {type(dm).__name__}; SALAD supports Wan 2.1 / "
-                         f"2.2 video models (WanModel and its variants)")
-    num_blocks = len(blocks)
-    dim = int(getattr(dm, "dim", 0) or blocks[0].self_attn.dim)
-    heads = int(getattr(dm, "num_heads", 0) or blocks[0].self_attn.num_heads)
+    num_blocks, dim, heads = info["num_blocks"], info["dim"], info["heads"]
     if weights_patcher is not None:
         try:
             weights_patcher.model.check_compatible(model_family="wan", dim=dim, heads=heads, num_blocks=num_blocks)

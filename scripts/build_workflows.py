@@ -116,6 +116,25 @@ WORKFLOWS = {
                                               "lossless": False, "quality": 90, "method": "default"},
           {"images": (13, 0)}),
     ],
+    "wan21_t2v_1.3b_salad_train": [
+        note(100, [-420, -260], "Make SALAD weights for your model: SALAD Train Weights samples once with sparse-only "
+             "SALAD while recording every block's attention inputs, then trains each block's linear-branch "
+             "projection and gate toward dense attention. The file lands in ComfyUI/models/salad; its report "
+             "gives the held-out error vs dense attention before and after. Keep the latent small (here 33 "
+             "frames at 480x272): recorded activations stay in CPU memory."),
+        N(1, "UNETLoader", [-420, 0], {"unet_name": "wan2.1_t2v_1.3B_fp16.safetensors", "weight_dtype": "default"}),
+        N(2, "CLIPLoader", [-420, 160], {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
+                                         "device": "default"}),
+        N(3, "ModelSamplingSD3", [0, -120], {"shift": 8.0}, {"model": (1, 0)}),
+        N(4, "CLIPTextEncode", [0, 60], {"text": POS}, {"clip": (2, 0)}, title="Positive prompt"),
+        N(5, "CLIPTextEncode", [0, 280], {"text": NEG}, {"clip": (2, 0)}, title="Negative prompt"),
+        N(6, "EmptyHunyuanLatentVideo", [0, 500], {"width": 480, "height": 272, "length": 33, "batch_size": 1}),
+        N(7, "SALADTrainWeights", [420, 0], {"seed": 0, "record_steps": 8, "cfg": 6.0, "sampler_name": "uni_pc",
+                                             "scheduler": "simple", "sparsity": 0.9, "pattern": "topk",
+                                             "samples_per_block": 4, "train_steps": 200, "learning_rate": 1e-3,
+                                             "filename_prefix": "salad_wan2.1_t2v_1.3b"},
+          {"model": (3, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)}),
+    ],
     "dev/salad_demo_tiny_wan": [
         note(100, [-420, -200], "Developer demo (scripts/demo.sh): a tiny random-weight Wan 2.1 and test-only "
              "conditioning, so it runs on a CPU without real checkpoints. Not a user template."),
