@@ -172,6 +172,34 @@ def main():
                   flush=True)
     uninstall()
 
+    # one self-attention call at the layer shape: SDPA vs SALAD (selection + sparse + linear + Proj/gate +
+    # tile permutations), to see where the end-to-end time goes
+    from salad_pack.salad_core.attention import SaladConfig, salad_self_attention
+    import torch.nn.functional as F
+    H, D = cfg["num_heads"], cfg["dim"] // cfg["num_heads"]
+    g = torch.Generator(device=dev).manual_seed(1)
+    q, k, v = (torch.randn(1, L, H * D, device=dev, dtype=dtype, generator=g) for _ in range(3))
+    xb = torch.randn(1, L, cfg["dim"], device=dev, dtype=dtype, generator=g)
+
+    def sdpa():
+        qh, kh, vh = (t.view(1, L, H, D).transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2).reshape(1, L, H * D)
+
+    layer = {"sdpa_ms": timeit(sdpa)}
+    sw0 = weights.model if weights else None
+    for s in [float(v_) for v_ in a.sparsities.split(",")]:
+        for pattern in a.patterns.split(","):
+            conf = SaladConfig(sparsity=s, pattern=pattern)
+            with torch.inference_mode():
+                t_sparse = timeit(lambda: salad_self_attention(q, k, v, H, grid=grid, config=conf))
+                t_full = timeit(lambda: salad_self_attention(q, k, v, H, grid=grid, x=xb, config=conf,
+                                                             proj=sw0.proj_for(0) if sw0 else None,
+                                                             gate=sw0.gate_for(0) if sw0 else None))
+            layer[f"{pattern}_{s}"] = {"sparse_only_ms": t_sparse, "salad_ms": t_full,
+                                       "speedup_vs_sdpa": layer["sdpa_ms"] / t_full}
+    res["layer"] = layer
+    print(f"[e2e] one self-attention call: {json.dumps(layer)}", flush=True)
+
     out_dir = Path(a.out or os.environ.get("OUT") or ROOT / "benchmarks" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = "smoke" if a.smoke else res["card"].replace(" ", "-")

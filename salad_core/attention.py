@@ -258,15 +258,57 @@ def salad_self_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, *, grid: S
     if hook is not None:
         hook(dict(q=q, k=k, v=v, heads=heads, grid=tuple(int(g) for g in grid), n_front=int(n_front),
                   n_back=int(n_back), x=x, block_id=block_id))
-    use_linear = proj is not None
-    # branches come back in raster order (one gather each straight from the kernels' (B,H,L,D)
-    # output); proj and the gate are token-wise / token-mean so they commute with the order
-    o_s, o_l = salad_branches(q, k, v, heads, grid=grid, n_front=n_front, n_back=n_back,
-                              config=config, linear=use_linear, tile_order=False)
-    if not use_linear:
-        return o_s if o_s.dtype == q.dtype else o_s.to(q.dtype)
-    G = gate_value(x, gate, q.shape[0])
-    return mix_branches(o_s, o_l, proj, G, out_dtype=q.dtype)
+    B, L, H, D = _check_inputs(q, k, v, heads)
+    layout = TileLayout.get(grid, n_front, n_back, config.tile, q.device)
+    layout.check_length(L)
+    # sparse branch: one gather per tensor into tile order; the kernel writes a (B,L,H,D) buffer,
+    # so the way back to raster order is a single index_select
+    qh = _to_heads_tiled(q, layout, B, L, H, D)
+    kh = _to_heads_tiled(k, layout, B, L, H, D)
+    vh = _to_heads_tiled(v, layout, B, L, H, D)
+    idx, cnt = select_blocks(qh, kh, layout, config)
+    o_s, _ = K.block_sparse_attention(qh, kh, vh, idx, cnt, block=config.block, scale=1.0 / math.sqrt(D),
+                                      backend=config.backend, out_layout="blhd")
+    del qh, kh, vh
+    out = o_s.transpose(1, 2).reshape(B, L, H * D).index_select(1, layout.inv_perm)
+    if proj is None:
+        return out if out.dtype == q.dtype else out.to(q.dtype)
+    # linear branch: order-free (a sum over all keys, then a per-token map), so it runs on the
+    # raster-order tensors directly, without gathers
+    o_l = K.linear_attention(_heads_view(q, B, L, H, D), _heads_view(k, B, L, H, D), _heads_view(v, B, L, H, D),
+                             eps=config.eps, backend=config.backend, out_layout="blhd")
+    o_l = o_l.transpose(1, 2).reshape(B, L, H * D)
+    out = add_gated_projection(out, o_l, proj, gate_value(x, gate, B))
+    return out if out.dtype == q.dtype else out.to(q.dtype)
+
+
+def _heads_view(t: Tensor, B: int, L: int, H: int, D: int) -> Tensor:
+    """(B,L,H*D) -> (B,H,L,D) view (no copy unless the last dim is strided)."""
+    t4 = t.reshape(B, L, H, D)
+    if t4.stride(-1) != 1:
+        t4 = t4.contiguous()
+    return t4.permute(0, 2, 1, 3)
+
+
+def add_gated_projection(out: Tensor, o_linear: Tensor, proj: torch.nn.Module, G: Optional[Tensor]) -> Tensor:
+    """``out + G * proj(o_linear)`` as one batched GEMM accumulating into ``out`` (G folded into the
+    weight), in the activations' dtype; in place on ``out`` when no gradient is needed."""
+    if _needs_grad(proj) or not isinstance(proj, torch.nn.Linear):
+        return mix_branches(out, o_linear, proj, G, out_dtype=out.dtype)
+    B = o_linear.shape[0]
+    dt = o_linear.dtype
+    dev = o_linear.device
+    g = (G.reshape(B, 1, 1).to(device=dev, dtype=dt) if G is not None
+         else torch.ones(B, 1, 1, device=dev, dtype=dt))
+    w_eff = g * proj.weight.to(device=dev, dtype=dt).t().unsqueeze(0)      # (B, dim, dim)
+    out = out.to(dt)
+    if torch.is_grad_enabled() and (out.requires_grad or o_linear.requires_grad):
+        out = torch.baddbmm(out, o_linear, w_eff)
+        return out if proj.bias is None else out + g * proj.bias.to(device=dev, dtype=dt)
+    out.baddbmm_(o_linear, w_eff)
+    if proj.bias is not None:
+        out.add_(g * proj.bias.to(device=dev, dtype=dt))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,179 @@
+"""SALAD attention kernels: block selection, block-sparse attention, linear attention.
+
+Public API (see reference.py for the exact semantics):
+
+* Tensors are (B, H, L, D) views in tile order; any strides for B, H, L (last dim contiguous).
+  head_dim D in {64, 128} for the Triton path (torch path: any D).
+* Block lists: ``idx`` int32 (B,H,nq,kmax) sorted ascending, duplicate-free in the first ``cnt``
+  entries, padded with -1 after ``cnt``; ``cnt`` int32 (B,H,nq).  Both may be expanded views
+  (stride 0 over B/H), e.g. from ``select_window``.
+* ``block_sparse_attention`` returns ``o`` as a NEW contiguous (B,H,L,D) tensor in q.dtype and
+  ``lse`` (B,H,L) fp32 (natural log).
+* backend: "auto" -> Triton when the tensors are on CUDA and triton imports, else torch;
+  "triton" forces the Triton kernels (on CPU this needs TRITON_INTERPRET=1, for tests);
+  "torch" forces the plain-torch path (kernels/reference.py).
+
+Triton is imported lazily: importing this package needs only torch.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from . import reference as _ref
+from .reference import (  # noqa: F401  (re-exported)
+    DEFAULT_BLOCK,
+    PAD_IDX,
+    attention_ref,
+    block_mask_dense,
+    keep_count,
+    lut_from_scores,
+    masked_attention_ref,
+    num_blocks,
+    select_window,
+)
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "DEFAULT_BLOCK", "PAD_IDX", "num_blocks", "keep_count", "pool_blocks", "select_topk",
+    "select_window", "block_sparse_attention", "linear_attention", "sparse_linear_attention",
+    "triton_available", "attention_ref", "masked_attention_ref", "block_mask_dense",
+]
+
+_TRITON_OK: Optional[bool] = None
+
+
+def _triton_importable() -> bool:
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401  (must import too)
+            _TRITON_OK = True
+        except Exception:  # pragma: no cover - depends on environment
+            _TRITON_OK = False
+    return _TRITON_OK
+
+
+def triton_available(device) -> bool:
+    """True on CUDA with importable triton, or on any device when TRITON_INTERPRET=1."""
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return _triton_importable()
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return _triton_importable()
+
+
+def _ops():
+    from . import _triton_ops  # lazy: imports triton
+    return _triton_ops
+
+
+def _use_triton(t: Tensor, backend: str) -> bool:
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if not triton_available(t.device):
+            raise RuntimeError(
+                f"backend='triton' requested but Triton is not usable on {t.device} "
+                "(needs CUDA + triton, or TRITON_INTERPRET=1)")
+        return True
+    if backend == "auto":
+        return t.is_cuda and triton_available(t.device)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def _triton_shape_ok(D: int, block: int = DEFAULT_BLOCK) -> bool:
+    return D in (16, 32, 64, 128) and block >= 16 and (block & (block - 1)) == 0
+
+
+def _pick(t: Tensor, backend: str, block: int = DEFAULT_BLOCK) -> bool:
+    """backend='auto' falls back to torch for shapes the Triton kernels do not cover."""
+    use = _use_triton(t, backend)
+    if use and backend == "auto" and not _triton_shape_ok(t.shape[-1], block):
+        return False
+    return use
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k, v must be (B, H, L, D)")
+    if q.shape[-1] != k.shape[-1] or k.shape[:3] != v.shape[:3] or q.shape[:2] != k.shape[:2]:
+        raise ValueError(f"shape mismatch q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
+
+
+# ----------------------------------------------------------------------------------------------
+
+def pool_blocks(x: Tensor, block: int = DEFAULT_BLOCK, backend: str = "auto") -> Tensor:
+    """(B,H,L,D) -> (B,H,nb,D) fp32 mean over the valid tokens of each block."""
+    if _pick(x, backend, block):
+        return _ops().pool_blocks(x, block)
+    return _ref.pool_blocks_ref(x, block)
+
+
+def select_topk(q: Tensor, k: Tensor, sparsity: float, block: int = DEFAULT_BLOCK,
+                always_kept: Optional[Tensor] = None, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """Top-k key blocks per query block by pooled q.k score (keep_count(nk, sparsity) of them);
+    own block and `always_kept` forced.  Returns idx int32 (B,H,nq,kmax) sorted ascending, -1
+    padded after cnt; cnt int32 (B,H,nq).  kmax = min(nk, max(k, 1 + len(always_kept))).
+    No host sync, no L x L tensor."""
+    with torch.no_grad():
+        if _pick(q, backend, block):
+            ops = _ops()
+            pq = ops.pool_blocks(q, block)
+            pk = ops.pool_blocks(k, block)
+            scores = torch.matmul(pq, pk.transpose(-1, -2))
+            return ops.topk_lut(scores, keep_count(pk.shape[2], sparsity), always_kept)
+        pq = _ref.pool_blocks_ref(q, block)
+        pk = _ref.pool_blocks_ref(k, block)
+        scores = torch.matmul(pq, pk.transpose(-1, -2))
+        return lut_from_scores(scores, keep_count(pk.shape[2], sparsity), always_kept)
+
+
+def _as_layout(o: Tensor, out_layout: str) -> Tensor:
+    """Reference-path outputs in the requested memory layout (see block_sparse_attention)."""
+    if out_layout == "blhd":
+        return o.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    if out_layout != "bhld":
+        raise ValueError(f"out_layout must be 'bhld' or 'blhd', got {out_layout!r}")
+    return o
+
+
+def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor,
+                           block: int = DEFAULT_BLOCK, scale: Optional[float] = None,
+                           backend: str = "auto", out_layout: str = "bhld") -> Tuple[Tensor, Tensor]:
+    """Softmax attention of each query block over its listed key blocks only.
+    Returns (o (B,H,L,D) q.dtype, lse (B,H,L) fp32).  Differentiable in q, k, v.
+    out_layout "bhld": o is contiguous; "blhd": o is a (B,H,L,D) view of a contiguous (B,L,H,D)
+    buffer, so ``o.transpose(1, 2).reshape(B, L, H*D)`` costs no copy."""
+    _check_qkv(q, k, v)
+    if _pick(q, backend, block):
+        return _ops().block_sparse_attention(q, k, v, idx, cnt, block, scale, out_layout)
+    o, lse = _ref.block_sparse_attention_ref(q, k, v, idx, cnt, block, scale)
+    return _as_layout(o, out_layout), lse
+
+
+def linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float = 1e-5, backend: str = "auto",
+                     out_layout: str = "bhld") -> Tensor:
+    """Non-causal ReLU linear attention; output (B,H,L,D) in q.dtype (layout as in
+    block_sparse_attention). Differentiable."""
+    _check_qkv(q, k, v)
+    if _pick(q, backend):
+        return _ops().linear_attention(q, k, v, eps, out_layout)
+    return _as_layout(_ref.linear_attention_ref(q, k, v, eps), out_layout)
+
+
+def sparse_linear_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor,
+                            block: int = DEFAULT_BLOCK, scale: Optional[float] = None, eps: float = 1e-5,
+                            backend: str = "auto", out_layout: str = "bhld") -> Tuple[Tensor, Tensor]:
+    """Returns (o_sparse, o_linear), both (B,H,L,D) in q.dtype (layout as in
+    block_sparse_attention). Differentiable."""
+    _check_qkv(q, k, v)
+    if _pick(q, backend, block):
+        return _ops().sparse_linear_attention(q, k, v, idx, cnt, block, scale, eps, out_layout)
+    o_s, _ = _ref.block_sparse_attention_ref(q, k, v, idx, cnt, block, scale)
+    return _as_layout(o_s, out_layout), _as_layout(_ref.linear_attention_ref(q, k, v, eps), out_layout)

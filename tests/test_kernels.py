@@ -1,0 +1,548 @@
+"""Tests for salad_pack.kernels: torch reference vs dense fp64, Triton kernels (CPU interpreter) vs
+reference, LUT properties, backward vs autograd.
+
+Inputs are fresh random tensors each run; the seed is printed in every assertion message so a
+failure can be replayed with SALAD_TEST_SEED=<seed>.  Triton outputs are POISONED (NaN-filled)
+before the kernels write them, so unwritten elements fail the comparisons.
+"""
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Triton kernels run through the interpreter on CPU; must be set before triton compiles anything.
+if "TRITON_INTERPRET" not in os.environ:
+    try:
+        import torch as _t
+        _cuda = _t.cuda.is_available()
+    except Exception:  # pragma: no cover
+        _cuda = False
+    if not _cuda:
+        os.environ["TRITON_INTERPRET"] = "1"
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _pack import register  # noqa: E402
+
+register()
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import salad_pack.kernels as K  # noqa: E402
+from salad_pack.kernels import reference as R  # noqa: E402
+
+try:
+    import triton  # noqa: F401
+    HAVE_TRITON = True
+except Exception:  # pragma: no cover
+    HAVE_TRITON = False
+
+DEV = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
+needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton cannot be imported")
+
+
+@pytest.fixture
+def seed():
+    s = int(os.environ.get("SALAD_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    torch.manual_seed(s)
+    print(f"[seed {s}]")
+    return s
+
+
+@pytest.fixture
+def poison():
+    if not HAVE_TRITON:
+        yield
+        return
+    from salad_pack.kernels import _triton_ops
+    _triton_ops.POISON = True
+    yield
+    _triton_ops.POISON = False
+
+
+def qkv(B, H, L, D, dtype, layout="bhld", scale=1.0, Lk=None):
+    """Random q, k, v; layout 'blhd' returns permuted (B,H,L,D) views of (B,L,H,D) buffers."""
+    Lk = L if Lk is None else Lk
+    out = []
+    for n in (L, Lk, Lk):
+        if layout == "blhd":
+            x = (torch.randn(B, n, H, D, device=DEV) * scale).to(dtype).transpose(1, 2)
+        else:
+            x = (torch.randn(B, H, n, D, device=DEV) * scale).to(dtype)
+        out.append(x)
+    return out
+
+
+def random_lut(B, H, nq, nk, kmax=None, device=DEV):
+    """Random sorted duplicate-free lists with random counts in [1, kmax], -1 padded."""
+    kmax = nk if kmax is None else kmax
+    perm = torch.rand(B, H, nq, nk, device=device).argsort(-1)[..., :kmax].to(torch.int32)
+    cnt = torch.randint(1, kmax + 1, (B, H, nq), device=device, dtype=torch.int32)
+    slot = torch.arange(kmax, device=device)
+    perm = torch.where(slot < cnt[..., None], perm, torch.full_like(perm, nk + 7))
+    perm, _ = perm.sort(-1)
+    idx = torch.where(perm > nk, torch.full_like(perm, -1), perm)
+    return idx, cnt
+
+
+def full_lut(B, H, nq, nk, device=DEV):
+    idx = torch.arange(nk, device=device, dtype=torch.int32).expand(B, H, nq, nk)
+    cnt = torch.full((B, H, nq), nk, device=device, dtype=torch.int32)
+    return idx, cnt
+
+
+def assert_close(a, b, atol, rtol, what, seed):
+    a = a.double()
+    b = b.double()
+    assert torch.isfinite(a).all(), f"{what}: non-finite values (unwritten/NaN) [seed {seed}]"
+    err = (a - b).abs()
+    lim = atol + rtol * b.abs()
+    bad = err > lim
+    assert not bad.any(), (f"{what}: max abs err {err.max().item():.3e}, {int(bad.sum())} of {bad.numel()} "
+                           f"elements out of tolerance [seed {seed}]")
+
+
+TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 5e-3), torch.float64: (1e-10, 1e-10)}
+
+
+def check_lut(idx, cnt, nk, k_expect, seed, forced=None):
+    B, H, nq, kmax = idx.shape
+    slot = torch.arange(kmax, device=idx.device)
+    valid = slot < cnt[..., None].long()
+    assert (cnt >= 1).all() and (cnt <= kmax).all(), f"cnt out of range [seed {seed}]"
+    assert (cnt >= k_expect).all(), f"cnt below keep count [seed {seed}]"
+    vi = idx.long()
+    assert ((vi[valid] >= 0) & (vi[valid] < nk)).all(), f"index out of range [seed {seed}]"
+    assert (vi[~valid] == -1).all(), f"padding not -1 [seed {seed}]"
+    big = torch.where(valid, vi, torch.full_like(vi, 10**9))
+    assert (big[..., 1:] > big[..., :-1])[valid[..., 1:]].all(), f"lists not strictly ascending [seed {seed}]"
+    if forced is not None:
+        for f in forced:
+            pass
+    # own block present
+    own = torch.arange(nq, device=idx.device).clamp(max=nk - 1).view(1, 1, nq, 1)
+    assert ((vi == own) & valid).any(-1).all(), f"own block missing [seed {seed}]"
+
+
+# ----------------------------------------------------------------------------------------------
+# API basics
+# ----------------------------------------------------------------------------------------------
+
+def test_counts():
+    assert K.num_blocks(32760) == 256 and K.num_blocks(75600) == 591 and K.num_blocks(128) == 1
+    assert K.keep_count(256, 0.9) == 26 and K.keep_count(256, 0.95) == 13
+    assert K.keep_count(10, 1.0) == 1 and K.keep_count(10, 0.0) == 10 and K.keep_count(3, -1.0) == 3
+
+
+def test_import_does_not_load_triton():
+    code = ("import sys; sys.path.insert(0, %r); from _pack import register; register(); "
+            "import salad_pack.kernels as K; "
+            "assert 'salad_pack.kernels._triton_kernels' not in sys.modules; "
+            "import torch; q = torch.randn(1, 1, 70, 16); "
+            "i, c = K.select_topk(q, q, 0.5, block=16); o, l = K.block_sparse_attention(q, q, q, i, c, block=16); "
+            "assert 'salad_pack.kernels._triton_kernels' not in sys.modules; print('ok')"
+            % str(Path(__file__).parent))
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# torch reference vs dense fp64
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("B,H,L,D,block,layout", [(2, 3, 200, 32, 32, "blhd"), (1, 2, 128, 16, 64, "bhld"),
+                                                  (1, 1, 77, 8, 16, "blhd")])
+def test_reference_vs_dense_fp64(seed, B, H, L, D, block, layout):
+    q, k, v = qkv(B, H, L, D, torch.float32, layout)
+    nq = K.num_blocks(L, block)
+    idx, cnt = random_lut(B, H, nq, nq)
+    ro, rl = K.masked_attention_ref(q, k, v, idx, cnt, block=block)
+    for chunk in (R._CHUNK_BYTES, 1):  # 1 byte -> one query block per chunk
+        o, lse = R.block_sparse_attention_ref(q, k, v, idx, cnt, block, chunk_bytes=chunk)
+        assert o.shape == (B, H, L, D) and o.is_contiguous() and lse.shape == (B, H, L)
+        assert_close(o, ro, 1e-5, 1e-5, "ref o", seed)
+        assert_close(lse, rl, 1e-5, 1e-5, "ref lse", seed)
+    # sparsity 0 == dense softmax attention (torch SDPA)
+    fi, fc = full_lut(B, H, nq, nq)
+    o, _ = R.block_sparse_attention_ref(q, k, v, fi, fc, block)
+    sd = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert_close(o, sd, 1e-5, 1e-5, "ref vs sdpa", seed)
+
+
+def test_reference_backward_vs_dense_fp64(seed):
+    B, H, L, D, block = 1, 2, 150, 16, 32
+    q, k, v = qkv(B, H, L, D, torch.float64)
+    nq = K.num_blocks(L, block)
+    idx, cnt = random_lut(B, H, nq, nq)
+    do = torch.randn(B, H, L, D, dtype=torch.float64, device=DEV)
+    g = []
+    for fn in (lambda a, b, c: R.block_sparse_attention_ref(a, b, c, idx, cnt, block, chunk_bytes=1)[0],
+               lambda a, b, c: K.masked_attention_ref(a, b, c, idx, cnt, block=block)[0]):
+        a, b, c = [x.clone().requires_grad_() for x in (q, k, v)]
+        (fn(a, b, c) * do).sum().backward()
+        g.append((a.grad, b.grad, c.grad))
+    for x, y, n in zip(g[0], g[1], "qkv"):
+        assert_close(x, y, 1e-9, 1e-9, f"ref d{n}", seed)
+
+
+def test_linear_reference(seed):
+    B, H, L, D = 2, 2, 90, 16
+    q, k, v = qkv(B, H, L, D, torch.float64)
+    o = R.linear_attention_ref(q, k, v, eps=1e-5)
+    pq, pk = q.clamp(min=0), k.clamp(min=0)
+    a = pq @ pk.transpose(-1, -2)  # dense L x L formulation
+    ref = (a @ v) / (a.sum(-1, keepdim=True) + 1e-5)
+    assert_close(o, ref, 1e-9, 1e-9, "linear ref", seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# block selection
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+def test_select_topk(seed, poison, backend, sparsity):
+    B, H, L, D, block = 2, 2, 300, 16, 16  # nq = nk = 19, ragged tail
+    q, k, _ = qkv(B, H, L, D, torch.float32, "blhd")
+    nk = K.num_blocks(L, block)
+    kk = K.keep_count(nk, sparsity)
+    idx, cnt = K.select_topk(q, k, sparsity, block=block, backend=backend)
+    assert idx.dtype == torch.int32 and cnt.dtype == torch.int32
+    assert idx.shape == (B, H, nk, kk) and cnt.shape == (B, H, nk)
+    check_lut(idx, cnt, nk, kk, seed)
+    assert (cnt == kk).all(), f"count != keep_count [seed {seed}]"
+    # top-k property: every selected non-own block scores >= every unselected block
+    sc = R.pool_blocks_ref(q, block) @ R.pool_blocks_ref(k, block).transpose(-1, -2)
+    sel = K.block_mask_dense(idx, cnt, nk, nk, 1)  # block-level mask (block=1)
+    own = torch.eye(nk, dtype=torch.bool, device=DEV)
+    sel_free = sel & ~own
+    lo = torch.where(sel_free, sc, torch.full_like(sc, float("inf"))).amin(-1)
+    hi = torch.where(~sel, sc, torch.full_like(sc, -float("inf"))).amax(-1)
+    assert (lo >= hi - 1e-5).all(), f"not top-k [seed {seed}]"
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_select_topk_always_kept(seed, backend):
+    B, H, L, D, block = 1, 3, 256, 16, 32  # nk = 8
+    q, k, _ = qkv(B, H, L, D, torch.float32)
+    ak = torch.tensor([0, 5, 5], device=DEV)
+    for sp, kk in ((0.9, 1), (0.5, 4)):
+        idx, cnt = K.select_topk(q, k, sp, block=block, always_kept=ak, backend=backend)
+        check_lut(idx, cnt, 8, kk, seed)
+        vi = idx.long()
+        valid = torch.arange(idx.shape[-1], device=DEV) < cnt[..., None]
+        for a in (0, 5):
+            assert ((vi == a) & valid).any(-1).all(), f"always-kept {a} missing [seed {seed}]"
+        nforced = torch.tensor([len({i, 0, 5}) for i in range(8)], device=DEV)
+        assert (cnt.long() == torch.clamp(nforced, min=kk)).all(), f"count wrong [seed {seed}]"
+
+
+def test_select_window(seed):
+    F_, Hh, W = 3, 4, 5
+    g = torch.stack(torch.meshgrid(torch.arange(F_), torch.arange(Hh), torch.arange(W), indexing="ij"), -1)
+    coords = g.reshape(-1, 3).float().to(DEV)
+    perm = torch.randperm(coords.shape[0], device=DEV)
+    coords = coords[perm] + 0.01 * torch.rand(coords.shape[0], 3, device=DEV)
+    n = coords.shape[0]
+    scale = (2.0, 1.0, 1.0)
+    for sp in (0.0, 0.7, 0.95):
+        kk = K.keep_count(n, sp)
+        idx, cnt = K.select_window(coords, coords, sp, B=2, H=3, scale=scale)
+        assert idx.shape == (2, 3, n, max(kk, 1)) and idx.stride(0) == 0 and cnt.shape == (2, 3, n)
+        check_lut(idx, cnt, n, kk, seed)
+        d = (((coords[:, None] - coords[None]) / torch.tensor(scale, device=DEV)) ** 2).sum(-1)
+        sel = K.block_mask_dense(idx[:1, :1], cnt[:1, :1], n, n, 1)[0, 0]
+        far_sel = torch.where(sel, d, torch.full_like(d, -1.0)).amax(-1)
+        near_un = torch.where(~sel, d, torch.full_like(d, float("inf"))).amin(-1)
+        assert (far_sel <= near_un + 1e-6).all(), f"window not nearest [seed {seed}]"
+
+
+@needs_triton
+@pytest.mark.parametrize("L,D,block", [(300, 64, 64), (128, 128, 128), (77, 16, 32)])
+def test_pool_blocks_triton(seed, poison, L, D, block):
+    x = qkv(2, 3, L, D, torch.float16, "blhd")[0]
+    p = K.pool_blocks(x, block, backend="triton")
+    assert_close(p, R.pool_blocks_ref(x, block), 1e-5, 1e-5, "pool", seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton block-sparse attention forward
+# ----------------------------------------------------------------------------------------------
+
+FWD_CASES = [  # B, H, L, D, block, dtype, layout
+    (1, 2, 200, 64, 64, torch.float16, "blhd"),
+    (2, 1, 161, 128, 32, torch.float32, "bhld"),
+    (1, 1, 300, 128, 128, torch.float16, "blhd"),
+    (1, 3, 96, 64, 32, torch.float32, "blhd"),
+]
+
+
+@pytest.fixture(params=[False, True], ids=["ptr", "tma"])
+def fwd_path(request):
+    """Run the forward through the pointer kernel and the tensor-descriptor (TMA) kernel."""
+    if not HAVE_TRITON:
+        yield request.param
+        return
+    from salad_pack.kernels import _triton_ops
+    old = (_triton_ops.FWD_USE_TMA, _triton_ops.BWD_USE_TMA, _triton_ops.BWD_DQ_CFG, _triton_ops.BWD_DKDV_CFG)
+    _triton_ops.FWD_USE_TMA = _triton_ops.BWD_USE_TMA = request.param
+    # force the descriptor path in the backward kernels too
+    _triton_ops.BWD_DQ_CFG = {d: dict(c, tma=True) for d, c in old[2].items()}
+    _triton_ops.BWD_DKDV_CFG = {d: dict(c, tma=True) for d, c in old[3].items()}
+    yield request.param
+    (_triton_ops.FWD_USE_TMA, _triton_ops.BWD_USE_TMA, _triton_ops.BWD_DQ_CFG, _triton_ops.BWD_DKDV_CFG) = old
+
+
+@needs_triton
+@pytest.mark.parametrize("B,H,L,D,block,dtype,layout", FWD_CASES)
+def test_sparse_fwd_triton(seed, poison, fwd_path, B, H, L, D, block, dtype, layout):
+    q, k, v = qkv(B, H, L, D, dtype, layout)
+    nq = K.num_blocks(L, block)
+    idx, cnt = random_lut(B, H, nq, nq)
+    o, lse = K.block_sparse_attention(q, k, v, idx, cnt, block=block, backend="triton")
+    assert o.shape == (B, H, L, D) and o.dtype == dtype and lse.dtype == torch.float32
+    ro, rl = K.masked_attention_ref(q, k, v, idx, cnt, block=block)
+    atol, rtol = TOL[dtype]
+    assert_close(o, ro, atol, rtol, "triton o", seed)
+    assert_close(lse, rl, 1e-4, 1e-4, "triton lse", seed)
+
+
+@needs_triton
+@pytest.mark.parametrize("L,D,block,dtype", [(200, 64, 64, torch.float16), (97, 128, 32, torch.float32)])
+def test_sparse_dense_equivalence_triton(seed, poison, L, D, block, dtype):
+    B, H = 1, 2
+    q, k, v = qkv(B, H, L, D, dtype, "blhd")
+    nq = K.num_blocks(L, block)
+    idx, cnt = K.select_topk(q, k, 0.0, block=block, backend="triton")
+    assert (cnt == nq).all()
+    o, lse = K.block_sparse_attention(q, k, v, idx, cnt, block=block, backend="triton")
+    sd = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    atol, rtol = TOL[dtype]
+    assert_close(o, sd, atol, rtol, "triton vs sdpa", seed)
+    _, rl = K.attention_ref(q, k, v)
+    assert_close(lse, rl, 1e-4, 1e-4, "triton lse vs dense", seed)
+
+
+@needs_triton
+def test_sparse_single_block_and_expanded_lut(seed, poison):
+    """k = 1 (own block only, via select_window at sparsity 1) with an expanded (stride-0) LUT."""
+    B, H, L, D, block = 2, 2, 150, 64, 32
+    q, k, v = qkv(B, H, L, D, torch.float16, "blhd")
+    nq = K.num_blocks(L, block)
+    coords = torch.rand(nq, 3, device=DEV)
+    idx, cnt = K.select_window(coords, coords, 1.0, B, H)
+    assert idx.shape[-1] == 1 and (idx[..., 0] == torch.arange(nq, device=DEV)).all()
+    o, lse = K.block_sparse_attention(q, k, v, idx, cnt, block=block, backend="triton")
+    ro, rl = K.masked_attention_ref(q, k, v, idx, cnt, block=block)
+    assert_close(o, ro, *TOL[torch.float16], "k=1", seed)
+    assert_close(lse, rl, 1e-4, 1e-4, "k=1 lse", seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# linear branch and fused op
+# ----------------------------------------------------------------------------------------------
+
+@needs_triton
+@pytest.mark.parametrize("B,H,L,D,dtype", [(1, 2, 200, 64, torch.float16), (2, 1, 77, 128, torch.float32)])
+def test_linear_triton(seed, poison, B, H, L, D, dtype):
+    q, k, v = qkv(B, H, L, D, dtype, "blhd")
+    o = K.linear_attention(q, k, v, backend="triton")
+    ref = R.linear_attention_ref(q.double(), k.double(), v.double())
+    atol, rtol = TOL[dtype]
+    assert o.dtype == dtype and o.shape == (B, H, L, D)
+    assert_close(o, ref, atol, rtol, "linear", seed)
+
+
+@needs_triton
+@pytest.mark.parametrize("fuse", [True, False])
+def test_sparse_linear_triton(seed, poison, fwd_path, fuse):
+    from salad_pack.kernels import _triton_ops
+    B, H, L, D, block = 1, 2, 200, 64, 64
+    q, k, v = qkv(B, H, L, D, torch.float16, "blhd")
+    nq = K.num_blocks(L, block)
+    idx, cnt = random_lut(B, H, nq, nq)
+    old = _triton_ops.FUSE_LINEAR_EPILOGUE
+    _triton_ops.FUSE_LINEAR_EPILOGUE = fuse
+    try:
+        os_, ol = K.sparse_linear_attention(q, k, v, idx, cnt, block=block, backend="triton")
+    finally:
+        _triton_ops.FUSE_LINEAR_EPILOGUE = old
+    ro, _ = K.masked_attention_ref(q, k, v, idx, cnt, block=block)
+    rl = R.linear_attention_ref(q.double(), k.double(), v.double())
+    assert_close(os_, ro, *TOL[torch.float16], "fused sparse", seed)
+    assert_close(ol, rl, *TOL[torch.float16], "fused linear", seed)
+    # torch backend returns the same pair
+    ts, tl_ = K.sparse_linear_attention(q.float(), k.float(), v.float(), idx, cnt, block=block, backend="torch")
+    assert_close(ts, ro, 1e-5, 1e-5, "torch sparse", seed)
+    assert_close(tl_, rl, 2e-3, 2e-3, "torch linear", seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+
+def _grads(fn, q, k, v, dos):
+    a, b, c = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    outs = fn(a, b, c)
+    loss = sum((o.double() * d).sum() for o, d in zip(outs, dos))
+    loss.backward()
+    return outs, (a.grad, b.grad, c.grad)
+
+
+@needs_triton
+@pytest.mark.parametrize("B,H,L,D,block,dtype", [(1, 2, 150, 64, 32, torch.float32),
+                                                 (1, 1, 200, 128, 64, torch.float16),
+                                                 (2, 1, 130, 64, 64, torch.float16)])
+def test_sparse_backward_triton(seed, poison, fwd_path, B, H, L, D, block, dtype):
+    q, k, v = qkv(B, H, L, D, dtype, "blhd")
+    nq = K.num_blocks(L, block)
+    idx, cnt = random_lut(B, H, nq, nq)
+    do = torch.randn(B, H, L, D, device=DEV, dtype=torch.float64)
+    _, gt = _grads(lambda a, b, c: (K.block_sparse_attention(a, b, c, idx, cnt, block=block, backend="triton")[0],),
+                   q, k, v, (do,))
+    _, gr = _grads(lambda a, b, c: (R.block_sparse_attention_ref(a, b, c, idx, cnt, block)[0],),
+                   q.double(), k.double(), v.double(), (do,))
+    atol, rtol = (1e-4, 1e-4) if dtype == torch.float32 else (1e-2, 1e-2)
+    for x, y, n in zip(gt, gr, "qkv"):
+        assert x.dtype == dtype
+        assert_close(x, y, atol, rtol, f"sparse d{n}", seed)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_linear_and_fused_backward_triton(seed, poison, dtype):
+    B, H, L, D, block = 1, 2, 150, 64, 32
+    q, k, v = qkv(B, H, L, D, dtype, "blhd")
+    nq = K.num_blocks(L, block)
+    idx, cnt = random_lut(B, H, nq, nq)
+    do1 = torch.randn(B, H, L, D, device=DEV, dtype=torch.float64)
+    do2 = torch.randn(B, H, L, D, device=DEV, dtype=torch.float64)
+    atol, rtol = (1e-4, 1e-4) if dtype == torch.float32 else (1e-2, 1e-2)
+    _, gt = _grads(lambda a, b, c: (K.linear_attention(a, b, c, backend="triton"),), q, k, v, (do2,))
+    _, gr = _grads(lambda a, b, c: (R.linear_attention_ref(a, b, c),), q.double(), k.double(), v.double(), (do2,))
+    for x, y, n in zip(gt, gr, "qkv"):
+        assert_close(x, y, atol, rtol, f"linear d{n}", seed)
+    _, gt = _grads(lambda a, b, c: K.sparse_linear_attention(a, b, c, idx, cnt, block=block, backend="triton"),
+                   q, k, v, (do1, do2))
+    _, gr = _grads(lambda a, b, c: K.sparse_linear_attention(a, b, c, idx, cnt, block=block, backend="torch"),
+                   q.double(), k.double(), v.double(), (do1, do2))
+    for x, y, n in zip(gt, gr, "qkv"):
+        assert_close(x, y, atol, rtol, f"fused d{n}", seed)
+
+
+@needs_triton
+@pytest.mark.parametrize("nq,nk,k,ak", [(19, 19, 5, None), (7, 600, 60, [3, 599, 3]), (12, 9, 2, [8]),
+                                        (5, 33, 33, None)])
+def test_topk_lut_kernel_vs_torch(seed, poison, nq, nk, k, ak):
+    from salad_pack.kernels import _triton_ops
+    B, H = 2, 2
+    sc = torch.randn(B, H, nq, nk, device=DEV)
+    sc[0, 0, 0, :4] = 1.5  # ties
+    sc[1, 1, -1, 2] = float("nan")
+    akt = None if ak is None else torch.tensor(ak, device=DEV)
+    it, ct = _triton_ops.topk_lut(sc, k, akt)
+    ir, cr = K.lut_from_scores(sc, k, akt)
+    assert it.shape == ir.shape and torch.equal(ct, cr), f"counts differ [seed {seed}]"
+    check_lut(it, ct, nk, k, seed)
+    # same selected score multiset (tie order may differ) and identical sets where no ties
+    sel_t = K.block_mask_dense(it, ct, nq, nk, 1)
+    sel_r = K.block_mask_dense(ir, cr, nq, nk, 1)
+    s0 = torch.nan_to_num(sc, nan=-1e30)
+    st = torch.where(sel_t, s0, torch.zeros_like(s0)).sort(-1).values
+    sr = torch.where(sel_r, s0, torch.zeros_like(s0)).sort(-1).values
+    assert torch.equal(st, sr), f"selected scores differ [seed {seed}]"
+    same = (sel_t == sel_r).all(-1)
+    same[0, 0, 0] = True
+    assert same.all(), f"selection differs without ties [seed {seed}]"
+
+
+def test_reference_expanded_window_lut_and_auto_backend(seed):
+    """select_window's expanded (stride-0) LUT through the torch path; 'auto' on CPU = torch."""
+    B, H, L, D, block = 2, 2, 150, 16, 32
+    q, k, v = qkv(B, H, L, D, torch.float32, "blhd")
+    nq = K.num_blocks(L, block)
+    coords = torch.rand(nq, 3, device=DEV) * 4
+    idx, cnt = K.select_window(coords, coords, 0.6, B, H, scale=(1.0, 2.0, 2.0))
+    o, lse = K.block_sparse_attention(q, k, v, idx, cnt, block=block, backend="torch")
+    ro, rl = K.masked_attention_ref(q, k, v, idx, cnt, block=block)
+    assert_close(o, ro, 1e-5, 1e-5, "window ref o", seed)
+    assert_close(lse, rl, 1e-5, 1e-5, "window ref lse", seed)
+    if DEV.type == "cpu":
+        oa, _ = K.block_sparse_attention(q, k, v, idx, cnt, block=block)  # auto -> torch on CPU
+        assert torch.equal(oa, o)
+
+
+@needs_triton
+@pytest.mark.parametrize("L,block", [(50, 128), (7, 16)])
+def test_short_sequence_triton(seed, poison, fwd_path, L, block):
+    """L shorter than one block (single ragged block) through fwd, bwd and the linear branch."""
+    B, H, D = 1, 2, 64
+    q, k, v = qkv(B, H, L, D, torch.float32, "blhd")
+    idx, cnt = K.select_topk(q, k, 0.9, block=block, backend="triton")
+    assert idx.shape == (B, H, 1, 1) and (idx == 0).all() and (cnt == 1).all()
+    do = torch.randn(B, H, L, D, device=DEV, dtype=torch.float64)
+    do2 = torch.randn(B, H, L, D, device=DEV, dtype=torch.float64)
+    (os_, ol), gt = _grads(lambda a, b, c: K.sparse_linear_attention(a, b, c, idx, cnt, block=block, backend="triton"),
+                           q, k, v, (do, do2))
+    (rs, rl), gr = _grads(lambda a, b, c: K.sparse_linear_attention(a, b, c, idx, cnt, block=block, backend="torch"),
+                          q.double(), k.double(), v.double(), (do, do2))
+    sd = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert_close(os_, sd, 1e-5, 1e-5, "short sparse vs sdpa", seed)
+    assert_close(ol, rl, 1e-4, 1e-4, "short linear", seed)
+    for x, y, n in zip(gt, gr, "qkv"):
+        assert_close(x, y, 1e-4, 1e-4, f"short d{n}", seed)
+
+
+@needs_triton
+@pytest.mark.parametrize("fuse", [False, True])
+def test_out_layout_blhd_forward_and_backward(seed, poison, fwd_path, fuse):
+    """out_layout='blhd': outputs are (B,H,L,D) views of contiguous (B,L,H,D) buffers (what SALAD's
+    (B,L,H*D) caller needs without a transpose copy); values and gradients are unchanged."""
+    from salad_pack.kernels import _triton_ops
+    B, H, L, D, block = 2, 2, 150, 64, 32
+    q, k, v = qkv(B, H, L, D, torch.float16, "blhd")
+    nq = K.num_blocks(L, block)
+    idx, cnt = random_lut(B, H, nq, nq)
+    old = _triton_ops.FUSE_LINEAR_EPILOGUE
+    _triton_ops.FUSE_LINEAR_EPILOGUE = fuse
+    try:
+        o_s, o_l = K.sparse_linear_attention(q, k, v, idx, cnt, block=block, backend="triton", out_layout="blhd")
+        o_only, _ = K.block_sparse_attention(q, k, v, idx, cnt, block=block, backend="triton", out_layout="blhd")
+        o_lin = K.linear_attention(q, k, v, backend="triton", out_layout="blhd")
+        do1 = torch.randn(B, H, L, D, device=DEV, dtype=torch.float64)
+        do2 = torch.randn(B, H, L, D, device=DEV, dtype=torch.float64)
+        _, gt = _grads(lambda a, b, c: K.sparse_linear_attention(a, b, c, idx, cnt, block=block, backend="triton",
+                                                                 out_layout="blhd"), q, k, v, (do1, do2))
+    finally:
+        _triton_ops.FUSE_LINEAR_EPILOGUE = old
+    for o in (o_s, o_l, o_only, o_lin):
+        assert o.shape == (B, H, L, D) and o.transpose(1, 2).is_contiguous()
+    ro, _ = K.masked_attention_ref(q, k, v, idx, cnt, block=block)
+    rl = R.linear_attention_ref(q.double(), k.double(), v.double())
+    tol = TOL[torch.float16]
+    assert_close(o_s, ro, *tol, "blhd sparse", seed)
+    assert_close(o_only, ro, *tol, "blhd sparse only", seed)
+    assert_close(o_l, rl, *tol, "blhd linear", seed)
+    assert_close(o_lin, rl, *tol, "blhd linear only", seed)
+    _, gr = _grads(lambda a, b, c: K.sparse_linear_attention(a, b, c, idx, cnt, block=block, backend="torch"),
+                   q.double(), k.double(), v.double(), (do1, do2))
+    for x, y, n in zip(gt, gr, "qkv"):
+        assert_close(x, y, 1e-2, 1e-2, f"blhd d{n}", seed)
+
+
+def test_out_layout_torch_reference(seed):
+    q, k, v = qkv(1, 2, 100, 32, torch.float32, "bhld")
+    nq = K.num_blocks(100, 32)
+    idx, cnt = random_lut(1, 2, nq, nq)
+    a, _ = K.block_sparse_attention(q, k, v, idx, cnt, block=32, backend="torch")
+    b, _ = K.block_sparse_attention(q, k, v, idx, cnt, block=32, backend="torch", out_layout="blhd")
+    assert b.transpose(1, 2).is_contiguous() and torch.equal(a, b)
+    with pytest.raises(ValueError, match="out_layout"):
+        K.linear_attention(q, k, v, backend="torch", out_layout="lbhd")
