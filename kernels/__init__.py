@@ -39,7 +39,8 @@ Tensor = torch.Tensor
 
 __all__ = [
     "DEFAULT_BLOCK", "PAD_IDX", "num_blocks", "keep_count", "pool_blocks", "select_topk",
-    "select_window", "block_sparse_attention", "linear_attention", "sparse_linear_attention",
+    "select_window", "block_sparse_attention", "block_sparse_attention_rowmap", "linear_attention",
+    "sparse_linear_attention",
     "triton_available", "attention_ref", "masked_attention_ref", "block_mask_dense",
 ]
 
@@ -108,26 +109,34 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 # ----------------------------------------------------------------------------------------------
 
-def pool_blocks(x: Tensor, block: int = DEFAULT_BLOCK, backend: str = "auto") -> Tensor:
-    """(B,H,L,D) -> (B,H,nb,D) fp32 mean over the valid tokens of each block."""
+def pool_blocks(x: Tensor, block: int = DEFAULT_BLOCK, backend: str = "auto",
+                rowmap: Optional[Tensor] = None) -> Tensor:
+    """(B,H,L,D) -> (B,H,nb,D) fp32 mean over the valid tokens of each block.
+    rowmap (L,) int: pool x's rows in that order (block j = rows rowmap[j*block:(j+1)*block])."""
     if _pick(x, backend, block):
-        return _ops().pool_blocks(x, block)
+        return _ops().pool_blocks(x, block, rowmap)
+    if rowmap is not None:
+        x = x.index_select(2, rowmap.to(device=x.device, dtype=torch.long))
     return _ref.pool_blocks_ref(x, block)
 
 
 def select_topk(q: Tensor, k: Tensor, sparsity: float, block: int = DEFAULT_BLOCK,
-                always_kept: Optional[Tensor] = None, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+                always_kept: Optional[Tensor] = None, backend: str = "auto",
+                q_rowmap: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Top-k key blocks per query block by pooled q.k score (keep_count(nk, sparsity) of them);
     own block and `always_kept` forced.  Returns idx int32 (B,H,nq,kmax) sorted ascending, -1
     padded after cnt; cnt int32 (B,H,nq).  kmax = min(nk, max(k, 1 + len(always_kept))).
-    No host sync, no L x L tensor."""
+    No host sync, no L x L tensor.  q_rowmap: q is in another row order; its tile-order blocks are
+    rows q_rowmap[j*block:(j+1)*block] (see block_sparse_attention_rowmap)."""
     with torch.no_grad():
         if _pick(q, backend, block):
             ops = _ops()
-            pq = ops.pool_blocks(q, block)
+            pq = ops.pool_blocks(q, block, q_rowmap)
             pk = ops.pool_blocks(k, block)
             scores = torch.matmul(pq, pk.transpose(-1, -2))
             return ops.topk_lut(scores, keep_count(pk.shape[2], sparsity), always_kept)
+        if q_rowmap is not None:
+            q = q.index_select(2, q_rowmap.to(device=q.device, dtype=torch.long))
         pq = _ref.pool_blocks_ref(q, block)
         pk = _ref.pool_blocks_ref(k, block)
         scores = torch.matmul(pq, pk.transpose(-1, -2))
@@ -155,6 +164,28 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Te
         return _ops().block_sparse_attention(q, k, v, idx, cnt, block, scale, out_layout)
     o, lse = _ref.block_sparse_attention_ref(q, k, v, idx, cnt, block, scale)
     return _as_layout(o, out_layout), lse
+
+
+@torch.no_grad()
+def block_sparse_attention_rowmap(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, rowmap: Tensor,
+                                  block: int = DEFAULT_BLOCK, scale: Optional[float] = None,
+                                  bias: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+    """Inference form of block_sparse_attention (no autograd) for callers whose tokens are not in
+    tile order: k and v are in tile order, q is in the caller's order, and tile position r is
+    caller row rowmap[r] (L,) for both the q read and the output write.  bias (B, H*D), if given,
+    is added to every output row.  Returns o (B,H,L,D) in the caller's order, as a view of a
+    contiguous (B,L,H,D) buffer, so the tile gather of q and the scatter back cost no extra pass."""
+    _check_qkv(q, k, v)
+    B, H, L, D = q.shape
+    if _pick(q, backend, block):
+        return _ops().block_sparse_attention_rowmap(q, k, v, idx, cnt, block, scale, rowmap, bias)
+    rm = rowmap.to(device=q.device, dtype=torch.long)
+    o_t, _ = _ref.block_sparse_attention_ref(q.index_select(2, rm), k, v, idx, cnt, block, scale)
+    o = torch.empty(B, L, H, D, device=q.device, dtype=q.dtype)
+    o[:, rm] = o_t.transpose(1, 2)
+    if bias is not None:
+        o += bias.reshape(B, 1, H, D).to(o.dtype)
+    return o.permute(0, 2, 1, 3)
 
 
 def linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float = 1e-5, backend: str = "auto",

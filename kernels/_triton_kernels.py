@@ -14,8 +14,8 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _pool_kernel(X, OUT, sxb, sxh, sxl, H, L, NB,
-                 BLOCK: tl.constexpr, D: tl.constexpr):
+def _pool_kernel(X, OUT, ROWMAP, sxb, sxh, sxl, H, L, NB,
+                 BLOCK: tl.constexpr, D: tl.constexpr, GATHER: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -23,7 +23,10 @@ def _pool_kernel(X, OUT, sxb, sxh, sxl, H, L, NB,
     offs_l = pid_n * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, D)
     base = X + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh
-    x = tl.load(base + offs_l[:, None].to(tl.int64) * sxl + offs_d[None, :],
+    rows = offs_l
+    if GATHER:  # pool block pid_n of the row order ROWMAP (tile position -> row of X)
+        rows = tl.load(ROWMAP + offs_l, mask=offs_l < L, other=0)
+    x = tl.load(base + rows[:, None].to(tl.int64) * sxl + offs_d[None, :],
                 mask=offs_l[:, None] < L, other=0.0).to(tl.float32)
     n_valid = tl.minimum(L - pid_n * BLOCK, BLOCK).to(tl.float32)
     s = tl.sum(x, axis=0) / n_valid
@@ -51,14 +54,31 @@ def _linear_q_side(q, SH, SLO, ZL, pid_bh, eps, D: tl.constexpr, LP: tl.constexp
 
 
 @triton.jit
+def _load_q(q_base, sql, ROWMAP, offs_m, offs_d, L, GATHER_Q: tl.constexpr):
+    """The query tile: rows offs_m, or rows ROWMAP[offs_m] of Q when GATHER_Q (zero past L)."""
+    rows = offs_m
+    if GATHER_Q:
+        rows = tl.load(ROWMAP + offs_m, mask=offs_m < L, other=0)
+    return tl.load(q_base + rows[:, None].to(tl.int64) * sql + offs_d[None, :], mask=offs_m[:, None] < L, other=0.0)
+
+
+@triton.jit
 def _fwd_epilogue(acc, l_i, m_i, q, O, LSE, SL, SLO, ZL, OL, sob, soh, sol, b64, h64, pid_bh, offs_m, offs_d,
-                  L, eps, D: tl.constexpr, FUSE_LINEAR: tl.constexpr, LP: tl.constexpr):
-    """Normalise, store O (any (b,h,l) strides; OL shares them) and the natural-log LSE (contiguous)."""
+                  L, eps, ROWMAP, BIAS, sbb, D: tl.constexpr, FUSE_LINEAR: tl.constexpr, LP: tl.constexpr,
+                  SCATTER_O: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Normalise, store O (any (b,h,l) strides; OL shares them) and the natural-log LSE (contiguous).
+    SCATTER_O: row r of the tile is stored at row ROWMAP[r] of O (back to the caller's token order).
+    HAS_BIAS: add BIAS[b, h*D:(h+1)*D] (fp32) to O."""
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, -float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     row_ok = offs_m < L
-    out_off = b64 * sob + h64 * soh + offs_m[:, None].to(tl.int64) * sol + offs_d[None, :]
+    if HAS_BIAS:
+        o = o + tl.load(BIAS + b64 * sbb + h64 * D + offs_d)[None, :]
+    rows = offs_m
+    if SCATTER_O:
+        rows = tl.load(ROWMAP + offs_m, mask=row_ok, other=0)
+    out_off = b64 * sob + h64 * soh + rows[:, None].to(tl.int64) * sol + offs_d[None, :]
     tl.store(O + out_off, o.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + pid_bh.to(tl.int64) * L + offs_m, lse, mask=row_ok)
     if FUSE_LINEAR:
@@ -68,12 +88,13 @@ def _fwd_epilogue(acc, l_i, m_i, q, O, LSE, SL, SLO, ZL, OL, sob, soh, sol, b64,
 
 @triton.jit
 def _sparse_fwd_kernel(Q, K, V, O, LSE, IDX, CNT,
-                       SL, SLO, ZL, OL,
+                       SL, SLO, ZL, OL, ROWMAP, BIAS, sbb,
                        sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
                        sib, sih, sim, sik, scb, sch, scm,
                        H, L, LK, qk_scale, eps,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                       D: tl.constexpr, FUSE_LINEAR: tl.constexpr, LP: tl.constexpr, NUM_STAGES: tl.constexpr):
+                       D: tl.constexpr, FUSE_LINEAR: tl.constexpr, LP: tl.constexpr, NUM_STAGES: tl.constexpr,
+                       GATHER_Q: tl.constexpr, SCATTER_O: tl.constexpr, HAS_BIAS: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -86,8 +107,7 @@ def _sparse_fwd_kernel(Q, K, V, O, LSE, IDX, CNT,
     q_base = Q + b64 * sqb + h64 * sqh
     k_base = K + b64 * skb + h64 * skh
     v_base = V + b64 * svb + h64 * svh
-    q = tl.load(q_base + offs_m[:, None].to(tl.int64) * sql + offs_d[None, :],
-                mask=offs_m[:, None] < L, other=0.0)
+    q = _load_q(q_base, sql, ROWMAP, offs_m, offs_d, L, GATHER_Q)
     idx_base = IDX + b64 * sib + h64 * sih + pid_m.to(tl.int64) * sim
     n = tl.load(CNT + b64 * scb + h64 * sch + pid_m.to(tl.int64) * scm)
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
@@ -114,7 +134,7 @@ def _sparse_fwd_kernel(Q, K, V, O, LSE, IDX, CNT,
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     _fwd_epilogue(acc, l_i, m_i, q, O, LSE, SL, SLO, ZL, OL, sob, soh, sol, b64, h64, pid_bh, offs_m, offs_d,
-                  L, eps, D, FUSE_LINEAR, LP)
+                  L, eps, ROWMAP, BIAS, sbb, D, FUSE_LINEAR, LP, SCATTER_O, HAS_BIAS)
 
 
 @triton.jit
@@ -463,11 +483,12 @@ def _topk_lut_kernel(SC, AK, IDX, CNT, NQ, NK, K, KMAX, N_AK,
 
 @triton.jit
 def _sparse_fwd_tma_kernel(q_desc, k_desc, v_desc, O, LSE, IDX, CNT,
-                           SL, SLO, ZL, OL, sob, soh, sol,
+                           SL, SLO, ZL, OL, sob, soh, sol, Q, sqb, sqh, sql, ROWMAP, BIAS, sbb,
                            sib, sih, sim, sik, scb, sch, scm,
                            H, L, LK, qk_scale, eps,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                           D: tl.constexpr, FUSE_LINEAR: tl.constexpr, LP: tl.constexpr, NUM_STAGES: tl.constexpr):
+                           D: tl.constexpr, FUSE_LINEAR: tl.constexpr, LP: tl.constexpr, NUM_STAGES: tl.constexpr,
+                           GATHER_Q: tl.constexpr, SCATTER_O: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Same as _sparse_fwd_kernel, but Q/K/V come through 4-D host tensor descriptors
     (B, H, L, D) with block [1, 1, rows, D]; rows past L are zero-filled by the TMA unit."""
     pid_m = tl.program_id(0)
@@ -479,7 +500,10 @@ def _sparse_fwd_tma_kernel(q_desc, k_desc, v_desc, O, LSE, IDX, CNT,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     offs_n0 = tl.arange(0, BLOCK_N)
-    q = q_desc.load([b, h, pid_m * BLOCK_M, 0]).reshape(BLOCK_M, D)
+    if GATHER_Q:  # q rows gathered through ROWMAP with plain loads (TMA has no row gather on sm90)
+        q = _load_q(Q + b64 * sqb + h64 * sqh, sql, ROWMAP, offs_m, offs_d, L, True)
+    else:
+        q = q_desc.load([b, h, pid_m * BLOCK_M, 0]).reshape(BLOCK_M, D)
     idx_base = IDX + b64 * sib + h64 * sih + pid_m.to(tl.int64) * sim
     n = tl.load(CNT + b64 * scb + h64 * sch + pid_m.to(tl.int64) * scm)
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
@@ -501,4 +525,4 @@ def _sparse_fwd_tma_kernel(q_desc, k_desc, v_desc, O, LSE, IDX, CNT,
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     _fwd_epilogue(acc, l_i, m_i, q, O, LSE, SL, SLO, ZL, OL, sob, soh, sol, b64, h64, pid_bh, offs_m, offs_d,
-                  L, eps, D, FUSE_LINEAR, LP)
+                  L, eps, ROWMAP, BIAS, sbb, D, FUSE_LINEAR, LP, SCATTER_O, HAS_BIAS)

@@ -82,16 +82,26 @@ def _lut_views(idx: Tensor, cnt: Tensor, B: int, H: int, nq: int):
 
 # ----------------------------------------------------------------------------------------------
 
-def pool_blocks(x: Tensor, block: int) -> Tensor:
+def pool_blocks(x: Tensor, block: int, rowmap: Optional[Tensor] = None) -> Tensor:
+    """rowmap (L,) int32: pool the rows of x in the order rowmap gives (tile position -> row)."""
     _grid_ok(block)
     x = _lastdim_contig(x)
     B, H, L, D = x.shape
     _check_d(D)
     nb = num_blocks(L, block)
     out = _empty(B, H, nb, D, device=x.device, dtype=torch.float32)
-    tk._pool_kernel[(nb, B * H)](x, out, x.stride(0), x.stride(1), x.stride(2), H, L, nb,
-                                 BLOCK=block, D=D, num_warps=4)
+    rm = _rowmap(rowmap, L, x.device)
+    tk._pool_kernel[(nb, B * H)](x, out, rm if rm is not None else out, x.stride(0), x.stride(1), x.stride(2),
+                                 H, L, nb, BLOCK=block, D=D, GATHER=rm is not None, num_warps=4)
     return out
+
+
+def _rowmap(rowmap: Optional[Tensor], L: int, device) -> Optional[Tensor]:
+    if rowmap is None:
+        return None
+    if rowmap.shape != (L,):
+        raise ValueError(f"rowmap must have shape ({L},), got {tuple(rowmap.shape)}")
+    return rowmap.to(device=device, dtype=torch.int32).contiguous()
 
 
 def topk_lut(scores: Tensor, k: int, always_kept: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
@@ -203,8 +213,10 @@ def _linear_bwd(q, k, v, z, SH, SLO, LP, do, eps, acc=None):
     return dq, dk, dv
 
 
-def _sparse_fwd(q, k, v, idx, cnt, block, scale, lin=None, eps=1e-5, layout="bhld"):
-    """lin: None or (SH, SLO, LP, z) -> also writes the linear branch output in the epilogue."""
+def _sparse_fwd(q, k, v, idx, cnt, block, scale, lin=None, eps=1e-5, layout="bhld", rowmap=None, bias=None):
+    """lin: None or (SH, SLO, LP, z) -> also writes the linear branch output in the epilogue.
+    rowmap (L,): q is in the caller's row order; tile position r reads q row rowmap[r] and its
+    output is stored at row rowmap[r] (k, v are in tile order).  bias (B, H*D) fp32 is added to o."""
     B, H, L, D = q.shape
     LK = k.shape[2]
     nq = num_blocks(L, block)
@@ -216,10 +228,16 @@ def _sparse_fwd(q, k, v, idx, cnt, block, scale, lin=None, eps=1e-5, layout="bhl
     fuse = lin is not None
     ol = _out(B, H, L, D, q.device, q.dtype, layout) if fuse else o
     out_strides = (o.stride(0), o.stride(1), o.stride(2))
+    rm = _rowmap(rowmap, L, q.device)
+    if bias is not None:
+        bias = bias.to(device=q.device, dtype=torch.float32).reshape(B, H * D).contiguous()
+    extra = (rm if rm is not None else lse, bias if bias is not None else lse,
+             bias.stride(0) if bias is not None else 0)
+    flags = dict(GATHER_Q=rm is not None, SCATTER_O=rm is not None, HAS_BIAS=bias is not None)
     SH, SLO, LP, zx = lin if fuse else (lse, lse, False, lse)
     use_tma = FWD_USE_TMA and cfg.get("tma", False) and _tma_ok(q, k, v)
     common = dict(BLOCK_M=block, BLOCK_N=bn, SPLIT=block // bn, D=D, FUSE_LINEAR=fuse, LP=LP,
-                  NUM_STAGES=cfg["num_stages"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                  NUM_STAGES=_stages(cfg, q), num_warps=cfg["num_warps"], num_stages=_stages(cfg, q))
     lut_strides = (idx.stride(0), idx.stride(1), idx.stride(2), idx.stride(3),
                    cnt.stride(0), cnt.stride(1), cnt.stride(2))
     if use_tma:
@@ -228,15 +246,22 @@ def _sparse_fwd(q, k, v, idx, cnt, block, scale, lin=None, eps=1e-5, layout="bhl
         kd = TensorDescriptor.from_tensor(k, [1, 1, bn, D])
         vd = TensorDescriptor.from_tensor(v, [1, 1, bn, D])
         tk._sparse_fwd_tma_kernel[(nq, B * H)](qd, kd, vd, o, lse, idx, cnt, SH, SLO, zx, ol, *out_strides,
+                                               q, q.stride(0), q.stride(1), q.stride(2), *extra,
                                                *lut_strides,
-                                               H, L, LK, scale * tk.LOG2E, eps, **common)
+                                               H, L, LK, scale * tk.LOG2E, eps, **common, **flags)
     else:
         tk._sparse_fwd_kernel[(nq, B * H)](
-            q, k, v, o, lse, idx, cnt, SH, SLO, zx, ol,
+            q, k, v, o, lse, idx, cnt, SH, SLO, zx, ol, *extra,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), *out_strides, *lut_strides,
-            H, L, LK, scale * tk.LOG2E, eps, **common)
+            H, L, LK, scale * tk.LOG2E, eps, **common, **flags)
     return o, lse, (ol if fuse else None)
+
+
+def _stages(cfg: dict, q: Tensor) -> int:
+    """Pipeline depth: the tuned value for 16-bit inputs; 1 for fp32, whose tiles are twice as large
+    (at D=128 the tuned depths need more than the H100's 227 KB of shared memory)."""
+    return cfg["num_stages"] if q.element_size() < 4 else 1
 
 
 def _tma_ok(*ts) -> bool:
@@ -294,8 +319,8 @@ def _sparse_bwd(q, k, v, o, lse, do, idx, cnt, block, scale):
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         idx.stride(0), idx.stride(1), idx.stride(2), idx.stride(3), cnt.stride(0), cnt.stride(1), cnt.stride(2),
         H, L, LK, scale * tk.LOG2E, scale,
-        BLOCK_M=block, BLOCK_N=bn, SPLIT=block // bn, D=D, NUM_STAGES=cfg["num_stages"], USE_TMA=tma,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        BLOCK_M=block, BLOCK_N=bn, SPLIT=block // bn, D=D, NUM_STAGES=_stages(cfg, q), USE_TMA=tma,
+        num_warps=cfg["num_warps"], num_stages=_stages(cfg, q))
     kidx, kcnt = transpose_lut(idx, cnt, B, H, nq, nk)
     cfg = BWD_DKDV_CFG.get(D, BWD_DKDV_CFG[128])
     bn = min(cfg["BLOCK_N"], block)
@@ -314,8 +339,8 @@ def _sparse_bwd(q, k, v, o, lse, do, idx, cnt, block, scale):
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         H, L, LK, nq, nk, scale * tk.LOG2E, scale,
-        BLOCK=block, BLOCK_N=bn, BLOCK_M=bm, D=D, NUM_STAGES=cfg["num_stages"], USE_TMA=tma,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        BLOCK=block, BLOCK_N=bn, BLOCK_M=bm, D=D, NUM_STAGES=_stages(cfg, q), USE_TMA=tma,
+        num_warps=cfg["num_warps"], num_stages=_stages(cfg, q))
     return dq, dk, dv
 
 
@@ -397,6 +422,14 @@ class _SparseLinearFn(torch.autograd.Function):
 def block_sparse_attention(q, k, v, idx, cnt, block, scale, layout="bhld"):
     q, k, v, scale = _prep(q, k, v, block, scale)
     return _SparseAttnFn.apply(q, k, v, idx, cnt, block, scale, layout)
+
+
+@torch.no_grad()
+def block_sparse_attention_rowmap(q, k, v, idx, cnt, block, scale, rowmap, bias=None, layout="blhd"):
+    """Inference only (no autograd): q and the output in the caller's row order, k/v in tile order."""
+    q, k, v, scale = _prep(q, k, v, block, scale)
+    o, _, _ = _sparse_fwd(q, k, v, idx, cnt, block, scale, layout=layout, rowmap=rowmap, bias=bias)
+    return o
 
 
 def linear_attention(q, k, v, eps, layout="bhld"):

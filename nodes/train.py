@@ -12,10 +12,6 @@ import logging
 import os
 
 import comfy.model_management as mm
-import comfy.model_patcher
-import comfy.sample
-import comfy.samplers
-import comfy.utils
 import folder_paths
 
 from .loader import SALAD_WEIGHTS
@@ -52,6 +48,7 @@ class SALADTrainWeights:
 
     @classmethod
     def INPUT_TYPES(cls):
+        import comfy.samplers  # imported here: it pulls in torchsde, which the pack itself never needs
         return {"required": {
             "model": ("MODEL", {"tooltip": "The Wan model to make weights for (the same one you will apply "
                                            "SALAD to, LoRAs included)."}),
@@ -86,6 +83,7 @@ class SALADTrainWeights:
 
     def train(self, model, positive, negative, latent_image, seed, record_steps, cfg, sampler_name, scheduler,
               sparsity, pattern, samples_per_block, train_steps, learning_rate, filename_prefix):
+        import comfy.sample
         import torch
         from ..salad_core.trainer import SampleStore, capture
         from ..salad_core.weights import SaladWeights

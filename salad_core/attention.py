@@ -127,15 +127,16 @@ def _window_lut(layout: TileLayout, config: SaladConfig) -> Tuple[Tensor, Tensor
     return res
 
 
-def select_blocks(qh: Tensor, kh: Tensor, layout: TileLayout, config: SaladConfig) -> Tuple[Tensor, Tensor]:
-    """Block lists for tile-ordered (B,H,L,D) q, k."""
+def select_blocks(qh: Tensor, kh: Tensor, layout: TileLayout, config: SaladConfig,
+                  q_rowmap: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Block lists for tile-ordered (B,H,L,D) q, k (q in raster order with q_rowmap = layout.perm)."""
     B, H = qh.shape[:2]
     if config.pattern == "window":
         idx, cnt = _window_lut(layout, config)
         return idx.expand(B, H, *idx.shape[2:]), cnt.expand(B, H, cnt.shape[-1])
     extra = layout.extra_blocks(config.block)
     return K.select_topk(qh, kh, config.sparsity, block=config.block,
-                         always_kept=extra if extra.numel() else None, backend=config.backend)
+                         always_kept=extra if extra.numel() else None, backend=config.backend, q_rowmap=q_rowmap)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,25 +262,62 @@ def salad_self_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, *, grid: S
     B, L, H, D = _check_inputs(q, k, v, heads)
     layout = TileLayout.get(grid, n_front, n_back, config.tile, q.device)
     layout.check_length(L)
-    # sparse branch: one gather per tensor into tile order; the kernel writes a (B,L,H,D) buffer,
-    # so the way back to raster order is a single index_select
-    qh = _to_heads_tiled(q, layout, B, L, H, D)
+    scale = 1.0 / math.sqrt(D)
     kh = _to_heads_tiled(k, layout, B, L, H, D)
     vh = _to_heads_tiled(v, layout, B, L, H, D)
+    G = gate_value(x, gate, B) if proj is not None else None
+    if not _needs_autograd(q, k, v, x, proj, gate):
+        # inference: the kernel reads q through the tile permutation and writes its output back in
+        # raster order (plus G * proj.bias), so q needs no gather and the output no scatter pass
+        q4 = _heads_view(q, B, L, H, D)
+        idx, cnt = select_blocks(q4, kh, layout, config, q_rowmap=layout.perm)
+        bias = None
+        if proj is not None and getattr(proj, "bias", None) is not None:
+            g = G.reshape(B, 1).float() if G is not None else torch.ones(B, 1, device=q.device)
+            bias = g * proj.bias.to(device=q.device, dtype=torch.float32).reshape(1, -1)
+        o = K.block_sparse_attention_rowmap(q4, kh, vh, idx, cnt, layout.perm, block=config.block, scale=scale,
+                                            bias=bias, backend=config.backend)
+        del kh, vh
+        out = o.transpose(1, 2).reshape(B, L, H * D)
+        if proj is None:
+            return out if out.dtype == q.dtype else out.to(q.dtype)
+        o_l = _linear_branch(q, k, v, B, L, H, D, config)
+        out = add_gated_projection(out, o_l, proj, G, with_bias=False)
+        return out if out.dtype == q.dtype else out.to(q.dtype)
+    # training / autograd: one gather of q into tile order and one index_select back
+    qh = _to_heads_tiled(q, layout, B, L, H, D)
     idx, cnt = select_blocks(qh, kh, layout, config)
-    o_s, _ = K.block_sparse_attention(qh, kh, vh, idx, cnt, block=config.block, scale=1.0 / math.sqrt(D),
+    o_s, _ = K.block_sparse_attention(qh, kh, vh, idx, cnt, block=config.block, scale=scale,
                                       backend=config.backend, out_layout="blhd")
     del qh, kh, vh
     out = o_s.transpose(1, 2).reshape(B, L, H * D).index_select(1, layout.inv_perm)
     if proj is None:
         return out if out.dtype == q.dtype else out.to(q.dtype)
-    # linear branch: order-free (a sum over all keys, then a per-token map), so it runs on the
-    # raster-order tensors directly, without gathers
+    o_l = _linear_branch(q, k, v, B, L, H, D, config)
+    out = add_gated_projection(out, o_l, proj, G)
+    return out if out.dtype == q.dtype else out.to(q.dtype)
+
+
+def _needs_autograd(*items) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    for it in items:
+        if it is None:
+            continue
+        if isinstance(it, torch.nn.Module):
+            if any(p.requires_grad for p in it.parameters()):
+                return True
+        elif it.requires_grad:
+            return True
+    return False
+
+
+def _linear_branch(q: Tensor, k: Tensor, v: Tensor, B: int, L: int, H: int, D: int, config: SaladConfig) -> Tensor:
+    """ReLU linear attention over all tokens.  Order-free (a sum over all keys, then a per-token
+    map), so it runs on the raster-order tensors directly; returns (B, L, H*D) raster."""
     o_l = K.linear_attention(_heads_view(q, B, L, H, D), _heads_view(k, B, L, H, D), _heads_view(v, B, L, H, D),
                              eps=config.eps, backend=config.backend, out_layout="blhd")
-    o_l = o_l.transpose(1, 2).reshape(B, L, H * D)
-    out = add_gated_projection(out, o_l, proj, gate_value(x, gate, B))
-    return out if out.dtype == q.dtype else out.to(q.dtype)
+    return o_l.transpose(1, 2).reshape(B, L, H * D)
 
 
 def _heads_view(t: Tensor, B: int, L: int, H: int, D: int) -> Tensor:
@@ -290,9 +328,11 @@ def _heads_view(t: Tensor, B: int, L: int, H: int, D: int) -> Tensor:
     return t4.permute(0, 2, 1, 3)
 
 
-def add_gated_projection(out: Tensor, o_linear: Tensor, proj: torch.nn.Module, G: Optional[Tensor]) -> Tensor:
+def add_gated_projection(out: Tensor, o_linear: Tensor, proj: torch.nn.Module, G: Optional[Tensor],
+                         with_bias: bool = True) -> Tensor:
     """``out + G * proj(o_linear)`` as one batched GEMM accumulating into ``out`` (G folded into the
-    weight), in the activations' dtype; in place on ``out`` when no gradient is needed."""
+    weight), in the activations' dtype; in place on ``out`` when no gradient is needed.
+    with_bias=False: the caller already added G * proj.bias."""
     if _needs_grad(proj) or not isinstance(proj, torch.nn.Linear):
         return mix_branches(out, o_linear, proj, G, out_dtype=out.dtype)
     B = o_linear.shape[0]
@@ -306,7 +346,7 @@ def add_gated_projection(out: Tensor, o_linear: Tensor, proj: torch.nn.Module, G
         out = torch.baddbmm(out, o_linear, w_eff)
         return out if proj.bias is None else out + g * proj.bias.to(device=dev, dtype=dt)
     out.baddbmm_(o_linear, w_eff)
-    if proj.bias is not None:
+    if with_bias and proj.bias is not None:
         out.add_(g * proj.bias.to(device=dev, dtype=dt))
     return out
 

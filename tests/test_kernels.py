@@ -108,6 +108,8 @@ def assert_close(a, b, atol, rtol, what, seed):
 
 
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 5e-3), torch.float64: (1e-10, 1e-10)}
+if DEV.type == "cuda":  # fp32 tl.dot runs as TF32 on the GPU (about 1e-3 relative)
+    TOL[torch.float32] = (5e-3, 5e-3)
 
 
 def check_lut(idx, cnt, nk, k_expect, seed, forced=None):
@@ -409,7 +411,7 @@ def test_sparse_backward_triton(seed, poison, fwd_path, B, H, L, D, block, dtype
                    q, k, v, (do,))
     _, gr = _grads(lambda a, b, c: (R.block_sparse_attention_ref(a, b, c, idx, cnt, block)[0],),
                    q.double(), k.double(), v.double(), (do,))
-    atol, rtol = (1e-4, 1e-4) if dtype == torch.float32 else (1e-2, 1e-2)
+    atol, rtol = ((1e-4, 1e-4) if DEV.type == "cpu" else (1e-2, 1e-2)) if dtype == torch.float32 else (1e-2, 1e-2)
     for x, y, n in zip(gt, gr, "qkv"):
         assert x.dtype == dtype
         assert_close(x, y, atol, rtol, f"sparse d{n}", seed)
@@ -424,7 +426,7 @@ def test_linear_and_fused_backward_triton(seed, poison, dtype):
     idx, cnt = random_lut(B, H, nq, nq)
     do1 = torch.randn(B, H, L, D, device=DEV, dtype=torch.float64)
     do2 = torch.randn(B, H, L, D, device=DEV, dtype=torch.float64)
-    atol, rtol = (1e-4, 1e-4) if dtype == torch.float32 else (1e-2, 1e-2)
+    atol, rtol = ((1e-4, 1e-4) if DEV.type == "cpu" else (1e-2, 1e-2)) if dtype == torch.float32 else (1e-2, 1e-2)
     _, gt = _grads(lambda a, b, c: (K.linear_attention(a, b, c, backend="triton"),), q, k, v, (do2,))
     _, gr = _grads(lambda a, b, c: (R.linear_attention_ref(a, b, c),), q.double(), k.double(), v.double(), (do2,))
     for x, y, n in zip(gt, gr, "qkv"):
@@ -546,3 +548,28 @@ def test_out_layout_torch_reference(seed):
     assert b.transpose(1, 2).is_contiguous() and torch.equal(a, b)
     with pytest.raises(ValueError, match="out_layout"):
         K.linear_attention(q, k, v, backend="torch", out_layout="lbhd")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_rowmap_forward_gathers_q_and_scatters_o(seed, poison, fwd_path, backend):
+    """block_sparse_attention_rowmap == gather q by the row map, block-sparse attention in tile order,
+    scatter the output back, add the bias; pooling through the row map == pooling the gathered rows."""
+    B, H, L, D, block = 2, 2, 150, 64, 32
+    dtype = torch.float16 if backend == "triton" else torch.float32
+    q, k, v = qkv(B, H, L, D, dtype, "blhd")
+    perm = torch.randperm(L, device=DEV)
+    nq = K.num_blocks(L, block)
+    idx, cnt = random_lut(B, H, nq, nq)
+    bias = torch.randn(B, H * D, device=DEV)
+    o = K.block_sparse_attention_rowmap(q, k, v, idx, cnt, perm, block=block, bias=bias, backend=backend)
+    assert o.shape == (B, H, L, D) and o.transpose(1, 2).is_contiguous() and o.dtype == dtype
+    ro, _ = K.masked_attention_ref(q.index_select(2, perm), k, v, idx, cnt, block=block)
+    expect = torch.empty_like(ro)
+    expect[:, :, perm] = ro
+    expect = expect + bias.view(B, H, 1, D).to(expect.dtype)
+    assert_close(o, expect, *TOL[dtype], "rowmap o", seed)
+    pooled = K.pool_blocks(q, block, backend=backend, rowmap=perm)
+    assert_close(pooled, R.pool_blocks_ref(q.index_select(2, perm), block), 1e-3, 1e-3, "rowmap pool", seed)
+    i1, c1 = K.select_topk(q, k, 0.5, block=block, backend=backend, q_rowmap=perm)
+    i2, c2 = K.select_topk(q.index_select(2, perm).contiguous(), k, 0.5, block=block, backend=backend)
+    assert torch.equal(c1, c2) and torch.equal(i1, i2)
