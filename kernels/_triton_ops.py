@@ -146,7 +146,7 @@ def linear_state(k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
     partial sums + torch reduce.  The 1/LK scale keeps entries O(1) (fp16-safe hi/lo split) and
     cancels in phi(q)S / (phi(q).z + eps) when eps is scaled the same way (eps' = eps / LK)."""
     B, H, LK, D = k.shape
-    bn = LIN_CFG["BLOCK_N"]
+    bn = LIN_CFG["BLOCK_N"] if k.element_size() < 4 else 64   # fp32 tiles: half the rows (shared memory)
     nsplit, chunk = _splits(LK, bn, B * H)
     sp = _empty(B * H, nsplit, D, D, device=k.device, dtype=torch.float32)
     zp = _empty(B * H, nsplit, D, device=k.device, dtype=torch.float32)
@@ -173,7 +173,7 @@ def _linear_apply(q: Tensor, SH: Tensor, SLO: Tensor, LP: bool, z: Tensor, eps: 
                   layout: str = "bhld") -> Tensor:
     B, H, L, D = q.shape
     out = _out(B, H, L, D, q.device, q.dtype, layout)
-    block_m = LIN_CFG["APPLY_BM"]
+    block_m = LIN_CFG["APPLY_BM"] if q.element_size() < 4 else 32
     nsplit, chunk = _splits(L, block_m, B * H, LIN_CFG["apply_target_programs"])
     tk._linear_apply_kernel[(nsplit, B * H)](q, SH, SLO, z, out, q.stride(0), q.stride(1), q.stride(2),
                                              out.stride(0), out.stride(1), out.stride(2), H, L, chunk, eps, BLOCK_M=block_m, D=D, LP=LP,

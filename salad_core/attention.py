@@ -270,12 +270,12 @@ def salad_self_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, *, grid: S
         # inference: the kernel reads q through the tile permutation and writes its output back in
         # raster order (plus G * proj.bias), so q needs no gather and the output no scatter pass
         q4 = _heads_view(q, B, L, H, D)
-        idx, cnt = select_blocks(q4, kh, layout, config, q_rowmap=layout.perm)
+        idx, cnt = select_blocks(q4, kh, layout, config, q_rowmap=layout.perm32)
         bias = None
         if proj is not None and getattr(proj, "bias", None) is not None:
             g = G.reshape(B, 1).float() if G is not None else torch.ones(B, 1, device=q.device)
             bias = g * proj.bias.to(device=q.device, dtype=torch.float32).reshape(1, -1)
-        o = K.block_sparse_attention_rowmap(q4, kh, vh, idx, cnt, layout.perm, block=config.block, scale=scale,
+        o = K.block_sparse_attention_rowmap(q4, kh, vh, idx, cnt, layout.perm32, block=config.block, scale=scale,
                                             bias=bias, backend=config.backend)
         del kh, vh
         out = o.transpose(1, 2).reshape(B, L, H * D)

@@ -107,6 +107,7 @@ class TileLayout:
         self._coords_video = torch.stack([f, r, c], dim=1)[order].double()
         self.perm = perm.to(self.device)
         self.inv_perm = inv.to(self.device)
+        self.perm32 = self.perm.to(torch.int32)  # row map for the kernels (inference path)
         self._block_cache: Dict[int, Tuple[Tensor, Tensor]] = {}
 
     # ------------------------------------------------------------------------------------------
