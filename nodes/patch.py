@@ -159,14 +159,13 @@ class SaladPatch:
             return self._decline("grid_mismatch", func, previous, q, k, v, heads, *a, **kw)
         n_front, n_back = (extra, 0) if self.has_ref_conv else (0, extra)
 
-        from ..salad_core.attention import salad_self_attention
         proj = gate = None
         if self.weights is not None:
             sw = self.weights.model
             if sw.has_block(block):
                 proj, gate = sw.proj_for(block), sw.gate_for(block)
-        out = salad_self_attention(q, k, v, heads, grid=grid, n_front=n_front, n_back=n_back, x=x,
-                                   proj=proj, gate=gate, config=self.config, block_id=block)
+        out = _salad_call()(q, k, v, heads, grid=grid, n_front=n_front, n_back=n_back, x=x,
+                            proj=proj, gate=gate, config=self.config, block_id=block)
         self.stats.sparse_calls[block] += 1
         self.stats.shapes.add((tuple(q.shape), grid))
         return out
@@ -183,6 +182,21 @@ class SaladPatch:
         self._grid = None
         self._fresh_forward = True
         self._sigma_cache = (None, None)
+
+
+_SALAD_CALL = None
+
+
+def _salad_call():
+    """salad_self_attention, kept out of torch.compile graphs (TorchCompileModel traces through
+    ComfyUI's attention wrapper into this override; the Triton kernels and the data-dependent block
+    lists run eagerly, the rest of the model stays compiled)."""
+    global _SALAD_CALL
+    if _SALAD_CALL is None:
+        from ..salad_core.attention import salad_self_attention
+        disable = getattr(getattr(torch, "compiler", None), "disable", None)
+        _SALAD_CALL = disable(salad_self_attention) if disable is not None else salad_self_attention
+    return _SALAD_CALL
 
 
 def wan_model_info(model, node_name: str) -> dict:
