@@ -154,6 +154,21 @@ WORKFLOWS = {
 }
 
 
+def _layout(ui_nodes: list) -> None:
+    """Columns 420 px apart (in the order of the spec's x), nodes stacked without overlap."""
+    xs = sorted({n["pos"][0] for n in ui_nodes})
+    col = {x: i for i, x in enumerate(xs)}
+    bottoms: dict[int, float] = {}
+    for n in sorted(ui_nodes, key=lambda n: (n["pos"][0], n["pos"][1])):
+        c = col[n["pos"][0]]
+        if n["type"] != "Note":
+            rows = len(n["widgets_values"]) + max(len(n["inputs"]), len(n["outputs"]))
+            n["size"] = [340, 46 + 26 * rows + (60 if n["type"] == "CLIPTextEncode" else 0)]
+        y = max(n["pos"][1], bottoms.get(c, -10**9) + 40)
+        n["pos"] = [c * 420 - 420, y]
+        bottoms[c] = y + n["size"][1]
+
+
 def build(spec: list, info: dict) -> tuple[dict, dict]:
     ui_nodes, ui_links, api = [], [], {}
     link_id = 0
@@ -204,6 +219,7 @@ def build(spec: list, info: dict) -> tuple[dict, dict]:
     for node in ui_nodes:
         for slot, out in enumerate(node["outputs"]):
             out["links"] = out_links.get((node["id"], slot), [])
+    _layout(ui_nodes)
     ui = {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, "salad/" + str(spec[1]["type"]) + str(len(spec)))),
           "revision": 0, "last_node_id": max(n["id"] for n in spec), "last_link_id": link_id,
           "nodes": ui_nodes, "links": ui_links, "groups": [], "config": {},
