@@ -264,3 +264,15 @@ def test_train_node_makes_weights_that_beat_sparse_only(comfy_server):
         meta = f.metadata()
     assert meta["training_steps"] == "40" and meta["sparsity"] == "0.9" and meta["pattern"] == "topk"
     assert "recorded in ComfyUI" in meta["training_data"] and meta["num_blocks"] == "2"
+
+
+def test_fp8_weight_model_works(comfy_server):
+    """Quantised weights (ComfyUI's fp8 storage, cast on the fly) are invisible to SALAD: it only sees the
+    activations that reach attention."""
+    p = t2v_prompt(T2V, steps=STEPS, salad={"sparsity": 0.9}, prefix=_uniq("fp8"))
+    p["1"]["inputs"]["weight_dtype"] = "fp8_e4m3fn"
+    mark = len(comfy_server.log())
+    out = _latent(comfy_server, _run_ok(comfy_server, p))
+    assert out.isfinite().all()
+    sparse, _d, cross = _stats_after(comfy_server, mark)[-1]
+    assert _parse_counter(sparse) == {0: STEPS, 1: STEPS} and int(cross) == 0
