@@ -101,6 +101,7 @@ class ComfyServer:
     def start(self, timeout: float = 180.0) -> "ComfyServer":
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env.pop("TRITON_INTERPRET", None)  # set by the kernel tests for this process; a real ComfyUI never has it
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--dont-print-server", "--base-directory", str(self.base),
                "--front-end-root", str(self.base / "frontend"), "--database-url", "sqlite:///:memory:",

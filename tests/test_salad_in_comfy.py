@@ -276,3 +276,12 @@ def test_fp8_weight_model_works(comfy_server):
     assert out.isfinite().all()
     sparse, _d, cross = _stats_after(comfy_server, mark)[-1]
     assert _parse_counter(sparse) == {0: STEPS, 1: STEPS} and int(cross) == 0
+
+
+def test_triton_backend_on_cpu_is_a_clear_node_error(comfy_server):
+    entry = comfy_server.run(t2v_prompt(T2V, steps=1, salad={"backend": "triton"}, prefix=_uniq("tr")))
+    assert status_str(entry) == "error"
+    err = execution_error(entry)
+    assert err["node_type"] == "SALADApplyAttention"
+    assert "backend 'triton'" in err["exception_message"] and "'auto'" in err["exception_message"]
+    _run_ok(comfy_server, t2v_prompt(T2V, steps=1, salad={"backend": "torch"}, prefix=_uniq("torch")))
