@@ -8,7 +8,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${SALAD_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
 REQ="$ROOT/scripts/requirements-dev.txt"
-STAMP="$VENV/.salad-setup-$(sha256sum "$REQ" "$ROOT/scripts/setup_env.sh" | sha256sum | cut -c1-16)"
+STAMP="$VENV/.salad-setup-$(cat "$REQ" "$ROOT/scripts/setup_env.sh" | sha256sum | cut -c1-16)"
 
 if [ -f "$STAMP" ]; then
   exit 0
