@@ -233,32 +233,36 @@ def sweep_fwd(name, shape, sparsity=0.9):
     return out
 
 
+def _sweep_lin_pass(name, keys, candidates, fn):
+    """Time fn under each LIN_CFG candidate (values for keys); keep the fastest in LIN_CFG."""
+    from salad_pack.kernels import _triton_ops as ops
+    rows, best = [], None
+    for vals in candidates:
+        cfg = dict(zip(keys, vals))
+        ops.LIN_CFG.update(cfg)
+        ms = guard(f"sweep {name}", lambda: bench(fn))
+        rows.append(dict(cfg, ms=ms))
+        log(f"sweep lin {name} {' '.join(map(str, vals))}: {ms}")
+        if ms is not None and (best is None or ms < best[0]):
+            best = (ms, cfg)
+    if best:
+        ops.LIN_CFG.update(best[1])
+    return rows
+
+
 def sweep_lin(q, k, v):
     """Linear branch: state pass (BLOCK_N, programs) and apply pass (rows per step, warps, programs)."""
     from salad_pack.kernels import _triton_ops as ops
-    res = {"state": [], "apply": []}
-    best = None
-    for bn, w, tp in ((64, 8, 528), (64, 8, 1056), (128, 8, 528), (64, 4, 1056), (128, 8, 1056)):
-        ops.LIN_CFG.update(BLOCK_N=bn, num_warps=w, target_programs=tp)
-        ms = guard("sweep state", lambda: bench(lambda: ops.linear_state(k, v)))
-        res["state"].append(dict(BLOCK_N=bn, num_warps=w, target_programs=tp, ms=ms))
-        log(f"sweep lin state {bn} {w} {tp}: {ms}")
-        if ms is not None and (best is None or ms < best[0]):
-            best = (ms, dict(BLOCK_N=bn, num_warps=w, target_programs=tp))
-    if best:
-        ops.LIN_CFG.update(best[1])
+    res = {"state": _sweep_lin_pass(
+        "state", ("BLOCK_N", "num_warps", "target_programs"),
+        ((64, 8, 528), (64, 8, 1056), (128, 8, 528), (64, 4, 1056), (128, 8, 1056)),
+        lambda: ops.linear_state(k, v))}
     S, z = ops.linear_state(k, v)
     SH, SLO, LP = ops._lin_operands(S, q.dtype)
-    best = None
-    for bm, w, tp in ((64, 8, 528), (64, 4, 1056), (128, 8, 1056), (64, 4, 2112), (128, 8, 2112), (32, 4, 2112)):
-        ops.LIN_CFG.update(APPLY_BM=bm, apply_warps=w, apply_target_programs=tp)
-        ms = guard("sweep apply", lambda: bench(lambda: ops._linear_apply(q, SH, SLO, LP, z, 1e-5)))
-        res["apply"].append(dict(APPLY_BM=bm, apply_warps=w, apply_target_programs=tp, ms=ms))
-        log(f"sweep lin apply {bm} {w} {tp}: {ms}")
-        if ms is not None and (best is None or ms < best[0]):
-            best = (ms, dict(APPLY_BM=bm, apply_warps=w, apply_target_programs=tp))
-    if best:
-        ops.LIN_CFG.update(best[1])
+    res["apply"] = _sweep_lin_pass(
+        "apply", ("APPLY_BM", "apply_warps", "apply_target_programs"),
+        ((64, 8, 528), (64, 4, 1056), (128, 8, 1056), (64, 4, 2112), (128, 8, 2112), (32, 4, 2112)),
+        lambda: ops._linear_apply(q, SH, SLO, LP, z, 1e-5))
     res["chosen"] = dict(ops.LIN_CFG)
     return res
 

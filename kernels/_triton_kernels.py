@@ -87,14 +87,36 @@ def _fwd_epilogue(acc, l_i, m_i, q, O, LSE, SL, SLO, ZL, OL, sob, soh, sol, b64,
 
 
 @triton.jit
-def _sparse_fwd_kernel(Q, K, V, O, LSE, IDX, CNT,
+def _lut_row(IDX, CNT, b64, h64, pid_m, sib, sih, sim, scb, sch, scm):
+    """Start of query block pid_m's key-block list and its count."""
+    idx_base = IDX + b64 * sib + h64 * sih + pid_m.to(tl.int64) * sim
+    n = tl.load(CNT + b64 * scb + h64 * sch + pid_m.to(tl.int64) * scm)
+    return idx_base, n
+
+
+@triton.jit
+def _kv_tile(desc, base, b, h, start, offs_n64, stride, kmask, offs_d,
+             BLOCK_N: tl.constexpr, D: tl.constexpr, USE_TMA: tl.constexpr):
+    """BLOCK_N key/value rows from row `start`: a TMA descriptor load, or masked strided loads."""
+    if USE_TMA:
+        return desc.load([b, h, start, 0]).reshape(BLOCK_N, D)
+    return tl.load(base + offs_n64[:, None] * stride + offs_d[None, :], mask=kmask[:, None], other=0.0)
+
+
+@triton.jit
+def _sparse_fwd_kernel(Q, K, V, O, LSE, IDX, CNT, q_desc, k_desc, v_desc,
                        SL, SLO, ZL, OL, ROWMAP, BIAS, sbb,
                        sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
                        sib, sih, sim, sik, scb, sch, scm,
                        H, L, LK, qk_scale, eps,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
                        D: tl.constexpr, FUSE_LINEAR: tl.constexpr, LP: tl.constexpr, NUM_STAGES: tl.constexpr,
-                       GATHER_Q: tl.constexpr, SCATTER_O: tl.constexpr, HAS_BIAS: tl.constexpr):
+                       USE_TMA: tl.constexpr, GATHER_Q: tl.constexpr, SCATTER_O: tl.constexpr,
+                       HAS_BIAS: tl.constexpr):
+    """Online-softmax attention of one query block over its listed key blocks.  USE_TMA: Q/K/V come
+    through 4-D host tensor descriptors (B, H, L, D) with block [1, 1, rows, D] (rows past L are
+    zero-filled by the TMA unit); otherwise plain strided loads.  GATHER_Q reads q rows through
+    ROWMAP with plain loads (TMA has no row gather on sm90)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -104,12 +126,13 @@ def _sparse_fwd_kernel(Q, K, V, O, LSE, IDX, CNT,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     offs_n0 = tl.arange(0, BLOCK_N)
-    q_base = Q + b64 * sqb + h64 * sqh
     k_base = K + b64 * skb + h64 * skh
     v_base = V + b64 * svb + h64 * svh
-    q = _load_q(q_base, sql, ROWMAP, offs_m, offs_d, L, GATHER_Q)
-    idx_base = IDX + b64 * sib + h64 * sih + pid_m.to(tl.int64) * sim
-    n = tl.load(CNT + b64 * scb + h64 * sch + pid_m.to(tl.int64) * scm)
+    if USE_TMA and not GATHER_Q:
+        q = q_desc.load([b, h, pid_m * BLOCK_M, 0]).reshape(BLOCK_M, D)
+    else:
+        q = _load_q(Q + b64 * sqb + h64 * sqh, sql, ROWMAP, offs_m, offs_d, L, GATHER_Q)
+    idx_base, n = _lut_row(IDX, CNT, b64, h64, pid_m, sib, sih, sim, scb, sch, scm)
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -117,10 +140,11 @@ def _sparse_fwd_kernel(Q, K, V, O, LSE, IDX, CNT,
         j = t // SPLIT
         sub = t % SPLIT
         kb = tl.load(idx_base + j * sik)
-        offs_n = kb * (BLOCK_N * SPLIT) + sub * BLOCK_N + offs_n0
+        start = kb * (BLOCK_N * SPLIT) + sub * BLOCK_N
+        offs_n = start + offs_n0
         kmask = offs_n < LK
         offs_n64 = offs_n.to(tl.int64)
-        k = tl.load(k_base + offs_n64[:, None] * skl + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        k = _kv_tile(k_desc, k_base, b, h, start, offs_n64, skl, kmask, offs_d, BLOCK_N, D, USE_TMA)
         # scale and tail mask in one FMA: bias is 0 for valid keys, -inf past LK
         bias = tl.where(kmask, 0.0, -float("inf"))
         qk = tl.dot(q, tl.trans(k)) * qk_scale + bias[None, :]
@@ -130,7 +154,7 @@ def _sparse_fwd_kernel(Q, K, V, O, LSE, IDX, CNT,
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n64[:, None] * svl + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        v = _kv_tile(v_desc, v_base, b, h, start, offs_n64, svl, kmask, offs_d, BLOCK_N, D, USE_TMA)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     _fwd_epilogue(acc, l_i, m_i, q, O, LSE, SL, SLO, ZL, OL, sob, soh, sol, b64, h64, pid_bh, offs_m, offs_d,
@@ -351,22 +375,18 @@ def _sparse_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, IDX, CNT, k_desc, v_desc,
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
     k_base = K + b64 * skb + h64 * skh
     v_base = V + b64 * svb + h64 * svh
-    idx_base = IDX + b64 * sib + h64 * sih + pid_m.to(tl.int64) * sim
-    n = tl.load(CNT + b64 * scb + h64 * sch + pid_m.to(tl.int64) * scm)
+    idx_base, n = _lut_row(IDX, CNT, b64, h64, pid_m, sib, sih, sim, scb, sch, scm)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     for t in tl.range(0, n * SPLIT, num_stages=NUM_STAGES):
         j = t // SPLIT
         sub = t % SPLIT
         kb = tl.load(idx_base + j * sik)
-        offs_n = kb * (BLOCK_N * SPLIT) + sub * BLOCK_N + offs_n0
+        start = kb * (BLOCK_N * SPLIT) + sub * BLOCK_N
+        offs_n = start + offs_n0
         kmask = offs_n < LK
         offs_n64 = offs_n.to(tl.int64)
-        if USE_TMA:
-            k = k_desc.load([b, h, kb * (BLOCK_N * SPLIT) + sub * BLOCK_N, 0]).reshape(BLOCK_N, D)
-            v = v_desc.load([b, h, kb * (BLOCK_N * SPLIT) + sub * BLOCK_N, 0]).reshape(BLOCK_N, D)
-        else:
-            k = tl.load(k_base + offs_n64[:, None] * skl + offs_d[None, :], mask=kmask[:, None], other=0.0)
-            v = tl.load(v_base + offs_n64[:, None] * svl + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        k = _kv_tile(k_desc, k_base, b, h, start, offs_n64, skl, kmask, offs_d, BLOCK_N, D, USE_TMA)
+        v = _kv_tile(v_desc, v_base, b, h, start, offs_n64, svl, kmask, offs_d, BLOCK_N, D, USE_TMA)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.exp2(qk - lse[:, None])
         p = tl.where(kmask[None, :], p, 0.0)
@@ -479,50 +499,3 @@ def _topk_lut_kernel(SC, AK, IDX, CNT, NQ, NK, K, KMAX, N_AK,
     offs_k = tl.arange(0, KMAXP)
     tl.store(IDX + row * KMAX + offs_k, tl.full([KMAXP], -1, tl.int32), mask=(offs_k >= kk) & (offs_k < KMAX))
     tl.store(CNT + row, kk)
-
-
-@triton.jit
-def _sparse_fwd_tma_kernel(q_desc, k_desc, v_desc, O, LSE, IDX, CNT,
-                           SL, SLO, ZL, OL, sob, soh, sol, Q, sqb, sqh, sql, ROWMAP, BIAS, sbb,
-                           sib, sih, sim, sik, scb, sch, scm,
-                           H, L, LK, qk_scale, eps,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                           D: tl.constexpr, FUSE_LINEAR: tl.constexpr, LP: tl.constexpr, NUM_STAGES: tl.constexpr,
-                           GATHER_Q: tl.constexpr, SCATTER_O: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Same as _sparse_fwd_kernel, but Q/K/V come through 4-D host tensor descriptors
-    (B, H, L, D) with block [1, 1, rows, D]; rows past L are zero-filled by the TMA unit."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    if GATHER_Q:  # q rows gathered through ROWMAP with plain loads (TMA has no row gather on sm90)
-        q = _load_q(Q + b64 * sqb + h64 * sqh, sql, ROWMAP, offs_m, offs_d, L, True)
-    else:
-        q = q_desc.load([b, h, pid_m * BLOCK_M, 0]).reshape(BLOCK_M, D)
-    idx_base = IDX + b64 * sib + h64 * sih + pid_m.to(tl.int64) * sim
-    n = tl.load(CNT + b64 * scb + h64 * sch + pid_m.to(tl.int64) * scm)
-    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
-    for t in tl.range(0, n * SPLIT, num_stages=NUM_STAGES):
-        j = t // SPLIT
-        sub = t % SPLIT
-        kb = tl.load(idx_base + j * sik)
-        start = kb * (BLOCK_N * SPLIT) + sub * BLOCK_N
-        k = k_desc.load([b, h, start, 0]).reshape(BLOCK_N, D)
-        bias = tl.where(start + offs_n0 < LK, 0.0, -float("inf"))
-        qk = tl.dot(q, tl.trans(k)) * qk_scale + bias[None, :]
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = v_desc.load([b, h, start, 0]).reshape(BLOCK_N, D)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    _fwd_epilogue(acc, l_i, m_i, q, O, LSE, SL, SLO, ZL, OL, sob, soh, sol, b64, h64, pid_bh, offs_m, offs_d,
-                  L, eps, ROWMAP, BIAS, sbb, D, FUSE_LINEAR, LP, SCATTER_O, HAS_BIAS)

@@ -240,22 +240,23 @@ def _sparse_fwd(q, k, v, idx, cnt, block, scale, lin=None, eps=1e-5, layout="bhl
                   NUM_STAGES=_stages(cfg, q), num_warps=cfg["num_warps"], num_stages=_stages(cfg, q))
     lut_strides = (idx.stride(0), idx.stride(1), idx.stride(2), idx.stride(3),
                    cnt.stride(0), cnt.stride(1), cnt.stride(2))
-    if use_tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-        qd = TensorDescriptor.from_tensor(q, [1, 1, block, D])
-        kd = TensorDescriptor.from_tensor(k, [1, 1, bn, D])
-        vd = TensorDescriptor.from_tensor(v, [1, 1, bn, D])
-        tk._sparse_fwd_tma_kernel[(nq, B * H)](qd, kd, vd, o, lse, idx, cnt, SH, SLO, zx, ol, *out_strides,
-                                               q, q.stride(0), q.stride(1), q.stride(2), *extra,
-                                               *lut_strides,
-                                               H, L, LK, scale * tk.LOG2E, eps, **common, **flags)
-    else:
-        tk._sparse_fwd_kernel[(nq, B * H)](
-            q, k, v, o, lse, idx, cnt, SH, SLO, zx, ol, *extra,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), *out_strides, *lut_strides,
-            H, L, LK, scale * tk.LOG2E, eps, **common, **flags)
+    qd, kd, vd = _descs(use_tma, (q, block), (k, bn), (v, bn))
+    tk._sparse_fwd_kernel[(nq, B * H)](
+        q, k, v, o, lse, idx, cnt, qd, kd, vd, SH, SLO, zx, ol, *extra,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), *out_strides, *lut_strides,
+        H, L, LK, scale * tk.LOG2E, eps, USE_TMA=use_tma, **common, **flags)
     return o, lse, (ol if fuse else None)
+
+
+def _descs(use_tma: bool, *specs):
+    """Host TMA descriptors over (B,H,L,D) tensors with blocks [1, 1, rows, D] for each
+    (tensor, rows) in specs; without TMA the tensors themselves stand in (the kernels' USE_TMA
+    switch then never touches them)."""
+    if not use_tma:
+        return tuple(t for t, _ in specs)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return tuple(TensorDescriptor.from_tensor(t, [1, 1, rows, t.shape[-1]]) for t, rows in specs)
 
 
 def _stages(cfg: dict, q: Tensor) -> int:
@@ -307,12 +308,7 @@ def _sparse_bwd(q, k, v, o, lse, do, idx, cnt, block, scale):
     cfg = BWD_DQ_CFG.get(D, BWD_DQ_CFG[128])
     bn = min(cfg["BLOCK_N"], block)
     tma = BWD_USE_TMA and cfg.get("tma", False) and _tma_ok(q, k, v, do)
-    if tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-        kd = TensorDescriptor.from_tensor(k, [1, 1, bn, D])
-        vd = TensorDescriptor.from_tensor(v, [1, 1, bn, D])
-    else:
-        kd, vd = k, v
+    kd, vd = _descs(tma, (k, bn), (v, bn))
     tk._sparse_bwd_dq_kernel[(nq, B * H)](
         q, k, v, do, dq, lse, delta, idx, cnt, kd, vd,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -328,12 +324,7 @@ def _sparse_bwd(q, k, v, o, lse, do, idx, cnt, block, scale):
     dk = _empty(B, H, LK, D, device=k.device, dtype=k.dtype)
     dv = _empty(B, H, LK, D, device=v.device, dtype=v.dtype)
     tma = BWD_USE_TMA and cfg.get("tma", False) and _tma_ok(q, k, v, do)
-    if tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-        qd = TensorDescriptor.from_tensor(q, [1, 1, bm, D])
-        dod = TensorDescriptor.from_tensor(do, [1, 1, bm, D])
-    else:
-        qd, dod = q, do
+    qd, dod = _descs(tma, (q, bm), (do, bm))
     tk._sparse_bwd_dkdv_kernel[(nk * (block // bn), B * H)](
         q, k, v, do, dk, dv, lse, delta, kidx, kcnt, qd, dod,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

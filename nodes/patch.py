@@ -60,9 +60,7 @@ class SaladPatch:
         self.opts = opts
         self.weights = weights            # a ComfyUI ModelPatcher whose .model is SaladWeights, or None
         self.config = SaladConfig(sparsity=opts.sparsity, pattern=opts.pattern, backend=opts.backend)
-        self.num_blocks = len(diffusion_model.blocks)
         self.has_ref_conv = getattr(diffusion_model, "ref_conv", None) is not None
-        self.patch_size = tuple(getattr(diffusion_model, "patch_size", (1, 2, 2)))
         self.sigma_start = sigma_start
         self.sigma_end = sigma_end
         self._grid = None

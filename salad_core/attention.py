@@ -158,46 +158,57 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tuple[int, int
     return B, L, heads, HD // heads
 
 
+def _as_blhd(t: Tensor, B: int, L: int, H: int, D: int) -> Tensor:
+    """(B,L,H*D) -> (B,L,H,D) view (a copy only if the last dim is strided)."""
+    t4 = t.reshape(B, L, H, D)
+    return t4 if t4.stride(-1) == 1 else t4.contiguous()
+
+
+def _heads_view(t: Tensor, B: int, L: int, H: int, D: int) -> Tensor:
+    """(B,L,H*D) raster -> (B,H,L,D) raster view (no copy)."""
+    return _as_blhd(t, B, L, H, D).permute(0, 2, 1, 3)
+
+
 def _to_heads_tiled(t: Tensor, layout: TileLayout, B: int, L: int, H: int, D: int) -> Tensor:
     """(B,L,H*D) raster -> (B,H,L,D) *view* of one tile-ordered (B,L,H,D) buffer (one gather)."""
-    t4 = t.reshape(B, L, H, D)
-    if t4.stride(-1) != 1:
-        t4 = t4.contiguous()
-    return t4.index_select(1, layout.perm).permute(0, 2, 1, 3)
+    return _as_blhd(t, B, L, H, D).index_select(1, layout.perm).permute(0, 2, 1, 3)
+
+
+def _sparse_branch(q: Tensor, kh: Tensor, vh: Tensor, layout: TileLayout, B: int, L: int, H: int, D: int,
+                   config: SaladConfig) -> Tensor:
+    """Block-sparse branch with autograd: q gathered into tile order, the kernel writes a (B,L,H,D)
+    buffer, one index_select back to raster.  kh, vh: tile-ordered views.  Returns (B, L, H*D)."""
+    qh = _to_heads_tiled(q, layout, B, L, H, D)
+    idx, cnt = select_blocks(qh, kh, layout, config)
+    o_s, _ = K.block_sparse_attention(qh, kh, vh, idx, cnt, block=config.block, scale=1.0 / math.sqrt(D),
+                                      backend=config.backend, out_layout="blhd")
+    return o_s.transpose(1, 2).reshape(B, L, H * D).index_select(1, layout.inv_perm)
+
+
+def _linear_branch(q: Tensor, k: Tensor, v: Tensor, B: int, L: int, H: int, D: int, config: SaladConfig) -> Tensor:
+    """ReLU linear attention over all tokens.  Order-free (a sum over all keys, then a per-token
+    map), so it runs on the raster-order tensors directly; returns (B, L, H*D) raster."""
+    o_l = K.linear_attention(_heads_view(q, B, L, H, D), _heads_view(k, B, L, H, D), _heads_view(v, B, L, H, D),
+                             eps=config.eps, backend=config.backend, out_layout="blhd")
+    return o_l.transpose(1, 2).reshape(B, L, H * D)
 
 
 def salad_branches(q: Tensor, k: Tensor, v: Tensor, heads: int, *, grid: Sequence[int],
                    n_front: int = 0, n_back: int = 0, config: Optional[SaladConfig] = None,
-                   linear: bool = True, tile_order: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
-    """Both branches of SALAD attention, before mixing.
+                   linear: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+    """Both branches of SALAD attention, before mixing (autograd-capable).
 
-    Returns ``(o_sparse, o_linear)`` each (B, L, heads*D) in q.dtype (``o_linear`` None when
-    ``linear`` is False), in raster order, or in tile order when ``tile_order`` is True.
+    Returns ``(o_sparse, o_linear)`` each (B, L, heads*D) in q.dtype, raster order (``o_linear``
+    None when ``linear`` is False).
     """
     config = config or SaladConfig()
     B, L, H, D = _check_inputs(q, k, v, heads)
     layout = TileLayout.get(grid, n_front, n_back, config.tile, q.device)
     layout.check_length(L)
-    qh = _to_heads_tiled(q, layout, B, L, H, D)
     kh = _to_heads_tiled(k, layout, B, L, H, D)
     vh = _to_heads_tiled(v, layout, B, L, H, D)
-    idx, cnt = select_blocks(qh, kh, layout, config)
-    scale = 1.0 / math.sqrt(D)
-    if linear:
-        o_s, o_l = K.sparse_linear_attention(qh, kh, vh, idx, cnt, block=config.block, scale=scale,
-                                             eps=config.eps, backend=config.backend)
-    else:
-        o_s, _ = K.block_sparse_attention(qh, kh, vh, idx, cnt, block=config.block, scale=scale,
-                                          backend=config.backend)
-        o_l = None
-
-    def back(o: Tensor) -> Tensor:
-        o = o.permute(0, 2, 1, 3)  # (B,L,H,D) view
-        if not tile_order:
-            o = o.index_select(1, layout.inv_perm)
-        return o.reshape(B, L, H * D)
-
-    return back(o_s), (back(o_l) if o_l is not None else None)
+    o_s = _sparse_branch(q, kh, vh, layout, B, L, H, D, config)
+    return o_s, (_linear_branch(q, k, v, B, L, H, D, config) if linear else None)
 
 
 def gate_value(x: Optional[Tensor], gate: Optional[torch.nn.Module], batch: int) -> Optional[Tensor]:
@@ -213,10 +224,6 @@ def gate_value(x: Optional[Tensor], gate: Optional[torch.nn.Module], batch: int)
     return torch.sigmoid(gate(xm)).reshape(batch, 1, 1)
 
 
-def _needs_grad(m: torch.nn.Module) -> bool:
-    return torch.is_grad_enabled() and any(p.requires_grad for p in m.parameters())
-
-
 def mix_branches(o_sparse: Tensor, o_linear: Tensor, proj: torch.nn.Module,
                  G: Optional[Tensor], out_dtype=None) -> Tensor:
     """``o_sparse + G * proj(o_linear)`` in ``out_dtype`` (default o_sparse.dtype).
@@ -227,7 +234,7 @@ def mix_branches(o_sparse: Tensor, o_linear: Tensor, proj: torch.nn.Module,
     """
     out_dtype = out_dtype or o_sparse.dtype
     w = getattr(proj, "weight", None)
-    if _needs_grad(proj) or not isinstance(proj, torch.nn.Linear):
+    if _needs_autograd(proj) or not isinstance(proj, torch.nn.Linear):
         cdt = torch.promote_types(o_linear.dtype, w.dtype) if w is not None else o_linear.dtype
         y = proj(o_linear.to(cdt))
     else:
@@ -262,43 +269,33 @@ def salad_self_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, *, grid: S
     B, L, H, D = _check_inputs(q, k, v, heads)
     layout = TileLayout.get(grid, n_front, n_back, config.tile, q.device)
     layout.check_length(L)
-    scale = 1.0 / math.sqrt(D)
     kh = _to_heads_tiled(k, layout, B, L, H, D)
     vh = _to_heads_tiled(v, layout, B, L, H, D)
     G = gate_value(x, gate, B) if proj is not None else None
-    if not _needs_autograd(q, k, v, x, proj, gate):
-        # inference: the kernel reads q through the tile permutation and writes its output back in
-        # raster order (plus G * proj.bias), so q needs no gather and the output no scatter pass
-        q4 = _heads_view(q, B, L, H, D)
-        idx, cnt = select_blocks(q4, kh, layout, config, q_rowmap=layout.perm32)
-        bias = None
-        if proj is not None and getattr(proj, "bias", None) is not None:
-            g = G.reshape(B, 1).float() if G is not None else torch.ones(B, 1, device=q.device)
-            bias = g * proj.bias.to(device=q.device, dtype=torch.float32).reshape(1, -1)
-        o = K.block_sparse_attention_rowmap(q4, kh, vh, idx, cnt, layout.perm32, block=config.block, scale=scale,
-                                            bias=bias, backend=config.backend)
-        del kh, vh
-        out = o.transpose(1, 2).reshape(B, L, H * D)
-        if proj is None:
-            return out if out.dtype == q.dtype else out.to(q.dtype)
-        o_l = _linear_branch(q, k, v, B, L, H, D, config)
-        out = add_gated_projection(out, o_l, proj, G, with_bias=False)
-        return out if out.dtype == q.dtype else out.to(q.dtype)
-    # training / autograd: one gather of q into tile order and one index_select back
-    qh = _to_heads_tiled(q, layout, B, L, H, D)
-    idx, cnt = select_blocks(qh, kh, layout, config)
-    o_s, _ = K.block_sparse_attention(qh, kh, vh, idx, cnt, block=config.block, scale=scale,
-                                      backend=config.backend, out_layout="blhd")
-    del qh, kh, vh
-    out = o_s.transpose(1, 2).reshape(B, L, H * D).index_select(1, layout.inv_perm)
-    if proj is None:
-        return out if out.dtype == q.dtype else out.to(q.dtype)
-    o_l = _linear_branch(q, k, v, B, L, H, D, config)
-    out = add_gated_projection(out, o_l, proj, G)
-    return out if out.dtype == q.dtype else out.to(q.dtype)
+    if _needs_autograd(q, k, v, x, proj, gate):
+        out = _sparse_branch(q, kh, vh, layout, B, L, H, D, config)
+        if proj is not None:
+            out = add_gated_projection(out, _linear_branch(q, k, v, B, L, H, D, config), proj, G)
+        return out.to(q.dtype)
+    # inference: the kernel reads q through the tile permutation and writes its output back in
+    # raster order (plus G * proj.bias), so q needs no gather and the output no scatter pass
+    q4 = _heads_view(q, B, L, H, D)
+    idx, cnt = select_blocks(q4, kh, layout, config, q_rowmap=layout.perm32)
+    bias = None
+    if proj is not None and getattr(proj, "bias", None) is not None:
+        g = G.reshape(B, 1).float() if G is not None else torch.ones(B, 1, device=q.device)
+        bias = g * proj.bias.to(device=q.device, dtype=torch.float32).reshape(1, -1)
+    o = K.block_sparse_attention_rowmap(q4, kh, vh, idx, cnt, layout.perm32, block=config.block,
+                                        scale=1.0 / math.sqrt(D), bias=bias, backend=config.backend)
+    del kh, vh
+    out = o.transpose(1, 2).reshape(B, L, H * D)
+    if proj is not None:
+        out = add_gated_projection(out, _linear_branch(q, k, v, B, L, H, D, config), proj, G, with_bias=False)
+    return out.to(q.dtype)
 
 
 def _needs_autograd(*items) -> bool:
+    """Grad mode is on and a tensor or module parameter among ``items`` requires grad."""
     if not torch.is_grad_enabled():
         return False
     for it in items:
@@ -312,28 +309,12 @@ def _needs_autograd(*items) -> bool:
     return False
 
 
-def _linear_branch(q: Tensor, k: Tensor, v: Tensor, B: int, L: int, H: int, D: int, config: SaladConfig) -> Tensor:
-    """ReLU linear attention over all tokens.  Order-free (a sum over all keys, then a per-token
-    map), so it runs on the raster-order tensors directly; returns (B, L, H*D) raster."""
-    o_l = K.linear_attention(_heads_view(q, B, L, H, D), _heads_view(k, B, L, H, D), _heads_view(v, B, L, H, D),
-                             eps=config.eps, backend=config.backend, out_layout="blhd")
-    return o_l.transpose(1, 2).reshape(B, L, H * D)
-
-
-def _heads_view(t: Tensor, B: int, L: int, H: int, D: int) -> Tensor:
-    """(B,L,H*D) -> (B,H,L,D) view (no copy unless the last dim is strided)."""
-    t4 = t.reshape(B, L, H, D)
-    if t4.stride(-1) != 1:
-        t4 = t4.contiguous()
-    return t4.permute(0, 2, 1, 3)
-
-
 def add_gated_projection(out: Tensor, o_linear: Tensor, proj: torch.nn.Module, G: Optional[Tensor],
                          with_bias: bool = True) -> Tensor:
     """``out + G * proj(o_linear)`` as one batched GEMM accumulating into ``out`` (G folded into the
     weight), in the activations' dtype; in place on ``out`` when no gradient is needed.
     with_bias=False: the caller already added G * proj.bias."""
-    if _needs_grad(proj) or not isinstance(proj, torch.nn.Linear):
+    if _needs_autograd(proj) or not isinstance(proj, torch.nn.Linear):
         return mix_branches(out, o_linear, proj, G, out_dtype=out.dtype)
     B = o_linear.shape[0]
     dt = o_linear.dtype

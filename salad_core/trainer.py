@@ -213,6 +213,22 @@ def _config_for(weights: SaladWeights, config: Optional[SaladConfig], sparsity, 
     return config
 
 
+def _setup(samples, weights: SaladWeights, config, sparsity, pattern, device, who: str):
+    """(config, list of samples, device) shared by train_salad and relative_error."""
+    config = _config_for(weights, config, sparsity, pattern)
+    samples = _samples_list(samples)
+    if not samples:
+        raise ValueError(f"{who} needs at least one sample")
+    device = torch.device(device) if device is not None else next(iter(weights.parameters())).device
+    return config, samples, device
+
+
+def _salad_out(xm: Optional[Tensor], o_s: Tensor, o_l: Tensor, proj, gate) -> Tensor:
+    """o_sparse + G(xm) * proj(o_linear) in fp32, from one sample's precomputed features."""
+    G = torch.sigmoid(gate(xm)).reshape(-1, 1, 1) if xm is not None else None
+    return mix_branches(o_s, o_l, proj, G, out_dtype=torch.float32)
+
+
 def train_salad(samples, weights: SaladWeights, steps: int = 300, lr: float = 1e-3,
                 sparsity: Optional[float] = None, pattern: Optional[str] = None, log_every: int = 50,
                 callback: Optional[Callable[[dict], None]] = None, *, config: Optional[SaladConfig] = None,
@@ -237,12 +253,7 @@ def train_salad(samples, weights: SaladWeights, steps: int = 300, lr: float = 1e
     steps = int(steps)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    config = _config_for(weights, config, sparsity, pattern)
-    samples = _samples_list(samples)
-    if not samples:
-        raise ValueError("train_salad needs at least one sample")
-    ref_param = next(iter(weights.parameters()))
-    device = torch.device(device) if device is not None else ref_param.device
+    config, samples, device = _setup(samples, weights, config, sparsity, pattern, device, "train_salad")
     by_block: Dict[int, List[dict]] = {}
     for s in samples:
         b = _resolve_block(s, weights)
@@ -282,8 +293,7 @@ def train_salad(samples, weights: SaladWeights, steps: int = 300, lr: float = 1e
                 if tokens_per_step is not None and tokens_per_step < o_s.shape[1]:
                     sel = torch.randint(o_s.shape[1], (int(tokens_per_step),), generator=gen).to(device)
                     o_s, o_l, tgt = o_s[:, sel], o_l[:, sel], tgt[:, sel]
-                G = torch.sigmoid(gate(f["xm"])).reshape(-1, 1, 1) if f["xm"] is not None else None
-                out = mix_branches(o_s, o_l, proj, G, out_dtype=torch.float32)
+                out = _salad_out(f["xm"], o_s, o_l, proj, gate)
                 loss = loss + ((out - tgt) ** 2).sum() / (tgt ** 2).sum().clamp_min(1e-12)
             loss = loss / len(pick)
             opt.zero_grad(set_to_none=True)
@@ -325,20 +335,14 @@ def relative_error(samples, weights: SaladWeights, config: Optional[SaladConfig]
     """Mean relative L2 error ||o - dense|| / ||dense|| over samples of sparse-only attention
     (proj = 0) and of SALAD with the given weights.  Returns
     ``{"sparse_only": float, "salad": float, "n": int, "per_sample": [(sparse, salad), ...]}``."""
-    config = _config_for(weights, config, None, None)
-    samples = _samples_list(samples)
-    if not samples:
-        raise ValueError("relative_error needs at least one sample")
-    ref_param = next(iter(weights.parameters()))
-    device = torch.device(device) if device is not None else ref_param.device
+    config, samples, device = _setup(samples, weights, config, None, None, device, "relative_error")
     per = []
     for s in samples:
         b = _resolve_block(s, weights)
         f = _features(s, config, device)
         proj = copy.deepcopy(weights.proj_for(b)).to(device=device, dtype=torch.float32)
         gate = copy.deepcopy(weights.gate_for(b)).to(device=device, dtype=torch.float32)
-        G = torch.sigmoid(gate(f["xm"])).reshape(-1, 1, 1) if f["xm"] is not None else None
-        out = mix_branches(f["o_s"], f["o_l"], proj, G, out_dtype=torch.float32)
+        out = _salad_out(f["xm"], f["o_s"], f["o_l"], proj, gate)
         tn = f["tgt"].norm().clamp_min(1e-12)
         per.append((float((f["o_s"] - f["tgt"]).norm() / tn), float((out - f["tgt"]).norm() / tn)))
     return dict(sparse_only=sum(p[0] for p in per) / len(per), salad=sum(p[1] for p in per) / len(per),

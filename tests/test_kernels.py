@@ -7,6 +7,7 @@ before the kernels write them, so unwritten elements fail the comparisons.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import subprocess
@@ -293,7 +294,7 @@ FWD_CASES = [  # B, H, L, D, block, dtype, layout
 
 @pytest.fixture(params=[False, True], ids=["ptr", "tma"])
 def fwd_path(request):
-    """Run the forward through the pointer kernel and the tensor-descriptor (TMA) kernel."""
+    """Run the kernels through their pointer loads and through tensor descriptors (TMA)."""
     if not HAVE_TRITON:
         yield request.param
         return
@@ -367,20 +368,27 @@ def test_linear_triton(seed, poison, B, H, L, D, dtype):
     assert_close(o, ref, atol, rtol, "linear", seed)
 
 
+@contextlib.contextmanager
+def fused_epilogue(fuse: bool):
+    """Run the sparse+linear op with the linear Q side fused into the sparse epilogue, or not."""
+    from salad_pack.kernels import _triton_ops
+    old = _triton_ops.FUSE_LINEAR_EPILOGUE
+    _triton_ops.FUSE_LINEAR_EPILOGUE = fuse
+    try:
+        yield
+    finally:
+        _triton_ops.FUSE_LINEAR_EPILOGUE = old
+
+
 @needs_triton
 @pytest.mark.parametrize("fuse", [True, False])
 def test_sparse_linear_triton(seed, poison, fwd_path, fuse):
-    from salad_pack.kernels import _triton_ops
     B, H, L, D, block = 1, 2, 200, 64, 64
     q, k, v = qkv(B, H, L, D, torch.float16, "blhd")
     nq = K.num_blocks(L, block)
     idx, cnt = random_lut(B, H, nq, nq)
-    old = _triton_ops.FUSE_LINEAR_EPILOGUE
-    _triton_ops.FUSE_LINEAR_EPILOGUE = fuse
-    try:
+    with fused_epilogue(fuse):
         os_, ol = K.sparse_linear_attention(q, k, v, idx, cnt, block=block, backend="triton")
-    finally:
-        _triton_ops.FUSE_LINEAR_EPILOGUE = old
     ro, _ = K.masked_attention_ref(q, k, v, idx, cnt, block=block)
     rl = R.linear_attention_ref(q.double(), k.double(), v.double())
     assert_close(os_, ro, *TOL[torch.float16], "fused sparse", seed)
@@ -512,14 +520,11 @@ def test_short_sequence_triton(seed, poison, fwd_path, L, block):
 def test_out_layout_blhd_forward_and_backward(seed, poison, fwd_path, fuse):
     """out_layout='blhd': outputs are (B,H,L,D) views of contiguous (B,L,H,D) buffers (what SALAD's
     (B,L,H*D) caller needs without a transpose copy); values and gradients are unchanged."""
-    from salad_pack.kernels import _triton_ops
     B, H, L, D, block = 2, 2, 150, 64, 32
     q, k, v = qkv(B, H, L, D, torch.float16, "blhd")
     nq = K.num_blocks(L, block)
     idx, cnt = random_lut(B, H, nq, nq)
-    old = _triton_ops.FUSE_LINEAR_EPILOGUE
-    _triton_ops.FUSE_LINEAR_EPILOGUE = fuse
-    try:
+    with fused_epilogue(fuse):
         o_s, o_l = K.sparse_linear_attention(q, k, v, idx, cnt, block=block, backend="triton", out_layout="blhd")
         o_only, _ = K.block_sparse_attention(q, k, v, idx, cnt, block=block, backend="triton", out_layout="blhd")
         o_lin = K.linear_attention(q, k, v, backend="triton", out_layout="blhd")
@@ -527,8 +532,6 @@ def test_out_layout_blhd_forward_and_backward(seed, poison, fwd_path, fuse):
         do2 = torch.randn(B, H, L, D, device=DEV, dtype=torch.float64)
         _, gt = _grads(lambda a, b, c: K.sparse_linear_attention(a, b, c, idx, cnt, block=block, backend="triton",
                                                                  out_layout="blhd"), q, k, v, (do1, do2))
-    finally:
-        _triton_ops.FUSE_LINEAR_EPILOGUE = old
     for o in (o_s, o_l, o_only, o_lin):
         assert o.shape == (B, H, L, D) and o.transpose(1, 2).is_contiguous()
     ro, _ = K.masked_attention_ref(q, k, v, idx, cnt, block=block)
