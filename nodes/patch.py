@@ -10,8 +10,11 @@ How (no ComfyUI file is edited, the user's model object is never touched):
     (keeping the previous override, if any, for calls we decline) and remembers the block index and
     the block input x (for the gate).  Cross-attention runs after the self-attention call has
     returned, so it never reaches our function; blocks we do not own never see it either.
-  * The gate/Proj weights live in their own ModelPatcher attached with ``set_additional_models``,
-    so ComfyUI's memory management loads and offloads them with the model.
+  * The gate/Proj weights live in their own ModelPatcher (in the model's compute dtype) attached
+    with ``set_additional_models``, so ComfyUI's memory management loads and offloads them with the
+    model.  When a partial / low-VRAM load leaves them on the CPU, each block's weights follow the
+    activations per call (salad_core.attention.linear_params), as ComfyUI's ops do for offloaded
+    layers.
 """
 from __future__ import annotations
 
@@ -211,6 +214,35 @@ def wan_model_info(model, node_name: str) -> dict:
     return dict(dim=dim, heads=heads, num_blocks=len(blocks), base_model=base, model_type=str(model_type))
 
 
+def compute_dtype(model):
+    """The dtype a ComfyUI model computes in: the manual-cast dtype for fp8 / low-precision weights,
+    else its weight dtype."""
+    base = model.model
+    return getattr(base, "manual_cast_dtype", None) or base.get_dtype()
+
+
+def weights_in_compute_dtype(weights_patcher, model):
+    """The SALAD weights as ComfyUI should hold them for ``model``: in the model's compute dtype, so
+    they take no more GPU memory than needed and, when ComfyUI leaves them offloaded, each block
+    copies only that much per call.  Returns ``weights_patcher`` itself when the dtype already
+    matches, else a converted copy with its own ModelPatcher (the loader's output is not changed).
+    Weights that hold no data (``meta`` tensors) are refused here, with the file's name."""
+    import copy
+
+    import comfy.model_patcher
+    sw = weights_patcher.model
+    params = list(sw.parameters())
+    if any(p.is_meta for p in params):
+        raise ValueError(f"Apply SALAD Attention: salad_weights {sw.name} are on the 'meta' device (they hold no "
+                         f"data); load the file again with SALAD Weights Loader")
+    dtype = compute_dtype(model)
+    if dtype is None or all(p.dtype == dtype for p in params):
+        return weights_patcher
+    converted = copy.deepcopy(sw).to(dtype=dtype)
+    return comfy.model_patcher.ModelPatcher(converted, load_device=weights_patcher.load_device,
+                                            offload_device=weights_patcher.offload_device)
+
+
 def apply_salad(model, opts: PatchOptions, weights_patcher=None):
     """Return a patched clone of the ComfyUI ModelPatcher ``model``."""
     import comfy.patcher_extension as pe
@@ -224,6 +256,7 @@ def apply_salad(model, opts: PatchOptions, weights_patcher=None):
             weights_patcher.model.check_compatible(model_family="wan", dim=dim, heads=heads, num_blocks=num_blocks)
         except ValueError as e:
             raise ValueError(f"Apply SALAD Attention: salad_weights do not fit this model: {e}") from None
+        weights_patcher = weights_in_compute_dtype(weights_patcher, model)
 
     sigma_start = sigma_end = None
     if opts.start_percent > 0.0 or opts.end_percent < 1.0:

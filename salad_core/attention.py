@@ -211,17 +211,41 @@ def salad_branches(q: Tensor, k: Tensor, v: Tensor, heads: int, *, grid: Sequenc
     return o_s, (_linear_branch(q, k, v, B, L, H, D, config) if linear else None)
 
 
-def gate_value(x: Optional[Tensor], gate: Optional[torch.nn.Module], batch: int) -> Optional[Tensor]:
+def linear_params(mod: torch.nn.Module, like: Tensor, what: str = "SALAD weights") -> Tuple[Tensor, Optional[Tensor]]:
+    """(weight, bias) of an ``nn.Linear``-like module on ``like``'s device and dtype.
+
+    This is how the SALAD weights follow the activations in every memory mode of the host
+    application: fully loaded on the GPU it is a no-op (apart from a dtype cast when the weights
+    are stored in another dtype); when the weights were left on the CPU by a partial / low-VRAM
+    load, the block's weights are copied for this call only, as ComfyUI's own ops do for offloaded
+    layers.  Weights that hold no data (``meta`` tensors) raise a ValueError naming ``what``.
+    """
+    w = mod.weight
+    b = getattr(mod, "bias", None)
+    if w.is_meta or (b is not None and b.is_meta):
+        raise ValueError(f"{what} are on the 'meta' device (they hold no data: the weight file was never "
+                         f"loaded into memory); activations are on {like.device}. Load the weights again.")
+    if w.device != like.device or w.dtype != like.dtype:
+        nb = w.device.type == "cpu" and like.device.type == "cuda" and w.is_pinned()
+        w = w.to(device=like.device, dtype=like.dtype, non_blocking=nb)
+        if b is not None:
+            b = b.to(device=like.device, dtype=like.dtype, non_blocking=nb)
+    return w, b
+
+
+def gate_value(x: Optional[Tensor], gate: Optional[torch.nn.Module], batch: int,
+               what: str = "SALAD gate weights") -> Optional[Tensor]:
     """G (B,1,1) = sigmoid(gate(mean over tokens of x)); None means G = 1.  The token mean is
-    accumulated in fp32 (no fp32 copy of x) and fed to the gate in its parameter dtype."""
+    accumulated in fp32 (no fp32 copy of x); the gate runs in fp32 on x's device."""
     if gate is None or x is None:
         return None
     if x.dim() != 3 or x.shape[0] != batch:
         raise ValueError(f"x must be (B={batch}, L, dim), got {tuple(x.shape)}")
-    w = getattr(gate, "weight", None)
-    dt = w.dtype if w is not None else torch.float32
-    xm = torch.mean(x, dim=1, dtype=torch.float32).to(dt)
-    return torch.sigmoid(gate(xm)).reshape(batch, 1, 1)
+    xm = torch.mean(x, dim=1, dtype=torch.float32)
+    if _needs_autograd(gate):
+        return torch.sigmoid(gate(xm.to(gate.weight.dtype))).reshape(batch, 1, 1)
+    w, b = linear_params(gate, xm, what)
+    return torch.sigmoid(F.linear(xm, w, b)).reshape(batch, 1, 1)
 
 
 def mix_branches(o_sparse: Tensor, o_linear: Tensor, proj: torch.nn.Module,
@@ -230,7 +254,7 @@ def mix_branches(o_sparse: Tensor, o_linear: Tensor, proj: torch.nn.Module,
 
     Training (grad enabled and proj has trainable parameters): computed in the promoted dtype of
     the activations and the (fp32 master) parameters.  Inference: an ``nn.Linear`` proj runs in
-    the activation dtype (its weights are cast if needed, no fp32 copy of the activations).
+    the activation dtype on the activations' device (see :func:`linear_params`).
     """
     out_dtype = out_dtype or o_sparse.dtype
     w = getattr(proj, "weight", None)
@@ -238,10 +262,7 @@ def mix_branches(o_sparse: Tensor, o_linear: Tensor, proj: torch.nn.Module,
         cdt = torch.promote_types(o_linear.dtype, w.dtype) if w is not None else o_linear.dtype
         y = proj(o_linear.to(cdt))
     else:
-        cdt = o_linear.dtype
-        b = proj.bias
-        y = F.linear(o_linear, w.to(device=o_linear.device, dtype=cdt),
-                     None if b is None else b.to(device=o_linear.device, dtype=cdt))
+        y = F.linear(o_linear, *linear_params(proj, o_linear, "SALAD Proj weights"))
     if G is not None:
         y = y * G.to(y.dtype)
     if y.dtype == out_dtype and o_sparse.dtype == out_dtype:
@@ -258,8 +279,10 @@ def salad_self_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, *, grid: S
     q, k, v: (B, L, heads*D) as Wan passes them to its attention function (after RMSNorm and
     3-D RoPE), tokens in raster order, L = n_front + F*Hh*Ww + n_back for ``grid = (F, Hh, Ww)``.
     x: block input (B, L, dim) for the gate; proj: nn.Linear(dim, dim) or None (sparse only);
-    gate: nn.Linear(dim, 1) or None (G = 1).  ``block_id`` is only used by the capture hook
-    (see :func:`trainer.capture`).  Returns (B, L, heads*D) in q.dtype, raster order.
+    gate: nn.Linear(dim, 1) or None (G = 1).  proj and gate may sit on another device or dtype
+    than the activations (a host that offloads them): they follow q (see :func:`linear_params`).
+    ``block_id`` names the block in errors and for the capture hook (see :func:`trainer.capture`).
+    Returns (B, L, heads*D) in q.dtype, raster order.
     """
     config = config or SaladConfig()
     hook = _CAPTURE_HOOK
@@ -271,26 +294,29 @@ def salad_self_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, *, grid: S
     layout.check_length(L)
     kh = _to_heads_tiled(k, layout, B, L, H, D)
     vh = _to_heads_tiled(v, layout, B, L, H, D)
-    G = gate_value(x, gate, B) if proj is not None else None
+    where = f" of block {block_id}" if block_id is not None else ""
+    G = gate_value(x, gate, B, f"SALAD gate weights{where}") if proj is not None else None
     if _needs_autograd(q, k, v, x, proj, gate):
         out = _sparse_branch(q, kh, vh, layout, B, L, H, D, config)
         if proj is not None:
-            out = add_gated_projection(out, _linear_branch(q, k, v, B, L, H, D, config), proj, G)
+            out = mix_branches(out, _linear_branch(q, k, v, B, L, H, D, config), proj, G, out_dtype=out.dtype)
         return out.to(q.dtype)
     # inference: the kernel reads q through the tile permutation and writes its output back in
     # raster order (plus G * proj.bias), so q needs no gather and the output no scatter pass
     q4 = _heads_view(q, B, L, H, D)
     idx, cnt = select_blocks(q4, kh, layout, config, q_rowmap=layout.perm32)
-    bias = None
-    if proj is not None and getattr(proj, "bias", None) is not None:
-        g = G.reshape(B, 1).float() if G is not None else torch.ones(B, 1, device=q.device)
-        bias = g * proj.bias.to(device=q.device, dtype=torch.float32).reshape(1, -1)
+    w = bias = None
+    if proj is not None:
+        w, b = linear_params(proj, q, f"SALAD Proj weights{where}")
+        if b is not None:
+            g = G.reshape(B, 1) if G is not None else torch.ones(B, 1, device=q.device)
+            bias = g * b.float().reshape(1, -1)
     o = K.block_sparse_attention_rowmap(q4, kh, vh, idx, cnt, layout.perm32, block=config.block,
                                         scale=1.0 / math.sqrt(D), bias=bias, backend=config.backend)
     del kh, vh
     out = o.transpose(1, 2).reshape(B, L, H * D)
-    if proj is not None:
-        out = add_gated_projection(out, _linear_branch(q, k, v, B, L, H, D, config), proj, G, with_bias=False)
+    if w is not None:
+        out = _add_gated_linear(out, _linear_branch(q, k, v, B, L, H, D, config), w, G)
     return out.to(q.dtype)
 
 
@@ -309,27 +335,14 @@ def _needs_autograd(*items) -> bool:
     return False
 
 
-def add_gated_projection(out: Tensor, o_linear: Tensor, proj: torch.nn.Module, G: Optional[Tensor],
-                         with_bias: bool = True) -> Tensor:
-    """``out + G * proj(o_linear)`` as one batched GEMM accumulating into ``out`` (G folded into the
-    weight), in the activations' dtype; in place on ``out`` when no gradient is needed.
-    with_bias=False: the caller already added G * proj.bias."""
-    if _needs_autograd(proj) or not isinstance(proj, torch.nn.Linear):
-        return mix_branches(out, o_linear, proj, G, out_dtype=out.dtype)
+def _add_gated_linear(out: Tensor, o_linear: Tensor, w: Tensor, G: Optional[Tensor]) -> Tensor:
+    """``out += G * o_linear @ w.T`` (inference, bias already added) as one batched GEMM
+    accumulating into ``out`` in place; G (B,1,1) is folded into the weight."""
     B = o_linear.shape[0]
-    dt = o_linear.dtype
-    dev = o_linear.device
-    g = (G.reshape(B, 1, 1).to(device=dev, dtype=dt) if G is not None
-         else torch.ones(B, 1, 1, device=dev, dtype=dt))
-    w_eff = g * proj.weight.to(device=dev, dtype=dt).t().unsqueeze(0)      # (B, dim, dim)
-    out = out.to(dt)
-    if torch.is_grad_enabled() and (out.requires_grad or o_linear.requires_grad):
-        out = torch.baddbmm(out, o_linear, w_eff)
-        return out if proj.bias is None else out + g * proj.bias.to(device=dev, dtype=dt)
-    out.baddbmm_(o_linear, w_eff)
-    if with_bias and proj.bias is not None:
-        out.add_(g * proj.bias.to(device=dev, dtype=dt))
-    return out
+    g = (G.reshape(B, 1, 1).to(w.dtype) if G is not None
+         else torch.ones(B, 1, 1, device=w.device, dtype=w.dtype))
+    out = out.to(o_linear.dtype)
+    return out.baddbmm_(o_linear, g * w.t().unsqueeze(0))        # (B, dim, dim) effective weight
 
 
 # ----------------------------------------------------------------------------------------------

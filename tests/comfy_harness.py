@@ -66,7 +66,7 @@ class ComfyServer:
 
     def __init__(self, base_dir: Path | None = None, extra_custom_nodes: list[Path] | None = None,
                  extra_args: list[str] | None = None, with_fixture_nodes: bool = True,
-                 pack_dir: Path = ROOT):
+                 pack_dir: Path = ROOT, cpu: bool = True):
         self.comfyui = find_comfyui()
         self._own_tmp = base_dir is None
         self.base = Path(base_dir or tempfile.mkdtemp(prefix="salad_comfy_"))
@@ -75,6 +75,7 @@ class ComfyServer:
         self.proc: subprocess.Popen | None = None
         self.log_path = self.base / "comfyui.log"
         self.extra_args = extra_args or []
+        self.cpu = cpu          # False: ComfyUI picks the GPU as a user's install does (GPU benchmarks only)
         self.models = self.base / "models"
         self.output = self.base / "output"
         self.salad_dir = self.models / "salad"
@@ -102,7 +103,8 @@ class ComfyServer:
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.pop("TRITON_INTERPRET", None)  # set by the kernel tests for this process; a real ComfyUI never has it
-        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [sys.executable, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1",
+               "--port", str(self.port),
                "--disable-auto-launch", "--dont-print-server", "--base-directory", str(self.base),
                "--front-end-root", str(self.base / "frontend"), "--database-url", "sqlite:///:memory:",
                "--disable-api-nodes", *self.extra_args]

@@ -36,26 +36,39 @@ def _import_comfy(comfyui_dir: str):
     return comfy, wan
 
 
-def build_state_dict(comfyui_dir: str, variant: str, seed: int = 0):
+FULL_SIZE = {  # the real Wan 2.1 T2V shapes, for GPU benchmarks (random weights)
+    "wan21_t2v_1.3b": dict(model_type="t2v", dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, in_dim=16, out_dim=16),
+    "wan21_t2v_14b": dict(model_type="t2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=16, out_dim=16),
+}
+
+
+def random_state_dict(comfyui_dir: str, cfg: dict, seed: int = 0, device="cpu", dtype=None):
+    """Seeded random weights for ComfyUI's WanModel with config ``cfg``: exactly its state-dict keys and
+    shapes (read from a ``meta`` instance, so no full-size model is ever built), norms at 1, biases small,
+    other weights ~ N(0, 1/fan_in) (modulation x0.1).  Drawn in fp32 on ``device``, stored as ``dtype``
+    (default fp16) on the CPU."""
     import torch
     comfy, wan = _import_comfy(comfyui_dir)
-    cfg = VARIANTS[variant]
-    model = wan.WanModel(text_dim=4096, operations=comfy.ops.disable_weight_init, device="cpu",
+    model = wan.WanModel(text_dim=4096, operations=comfy.ops.disable_weight_init, device="meta",
                          dtype=torch.float32, **cfg)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     sd = {}
     for name, t in model.state_dict().items():
         if "norm" in name and name.endswith("weight") and t.ndim == 1:
-            val = torch.ones(t.shape)
+            val = torch.ones(t.shape, device=device)
         elif name.endswith("bias"):
-            val = torch.randn(t.shape, generator=gen) * 0.02
+            val = torch.randn(t.shape, generator=gen, device=device) * 0.02
         else:
             fan_in = t[0].numel() if t.ndim > 1 else t.numel()
-            val = torch.randn(t.shape, generator=gen) / max(fan_in, 1) ** 0.5
+            val = torch.randn(t.shape, generator=gen, device=device) / max(fan_in, 1) ** 0.5
             if "modulation" in name:
                 val = val * 0.1
-        sd[name] = val.to(torch.float16).contiguous()
+        sd[name] = val.to(dtype or torch.float16).cpu().contiguous()
     return sd
+
+
+def build_state_dict(comfyui_dir: str, variant: str, seed: int = 0):
+    return random_state_dict(comfyui_dir, VARIANTS[variant], seed)
 
 
 def write_variant(comfyui_dir: str, out_dir: Path, variant: str, seed: int = 0) -> Path:

@@ -115,3 +115,27 @@ class SALADTest_RecordingOverride:
 
 
 NODE_CLASS_MAPPINGS["SALADTest_RecordingOverride"] = SALADTest_RecordingOverride
+
+
+class SALADTest_WeightsTo:
+    """Hands on a copy of SALAD_WEIGHTS moved to another dtype and/or device (``meta``: no data), to test
+    how Apply SALAD Attention copes with weights that do not match the activations."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"salad_weights": ("SALAD_WEIGHTS",),
+                             "dtype": (["float32", "float16", "bfloat16"],),
+                             "device": (["cpu", "meta"],)}}
+
+    RETURN_TYPES = ("SALAD_WEIGHTS",)
+    FUNCTION = "convert"
+    CATEGORY = "testing/salad"
+
+    def convert(self, salad_weights, dtype, device):
+        import copy
+        import comfy.model_patcher
+        sw = copy.deepcopy(salad_weights.model).to(device=device, dtype=getattr(torch, dtype))
+        return (comfy.model_patcher.ModelPatcher(sw, load_device=salad_weights.load_device,
+                                                 offload_device=salad_weights.offload_device),)
+
+
+NODE_CLASS_MAPPINGS["SALADTest_WeightsTo"] = SALADTest_WeightsTo
