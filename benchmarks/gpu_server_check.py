@@ -9,9 +9,9 @@ SALAD Weights Loader); 90% top-k with weights and start_percent 0.2.  Checked: e
 sparsity 0 equals dense; recorded: wall time of each prompt (ComfyUI's own execution timestamps),
 peak GPU memory during the prompt (NVML, device-wide), and how ComfyUI loaded the model (its log).
 
-Modes: full (default), partial (--reserve-vram so that about 5 GB is usable), lowvram (--lowvram),
-novram (--novram), and fp8 model weights (weight_dtype fp8_e4m3fn) under partial load.  ``--model 14b``
-runs Wan 14B at 480p in the partial mode with about 20 GB usable (a 24 GB card).
+Modes: full (default), partial (--reserve-vram so that about 6 GB is usable, as on an 8 GB card),
+lowvram (--lowvram with the same reserve), novram (--novram), and fp8 model weights (weight_dtype fp8_e4m3fn) under partial load.  ``--model 14b``
+runs Wan 14B at 480p in the partial mode with about 22 GB usable (a 24 GB card).
 
 GPU:  COMFYUI_DIR=... PYTHONUNBUFFERED=1 python benchmarks/gpu_server_check.py --out DIR [--model 14b]
 CPU:  python benchmarks/gpu_server_check.py --model tiny --modes full --out DIR   (checks the script runs)
@@ -33,9 +33,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from comfy_harness import ComfyServer, execution_error, find_comfyui, output_files, status_str  # noqa: E402
 
-SHAPES = {"tiny": dict(width=64, height=64, frames=9, steps=2, reserve_partial=0.0),   # --smoke on a CPU
-          "1.3b": dict(width=832, height=480, frames=81, steps=4, reserve_partial=74.0),
-          "14b": dict(width=832, height=480, frames=81, steps=2, reserve_partial=59.0)}
+# usable_gib: GPU memory left to ComfyUI in the partial / lowvram modes (--reserve-vram = card total - this):
+# about what a 8 GB card leaves for Wan 1.3B, and a 24 GB card for Wan 14B.
+SHAPES = {"tiny": dict(width=64, height=64, frames=9, steps=2, usable_gib=0.0),   # --model tiny: CPU check
+          "1.3b": dict(width=832, height=480, frames=81, steps=4, usable_gib=6.0),
+          "14b": dict(width=832, height=480, frames=81, steps=2, usable_gib=22.0)}
 
 
 class PeakMemory:
@@ -54,6 +56,9 @@ class PeakMemory:
 
     def used(self):
         return self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used if self.enabled else 0
+
+    def total_gib(self):
+        return self.nvml.nvmlDeviceGetMemoryInfo(self.handle).total / 2**30 if self.enabled else 0.0
 
     def name(self):
         if not self.enabled:
@@ -234,9 +239,10 @@ def main():
                             "--out", a.out], check=True, capture_output=True, text=True)
     unet, weights = json.loads(built.stdout.strip().splitlines()[-1])
     log(f"built {unet}, {weights} in {time.time() - t0:.1f}s")
-    r = shape["reserve_partial"]
-    modes = {"full": ([], "default"), "partial": (["--reserve-vram", str(r)], "default"),
-             "lowvram": (["--lowvram"], "default"), "novram": (["--novram"], "default"),
+    r = f"{max(0.0, mem.total_gib() - shape['usable_gib']):.1f}"
+    log(f"card {card}: {mem.total_gib():.1f} GiB; partial/lowvram modes use --reserve-vram {r}")
+    modes = {"full": ([], "default"), "partial": (["--reserve-vram", r], "default"),
+             "lowvram": (["--lowvram", "--reserve-vram", r], "default"), "novram": (["--novram"], "default"),
              "partial_fp8": (["--reserve-vram", str(r)], "fp8_e4m3fn")}
     chosen = a.modes.split(",") if a.modes else (["partial"] if a.model == "14b" else list(modes))
     rows = []

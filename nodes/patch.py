@@ -223,22 +223,29 @@ def compute_dtype(model):
 
 def weights_in_compute_dtype(weights_patcher, model):
     """The SALAD weights as ComfyUI should hold them for ``model``: in the model's compute dtype, so
-    they take no more GPU memory than needed and, when ComfyUI leaves them offloaded, each block
-    copies only that much per call.  Returns ``weights_patcher`` itself when the dtype already
-    matches, else a converted copy with its own ModelPatcher (the loader's output is not changed).
-    Weights that hold no data (``meta`` tensors) are refused here, with the file's name."""
+    they take no more GPU memory than needed, and in pinned CPU memory when the model runs on a CUDA
+    device, so that a block whose weights ComfyUI left offloaded (partial / low-VRAM / no-VRAM loads)
+    copies them asynchronously instead of stalling the GPU queue.  Returns ``weights_patcher`` itself
+    when it is already so, else a converted copy with its own ModelPatcher (the loader's output is not
+    changed).  Weights that hold no data (``meta`` tensors) are refused here, with the file's name."""
     import copy
 
     import comfy.model_patcher
+    import torch
     sw = weights_patcher.model
     params = list(sw.parameters())
     if any(p.is_meta for p in params):
         raise ValueError(f"Apply SALAD Attention: salad_weights {sw.name} are on the 'meta' device (they hold no "
                          f"data); load the file again with SALAD Weights Loader")
-    dtype = compute_dtype(model)
-    if dtype is None or all(p.dtype == dtype for p in params):
+    dtype = compute_dtype(model) or params[0].dtype
+    pin = (torch.device(weights_patcher.load_device).type == "cuda" and torch.cuda.is_available()
+           and all(p.device.type == "cpu" for p in params))
+    if all(p.dtype == dtype and (p.is_pinned() or not pin) for p in params):
         return weights_patcher
     converted = copy.deepcopy(sw).to(dtype=dtype)
+    if pin:
+        for p in converted.parameters():
+            p.data = p.data.pin_memory()
     return comfy.model_patcher.ModelPatcher(converted, load_device=weights_patcher.load_device,
                                             offload_device=weights_patcher.offload_device)
 
