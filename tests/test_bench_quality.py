@@ -1,0 +1,149 @@
+"""benchmarks/bench_quality.py: metric properties, the Sol-Attn peer's routing rule and wheel
+stripping, and the CPU smoke run of the whole benchmark (tiny random Wan in real ComfyUI)."""
+import json
+import math
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_quality as bq  # noqa: E402
+import sol_attn_peer as sp  # noqa: E402
+
+
+# ---- metrics ---------------------------------------------------------------------------------
+
+def test_psnr_known_values():
+    a = torch.zeros(2, 4, 8, 8, 3)
+    b = a.clone()
+    b[0] += 0.1                                   # mse 0.01 -> 20 dB
+    p = bq.psnr_per_video(a, b)
+    assert p[0].item() == pytest.approx(20.0, abs=1e-4)
+    assert p[1].item() == pytest.approx(bq.PSNR_CAP)   # identical videos: capped, finite
+
+
+def test_ssim_identity_symmetry_range():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 24, 24, generator=g, dtype=torch.float64)
+    y = (x + 0.2 * torch.randn(3, 24, 24, generator=g, dtype=torch.float64)).clamp(0, 1)
+    assert torch.allclose(bq.ssim_images(x, x), torch.ones(3, dtype=torch.float64))
+    assert torch.allclose(bq.ssim_images(x, y), bq.ssim_images(y, x))
+    s = bq.ssim_images(x, y)
+    assert ((s > -1) & (s < 1)).all()
+    y2 = (x + 0.05 * torch.randn(3, 24, 24, generator=g, dtype=torch.float64)).clamp(0, 1)
+    assert (bq.ssim_images(x, y2) > s).all()      # less noise, higher SSIM
+
+
+def test_ssim_constant_images_closed_form():
+    # no variance: SSIM = (2 c1 c2 + C1) / (c1^2 + c2^2 + C1) exactly (the contrast term is C2/C2)
+    c1, c2 = 0.3, 0.7
+    x = torch.full((1, 16, 16), c1, dtype=torch.float64)
+    y = torch.full((1, 16, 16), c2, dtype=torch.float64)
+    C1 = 0.01 ** 2
+    assert bq.ssim_images(x, y).item() == pytest.approx((2 * c1 * c2 + C1) / (c1 ** 2 + c2 ** 2 + C1), rel=1e-9)
+
+
+def test_ssim_matches_direct_weighted_formula():
+    # an 11x11 image has exactly one window position: compare with the formula written out
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(1, 11, 11, generator=g, dtype=torch.float64)
+    y = torch.rand(1, 11, 11, generator=g, dtype=torch.float64)
+    k = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5 ** 2))
+    w = torch.outer(k, k)
+    w = w / w.sum()
+    mx, my = (w * x[0]).sum(), (w * y[0]).sum()
+    vx, vy = (w * (x[0] - mx) ** 2).sum(), (w * (y[0] - my) ** 2).sum()
+    cxy = (w * (x[0] - mx) * (y[0] - my)).sum()
+    C1, C2 = 0.01 ** 2, 0.03 ** 2
+    ref = ((2 * mx * my + C1) * (2 * cxy + C2)) / ((mx ** 2 + my ** 2 + C1) * (vx + vy + C2))
+    assert bq.ssim_images(x, y).item() == pytest.approx(ref.item(), rel=1e-9)
+
+
+def test_ssim_per_video_averages_frames_and_channels():
+    g = torch.Generator().manual_seed(2)
+    a = torch.rand(2, 3, 16, 16, 3, generator=g)
+    b = a.clone()
+    b[1, :, :, :, 0] = 0.5                        # video 1: one channel replaced
+    s = bq.ssim_per_video(a, b)
+    assert s[0].item() == pytest.approx(1.0, abs=1e-5)
+    ch0 = bq.ssim_images(a[1, :, :, :, 0], b[1, :, :, :, 0]).mean().item()
+    assert s[1].item() == pytest.approx((ch0 + 2.0) / 3.0, abs=1e-5)
+
+
+# ---- Sol-Attn peer ---------------------------------------------------------------------------
+
+def test_routing_scores_match_token_level_rule():
+    """The closed form (block centroid . centred key mean) equals the eager reference's
+    column mean of per-token scores over each 64-token query block."""
+    g = torch.Generator().manual_seed(3)
+    B, T, H, D = 1, 256, 2, 128
+    q, k = (torch.randn(B, T, H, D, generator=g) for _ in range(2))
+    z = sp.routing_scores(q, k)
+    log2s = D ** -0.5 * sp.LOG2E
+    n = T // sp.BLOCK
+    km = k.view(B, n, sp.BLOCK, H, D).mean(2)
+    kc = km - km.mean(1, keepdim=True)
+    s_tok = torch.einsum("bthd,bjhd->bhtj", q, kc) * log2s             # (B, H, T, N)
+    colmean = s_tok.view(B, H, n, sp.BLOCK, n).mean(3)
+    qm = q.view(B, n, sp.BLOCK, H, D).mean(2)
+    var = (qm ** 2 * (kc ** 2).mean(1).unsqueeze(1)).sum(-1)             # (B, N, H)
+    unit = torch.sqrt(var * log2s ** 2 + 1e-6).permute(0, 2, 1).unsqueeze(-1)
+    assert torch.allclose(z, colmean / unit, atol=1e-4, rtol=1e-4)
+
+
+def test_calibrate_tau_hits_target_share():
+    g = torch.Generator().manual_seed(4)
+    zs = [torch.randn(2, 2, 32, 32, generator=g) for _ in range(3)]
+    floor = sp.routed_share(zs[0], 1e9)                                  # the diagonal band only
+    for target in (0.1, 0.25):
+        tau = sp.calibrate_tau(zs, target)
+        share = sum(sp.routed_share(z, tau) for z in zs) / len(zs)
+        assert share == pytest.approx(target, abs=2e-3)
+    assert floor == pytest.approx((32 + 2 * 31) / 32 ** 2)
+
+
+def test_strip_rocm_wheel(tmp_path):
+    src = tmp_path / "in" / "pkg-1.0-cp312-abi3-linux_x86_64.whl"
+    src.parent.mkdir()
+    with zipfile.ZipFile(src, "w") as z:
+        z.writestr("pkg/__init__.py", "x = 1\n")
+        z.writestr("pkg/backends/cuda/_C.so", b"cuda")
+        z.writestr("pkg/backends/hip/_C.cpython-312-x86_64-linux-gnu.so", b"rocm" * 100)
+        z.writestr("pkg/backends/hip/__init__.py", "")
+        z.writestr("pkg-1.0.dist-info/RECORD", "stale\n")
+    out = sp.strip_rocm_wheel(src, tmp_path / "out")
+    with zipfile.ZipFile(out) as z:
+        names = set(z.namelist())
+        record = z.read("pkg-1.0.dist-info/RECORD").decode()
+    assert "pkg/backends/hip/_C.cpython-312-x86_64-linux-gnu.so" not in names
+    assert {"pkg/__init__.py", "pkg/backends/cuda/_C.so", "pkg/backends/hip/__init__.py"} <= names
+    assert "hip/_C" not in record and "pkg/backends/cuda/_C.so,sha256=" in record
+
+
+# ---- the whole benchmark on CPU --------------------------------------------------------------
+
+def test_smoke_run(tmp_path, comfyui_dir):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_quality.py"), "--smoke",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "COMFYUI_DIR": str(comfyui_dir)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "latest-quality.json").read_text())
+    assert {"card", "date", "rows"} <= set(res)
+    methods = {r["method"] for r in res["rows"]}
+    assert {"dense", "sparse_topk", "sparse_window", "salad_calibrated"} <= methods
+    for r in res["rows"]:
+        assert {"method", "sparsity", "start_percent", "psnr", "ssim", "pairs"} <= set(r)
+        assert r["pairs"] == 2
+        if r["method"] != "dense":
+            assert math.isfinite(r["psnr"]) and -1.0 <= r["ssim"] <= 1.0
+    dense0 = [r for r in res["rows"] if r["method"] == "sparse_topk" and r["sparsity"] == 0.0]
+    assert len(dense0) == 1 and dense0[0]["psnr"] >= 40.0, dense0
+    cal = [r for r in res["rows"] if r["method"] == "salad_calibrated"]
+    assert len(cal) == 6 and all(r["salad_calls"] > 0 and r["gates"] for r in cal)
+    assert list((tmp_path).glob("quality-*-smoke.png")) and list(tmp_path.glob("quality-*-smoke.log"))
