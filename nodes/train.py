@@ -4,7 +4,9 @@ No public SALAD weights exist.  This node samples once with the model patched to
 records the self-attention inputs of every block (q, k, v after Wan's norm and RoPE, and the block
 input), then distils each block's Proj and gate so that O_sparse + G * Proj(O_linear) matches dense
 attention on those inputs (salad_core.trainer).  It reports the held-out error against dense
-attention before (sparse-only) and after training, saves the file to models/salad, and outputs it.
+attention before (sparse-only) and after training, per block.  Only blocks whose held-out error went
+down keep their trained weights (the others run sparse-only); when none did, it says so plainly and
+saves nothing.  Before sampling it checks that the recordings fit in free RAM.
 """
 from __future__ import annotations
 
@@ -35,14 +37,19 @@ def _unique_path(prefix: str) -> str:
 class SALADTrainWeights:
     DESCRIPTION = ("Makes SALAD weights for this model: samples once with sparse-only SALAD while recording each "
                    "block's attention inputs, then trains every block's linear-branch projection and gate to "
-                   "match dense attention. Saves the file to models/salad and reports the error against dense "
-                   "attention before and after. Use a short, low-resolution latent: the recorded activations "
-                   "are kept in CPU memory.")
+                   "match dense attention. Keeps the trained weights only for blocks where they lower the held-out "
+                   "error against dense attention (the rest run sparse-only), saves them to models/salad and "
+                   "reports before and after; when no block improves it warns and saves nothing. Use a short, "
+                   "low-resolution latent: the recorded activations are kept in CPU memory (checked before "
+                   "sampling).")
     CATEGORY = "model/patch/SALAD"
     RETURN_TYPES = (SALAD_WEIGHTS, "STRING")
     RETURN_NAMES = ("salad_weights", "report")
-    OUTPUT_TOOLTIPS = ("The trained weights (also saved to models/salad).",
-                       "Held-out relative error vs dense attention, sparse-only vs trained SALAD.")
+    OUTPUT_TOOLTIPS = ("The trained weights (also saved to models/salad), only for the blocks where they beat "
+                       "sparse-only attention on held-out recordings. Nothing (sparse-only) when no block "
+                       "improved; then no file is saved either.",
+                       "Held-out relative error vs dense attention, sparse-only vs trained SALAD, overall and "
+                       "per block, and which blocks kept their trained weights.")
     FUNCTION = "train"
     OUTPUT_NODE = True
 
@@ -84,14 +91,16 @@ class SALADTrainWeights:
     def train(self, model, positive, negative, latent_image, seed, record_steps, cfg, sampler_name, scheduler,
               sparsity, pattern, samples_per_block, train_steps, learning_rate, filename_prefix):
         import comfy.sample
+        import comfy.utils
         import torch
         from ..salad_core.trainer import SampleStore, capture
         from ..salad_core.weights import SaladWeights
 
         info = wan_model_info(model, "SALAD Train Weights")
+        latent = latent_image["samples"]
+        self._check_memory(model, info, latent, positive, negative, cfg, samples_per_block)
         patched = apply_salad(model, PatchOptions(sparsity=sparsity, pattern=pattern))
 
-        latent = latent_image["samples"]
         latent = comfy.sample.fix_empty_latent_channels(patched, latent)
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
         every = max(1, record_steps // samples_per_block)
@@ -122,35 +131,66 @@ class SALADTrainWeights:
             return self._train(weights, store, info, seed, record_steps, cfg, sampler_name, scheduler, sparsity,
                                pattern, train_steps, learning_rate, filename_prefix, latent, pbar, done)
 
+    @staticmethod
+    def _check_memory(model, info, latent, positive, negative, cfg, samples_per_block):
+        """Refuse before sampling when the recordings would not fit in free RAM (they stay on the CPU)."""
+        import math
+
+        import psutil
+        from ..salad_core.trainer import check_recording_memory
+
+        if latent.ndim != 5:
+            return  # not a video latent; wan_model_info / sampling will say what is wrong
+        dm = model.model.diffusion_model
+        patch = tuple(getattr(dm, "patch_size", (1, 2, 2)))
+        # cond and uncond (and several prompts) may be batched into one call: count every row
+        n_cond = len(positive) + (0 if math.isclose(cfg, 1.0) else len(negative))
+        batch = int(latent.shape[0]) * max(1, n_cond)
+        on_cpu = mm.get_torch_device().type == "cpu"
+        vae = (4, 16, 16) if latent.shape[1] == 48 else (4, 8, 8)  # Wan 2.2 5B's VAE compresses 16x
+        plan = check_recording_memory(tuple(latent.shape[2:]), patch, info["dim"], info["num_blocks"],
+                                      samples_per_block, batch, psutil.virtual_memory().available,
+                                      train_on_cpu=on_cpu, vae_scale=vae)
+        if not plan["ok"]:
+            log.warning(plan["message"])
+            raise MemoryError(plan["message"])
+        log.info("SALAD Train Weights: recordings need about %.2f GiB of RAM (%.1f GiB free to use)",
+                 plan["need"] / 2**30, plan["usable"] / 2**30)
+
     def _train(self, weights, store, info, seed, record_steps, cfg, sampler_name, scheduler, sparsity, pattern,
                train_steps, learning_rate, filename_prefix, latent, pbar, done):
-        from ..salad_core.trainer import relative_error, train_salad
+        from ..salad_core.trainer import keep_improved_blocks, relative_error, train_salad, training_report
         from ..salad_core.weights import save_salad_weights
 
         train_set, holdout = store.split(0.25, seed=seed % 2**31)
-        if len(holdout) == 0:
-            holdout = train_set
         device = mm.get_torch_device()
         weights.to(device)
-        before = relative_error(holdout, weights, device=device)
 
         def on_train(d):
             done[0] = record_steps + d["block"] * train_steps + d["step"]
             pbar.update_absolute(min(done[0], record_steps + train_steps * info["num_blocks"]))
 
-        train_salad(train_set, weights, steps=train_steps, lr=learning_rate, sparsity=sparsity, pattern=pattern,
-                    log_every=max(1, train_steps // 20), callback=on_train, seed=seed % 2**31,
-                    tokens_per_step=4096, device=device,
-                    training_data=f"{len(train_set)} calls recorded in ComfyUI, latent {tuple(latent.shape)}, "
-                                  f"{record_steps} steps, {sampler_name}/{scheduler}, cfg {cfg}")
-        after = relative_error(holdout, weights, device=device)
+        res = train_salad(train_set, weights, steps=train_steps, lr=learning_rate, sparsity=sparsity,
+                          pattern=pattern, log_every=max(1, train_steps // 20), callback=on_train,
+                          seed=seed % 2**31, tokens_per_step=4096, device=device,
+                          training_data=f"{len(train_set)} calls recorded in ComfyUI, latent {tuple(latent.shape)}, "
+                                        f"{record_steps} steps, {sampler_name}/{scheduler}, cfg {cfg}")
+        if len(holdout):
+            heldout = relative_error(holdout, weights, device=device)  # sparse-only and trained, per block
+        else:  # nothing could be held out: nothing can be shown to help
+            heldout = dict(sparse_only=0.0, salad=0.0, n=0, per_sample=[], sample_blocks=[], per_block={})
         weights.to("cpu")
-        path = save_salad_weights(weights, _unique_path(filename_prefix))
-        report = (f"SALAD weights saved to {path}\n"
-                  f"held-out relative error vs dense attention ({after['n']} calls, sparsity {sparsity}, {pattern}): "
-                  f"sparse-only {before['sparse_only']:.4f} -> SALAD {after['salad']:.4f} "
-                  f"({100 * (1 - after['salad'] / max(before['sparse_only'], 1e-12)):.1f}% lower)")
-        log.info(report.replace("\n", " | "))
-        from .loader import SALADWeightsLoader
-        patcher = SALADWeightsLoader.wrap(weights)
+        result = keep_improved_blocks(weights, heldout, trained_blocks=res["blocks"])
+        path = None
+        if result["weights"] is not None:
+            path = save_salad_weights(result["weights"], _unique_path(filename_prefix))
+        lines = training_report(result, sparsity, pattern, saved_path=path)
+        for level, line in lines:
+            (log.warning if level == "warning" else log.info)("SALAD Train Weights: %s", line)
+        report = "\n".join(line for _level, line in lines)
+        patcher = None
+        if result["weights"] is not None:
+            from .loader import SALADWeightsLoader
+            patcher = SALADWeightsLoader.wrap(result["weights"])
+        # None = no weights: Apply SALAD Attention's optional salad_weights then runs sparse-only
         return {"ui": {"text": [report]}, "result": (patcher, report)}

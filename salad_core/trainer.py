@@ -101,7 +101,9 @@ class SampleStore:
         for b in self.block_ids():
             ss = self.for_block(b)
             order = torch.randperm(len(ss), generator=g).tolist()
-            n_ho = int(round(holdout * len(ss))) if len(ss) > 1 else 0
+            # at least one held-out call per block once there are two (round(0.25 * 2) would give none)
+            n_ho = max(1, int(round(holdout * len(ss)))) if len(ss) > 1 and holdout > 0 else 0
+            n_ho = min(n_ho, len(ss) - 1) if len(ss) > 1 else 0
             for j, i in enumerate(order):
                 (ho if j < n_ho else tr).samples.append(ss[i])
         return tr, ho
@@ -333,17 +335,246 @@ def train_salad(samples, weights: SaladWeights, steps: int = 300, lr: float = 1e
 @torch.no_grad()
 def relative_error(samples, weights: SaladWeights, config: Optional[SaladConfig] = None, device=None) -> dict:
     """Mean relative L2 error ||o - dense|| / ||dense|| over samples of sparse-only attention
-    (proj = 0) and of SALAD with the given weights.  Returns
-    ``{"sparse_only": float, "salad": float, "n": int, "per_sample": [(sparse, salad), ...]}``."""
+    (proj = 0) and of SALAD with the given weights (sparse-only for blocks they do not cover).  Returns
+    ``{"sparse_only": float, "salad": float, "n": int, "per_sample": [(sparse, salad), ...],
+    "sample_blocks": [block of each per_sample entry], "per_block": {block: {"sparse_only", "salad", "n"}}}``."""
     config, samples, device = _setup(samples, weights, config, None, None, device, "relative_error")
-    per = []
+    per, blocks = [], []
     for s in samples:
         b = _resolve_block(s, weights)
         f = _features(s, config, device)
-        proj = copy.deepcopy(weights.proj_for(b)).to(device=device, dtype=torch.float32)
-        gate = copy.deepcopy(weights.gate_for(b)).to(device=device, dtype=torch.float32)
-        out = _salad_out(f["xm"], f["o_s"], f["o_l"], proj, gate)
+        if weights.has_block(b):
+            proj = copy.deepcopy(weights.proj_for(b)).to(device=device, dtype=torch.float32)
+            gate = copy.deepcopy(weights.gate_for(b)).to(device=device, dtype=torch.float32)
+            out = _salad_out(f["xm"], f["o_s"], f["o_l"], proj, gate)
+        else:  # a block the weights do not cover runs sparse-only (as at inference)
+            out = f["o_s"]
         tn = f["tgt"].norm().clamp_min(1e-12)
         per.append((float((f["o_s"] - f["tgt"]).norm() / tn), float((out - f["tgt"]).norm() / tn)))
+        blocks.append(b)
+        del f
+    per_block: Dict[int, dict] = {}
+    for b in sorted(set(blocks)):
+        pb = [p for p, bb in zip(per, blocks) if bb == b]
+        per_block[b] = dict(sparse_only=sum(p[0] for p in pb) / len(pb), salad=sum(p[1] for p in pb) / len(pb),
+                            n=len(pb))
     return dict(sparse_only=sum(p[0] for p in per) / len(per), salad=sum(p[1] for p in per) / len(per),
-                n=len(per), per_sample=per)
+                n=len(per), per_sample=per, sample_blocks=blocks, per_block=per_block)
+
+
+# ----------------------------------------------------------------------------------------------
+# keeping only what helps, and saying so
+# ----------------------------------------------------------------------------------------------
+
+#: a trained block is kept only when it lowers its held-out error by at least this fraction; the
+#: held-out calls both choose and report, so a tiny "gain" is more likely noise than help (and a
+#: dropped block also skips the linear branch at inference).
+MIN_GAIN = 0.005
+
+
+def subset_weights(weights: SaladWeights, keep: Iterable[int]) -> SaladWeights:
+    """A copy of ``weights`` covering only blocks ``keep`` (same metadata, ``blocks`` updated)."""
+    keep = sorted(set(int(b) for b in keep))
+    out = SaladWeights(weights.dim, weights.heads, weights.num_blocks, keep, metadata=dict(weights.metadata),
+                       path=weights.path)
+    p0 = next(iter(weights.parameters()), None)
+    if p0 is not None:
+        out.to(device=p0.device, dtype=p0.dtype)
+    with torch.no_grad():
+        for b in keep:
+            for dst, src in ((out.proj_for(b), weights.proj_for(b)), (out.gate_for(b), weights.gate_for(b))):
+                for pd, ps in zip(dst.parameters(), src.parameters()):
+                    pd.copy_(ps)
+    return out
+
+
+def _sig(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
+def keep_improved_blocks(weights: SaladWeights, heldout: dict, trained_blocks: Optional[Iterable[int]] = None,
+                         min_gain: float = MIN_GAIN) -> dict:
+    """Per block, keep the trained Proj/gate only where the held-out recordings say they beat
+    sparse-only attention (relative error lower by at least ``min_gain``); every other block is
+    dropped from the weights, i.e. runs sparse-only (no linear branch) at inference.
+
+    heldout: :func:`relative_error` of the trained ``weights`` on held-out samples.
+    trained_blocks: blocks that were trained (default: ``weights.block_ids``); a trained block
+    with no held-out sample cannot be checked and is dropped.
+
+    Returns a dict: ``weights`` (a :func:`subset_weights` copy with the kept blocks and metadata
+    ``block_errors`` / ``heldout_error``, or None when no block is kept), ``kept``, ``dropped``,
+    ``unchecked`` (block lists), ``per_block`` {block: (sparse_only, trained, kept)}, ``before``
+    and ``after`` (mean held-out error over all held-out calls: sparse-only, and with the returned
+    weights), ``trained_after`` (with all trained weights, before choosing), ``n``."""
+    trained = sorted(set(int(b) for b in (weights.block_ids if trained_blocks is None else trained_blocks)))
+    pb = heldout["per_block"]
+    per_block, kept, dropped = {}, [], []
+    for b in sorted(pb):
+        so, tr = pb[b]["sparse_only"], pb[b]["salad"]
+        ok = b in trained and tr < so * (1.0 - float(min_gain))
+        per_block[b] = (so, tr, ok)
+        (kept if ok else dropped).append(b)
+    unchecked = [b for b in trained if b not in pb]
+    final = [sal if per_block[b][2] else so for (so, sal), b in zip(heldout["per_sample"], heldout["sample_blocks"])]
+    n = len(final)
+    before = heldout["sparse_only"]
+    after = sum(final) / n if n else before
+    out_w = None
+    if kept:
+        out_w = subset_weights(weights, kept)
+        md = out_w.metadata
+        md["block_errors"] = json.dumps({str(b): [_sig(v[0]), _sig(v[1])] for b, v in per_block.items()},
+                                        separators=(",", ":"))
+        md["heldout_error"] = (f"sparse-only {before:.4f} -> SALAD {after:.4f} over {n} held-out calls; "
+                               f"block_errors = [sparse-only, trained] per block; trained blocks not listed "
+                               f"in 'blocks' run sparse-only")
+    return dict(weights=out_w, kept=kept, dropped=dropped, unchecked=unchecked, per_block=per_block,
+                before=before, after=after, trained_after=heldout["salad"], n=n,
+                num_trained=len(trained), min_gain=float(min_gain))
+
+
+def change_words(before: float, after: float) -> str:
+    """'better by 12.3%' / 'worse by 4.5%' / 'no change' (never a negative percentage)."""
+    if before <= 0:
+        return "no change" if after == before else ("worse" if after > before else "better")
+    pct = 100.0 * (before - after) / before
+    if abs(pct) < 0.05:
+        return "no change"
+    return f"better by {pct:.1f}%" if pct > 0 else f"worse by {-pct:.1f}%"
+
+
+def training_report(result: dict, sparsity: float, pattern: str, saved_path=None) -> List[tuple]:
+    """The report of :func:`keep_improved_blocks` as ``[(level, line), ...]`` (level 'info' or
+    'warning'), headline first; the node joins the lines for its output and logs each."""
+    before, after, n = result["before"], result["after"], result["n"]
+    kept, dropped, unchecked = result["kept"], result["dropped"], result["unchecked"]
+    m = result["num_trained"]
+    lines: List[tuple] = []
+    where = f"({n} held-out calls, sparsity {sparsity}, {pattern})"
+    if not kept:
+        lines.append(("warning", f"WARNING: SALAD training did not help: no block's held-out error went down by at "
+                                 f"least {100 * result['min_gain']:g}%, so NO weight file was saved and no weights "
+                                 f"are output (Apply SALAD Attention runs sparse-only without them). With all "
+                                 f"trained weights: {change_words(before, result['trained_after'])} "
+                                 f"({before:.4f} -> {result['trained_after']:.4f})."))
+        if n:
+            lines.append(("info", f"held-out relative error vs dense attention {where}: sparse-only {before:.4f} -> "
+                                  f"SALAD {after:.4f} (no gain: kept sparse-only for {m} of {m} blocks)"))
+        else:
+            lines.append(("info", f"no held-out calls to measure with (no gain shown: kept sparse-only for {m} of "
+                                  f"{m} blocks)"))
+    else:
+        lines.append(("info", f"SALAD weights: {change_words(before, after)} than sparse-only. Held-out relative "
+                              f"error vs dense attention {where}: sparse-only {before:.4f} -> SALAD {after:.4f}"))
+        if dropped or unchecked:
+            lines.append(("info", f"no gain: kept sparse-only for {len(dropped) + len(unchecked)} of {m} blocks "
+                                  f"({format_block_spec(dropped + unchecked)}); trained weights kept for "
+                                  f"{len(kept)} of {m} blocks ({format_block_spec(kept)})"))
+        else:
+            lines.append(("info", f"trained weights kept for all {m} blocks"))
+    if unchecked:
+        lines.append(("info", f"blocks {format_block_spec(unchecked)} had no held-out recording to check them "
+                              f"(record more steps or raise samples_per_block); they run sparse-only"))
+    if saved_path is not None:
+        lines.append(("info", f"SALAD weights saved to {saved_path}"))
+    rows = [f"{b}: {so:.4f} -> {tr:.4f} {'kept' if ok else 'sparse-only'}"
+            for b, (so, tr, ok) in result["per_block"].items()]
+    if rows:
+        lines.append(("info", "per block, held-out error sparse-only -> trained: " + "; ".join(rows)))
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# recording memory
+# ----------------------------------------------------------------------------------------------
+
+GiB = 1024 ** 3
+
+
+def _gib(b: float) -> str:
+    return f"{b / GiB:.1f} GiB"
+
+
+def recording_bytes(tokens: int, dim: int, num_blocks: int, calls_per_block: int, batch: int = 1,
+                    qkv_dim: Optional[int] = None, bytes_per_value: int = 2) -> int:
+    """CPU bytes the recordings take: per recorded call, q, k, v (qkv_dim = heads*head_dim each,
+    default dim) and the block input x (dim) for every token of every batch row, in fp16."""
+    qkv_dim = int(dim if qkv_dim is None else qkv_dim)
+    return int(tokens) * (3 * qkv_dim + int(dim)) * int(bytes_per_value) * int(batch) * int(num_blocks) * \
+        int(calls_per_block)
+
+
+def training_work_bytes(tokens: int, dim: int, calls_per_block: int, batch: int = 1) -> int:
+    """Extra bytes while one block trains (its fp32 o_sparse, o_linear and dense target per call);
+    only lands in RAM when training runs on the CPU."""
+    return int(tokens) * int(dim) * 4 * 3 * int(batch) * int(calls_per_block)
+
+
+def check_recording_memory(latent_thw: Sequence[int], patch: Sequence[int], dim: int, num_blocks: int,
+                           calls_per_block: int, batch: int, available_bytes: int, *, qkv_dim: Optional[int] = None,
+                           train_on_cpu: bool = False, margin_fraction: float = 0.15,
+                           margin_bytes: int = 2 * GiB, vae_scale: Sequence[int] = (4, 8, 8)) -> dict:
+    """Would recording (and training) fit in ``available_bytes`` of free RAM?  Pure: pass the
+    free-RAM figure in (the node uses ``psutil.virtual_memory().available``).
+
+    latent_thw: latent frames, height, width; patch: the model's (t, h, w) patch size, so tokens =
+    ceil(T/pt) * ceil(H/ph) * ceil(W/pw).  A margin of ``max(margin_bytes, margin_fraction *
+    available)`` is left free.  vae_scale (t, h, w) only turns latent sizes into video sizes in
+    the message (Wan 2.1: 4, 8, 8; Wan 2.2 5B: 4, 16, 16).
+
+    Returns ``{"ok", "need", "usable", "tokens", "suggest_latent": (T, H, W) or None, "message"}``;
+    message is empty when ok, else says what to use instead."""
+    T, H, W = (int(v) for v in latent_thw)
+    pt, ph, pw = (max(1, int(p)) for p in patch)
+
+    def tokens_of(t, h, w):
+        return -(-t // pt) * -(-h // ph) * -(-w // pw)
+
+    def need_of(tok):
+        n = recording_bytes(tok, dim, num_blocks, calls_per_block, batch, qkv_dim)
+        if train_on_cpu:
+            n += training_work_bytes(tok, dim, calls_per_block, batch)
+        return n
+
+    tokens = tokens_of(T, H, W)
+    need = need_of(tokens)
+    avail = max(0, int(available_bytes))
+    usable = max(0, avail - max(int(margin_bytes), int(margin_fraction * avail)))
+    res = dict(ok=need <= usable, need=need, usable=usable, available=avail, tokens=tokens, suggest_latent=None,
+               message="")
+    if res["ok"]:
+        return res
+    # suggest: same frames and aspect ratio, smaller height/width (down to 4 patches a side), then fewer frames
+    per_token = need_of(1)
+    max_tokens = usable // per_token if per_token else 0
+    sug = None
+    if max_tokens >= 1:
+        r = math.sqrt(max_tokens / tokens)
+        h = max(ph, int(H * r) // ph * ph)
+        w = max(pw, int(W * r) // pw * pw)
+        min_side = 4
+        if h // ph < min_side or w // pw < min_side:
+            h, w = min(H, min_side * ph), min(W, min_side * pw)
+        t = T
+        while t > 1 and tokens_of(t, h, w) > max_tokens:
+            t -= 1
+        if tokens_of(t, h, w) <= max_tokens:
+            sug = (t, h, w)
+    vt, vh, vw = (int(v) for v in vae_scale)
+
+    def video(t, h, w):
+        return f"{(t - 1) * vt + 1} frames at {w * vw}x{h * vh}"
+
+    msg = (f"SALAD Train Weights: recording would need about {_gib(need)} of RAM (latent {T}x{H}x{W} "
+           f"(frames x height x width) = {tokens:,} tokens x {num_blocks} blocks x {calls_per_block} recorded calls "
+           f"per block x batch {batch}; q, k, v and block input in fp16"
+           f"{' plus the fp32 training features of one block, as training runs on the CPU' if train_on_cpu else ''}"
+           f") but only {_gib(usable)} is free to use ({_gib(avail)} available, keeping a margin). ")
+    if sug is not None:
+        msg += (f"Use a smaller latent, at most {sug[0]}x{sug[1]}x{sug[2]} (frames x height x width, about "
+                f"{video(*sug)}; now {video(T, H, W)}), or lower samples_per_block.")
+    else:
+        msg += "Even the smallest latent would not fit: lower samples_per_block or free memory."
+    res.update(suggest_latent=sug, message=msg)
+    return res
