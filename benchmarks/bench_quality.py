@@ -9,7 +9,9 @@ negative the empty caption), on the testbed model loaded by ``comfy.sd.load_diff
   dense            the unpatched ModelPatcher
   sparse_topk      ``nodes.patch.apply_salad`` without weights (what the Apply SALAD node does),
   sparse_window    pattern topk / window
-  salad_calibrated apply_salad with a SALAD weight file (``--weights``; SALADWeightsLoader.wrap)
+  salad_calibrated apply_salad with SALAD weights: files from ``--weights`` (SALADWeightsLoader.wrap), or
+                   with ``--calibrate`` made here by the SALAD Train Weights node's code, one per
+                   sparsity, from captions of seed CALIB_SEED (not the benchmark's pairs)
   sol_attn         ComfyUI core's training-free "Model Sparse Attention" method (comfy_kitchen
                    Sol-Attn), our override in benchmarks/sol_attn_peer.py, tau calibrated to the
                    same kept-block share as SALAD (see that module's docstring)
@@ -26,7 +28,12 @@ Output in ``--out``: ``quality-<date>-<card>.json`` + ``.log``, the same json as
 are null; per-pair PSNR is capped at 100 dB for identical videos), and ``quality-<date>-<card>.png``
 (frames of one prompt: dense, sparse_topk, salad_calibrated, sol_attn at ``--image-sparsity``).
 
-GPU:  COMFYUI_DIR=... PYTHONUNBUFFERED=1 python benchmarks/bench_quality.py --weights W.safetensors --out DIR
+GPU (no network there): here ``bash benchmarks/prepare_quality_gpu.sh`` stages the comfy-kitchen wheel
+(ROCm library stripped), three small wheels ComfyUI's sampler imports and a minimal ComfyUI in ignored
+folders; carry those and run
+      pip install --no-index --no-deps --target /tmp/site <the four wheels> && export PYTHONPATH=/tmp/site
+      COMFYUI_DIR=$PWD/.gpu/comfyui_min PYTHONUNBUFFERED=1 python3 benchmarks/bench_quality.py \
+          (--weights W.safetensors[,W2...] | --calibrate) --out DIR
 CPU:  python benchmarks/bench_quality.py --smoke --out DIR   (tiny random Wan, tiny latent, 2 pairs,
       2 steps, torch backend, random SALAD weights, no sol_attn; checks the whole path runs)
 """
@@ -53,7 +60,8 @@ for _p in (ROOT / "tests", HERE):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-BENCH_SEED = 10_000_000
+BENCH_SEED = 10_000_000     # testbed training uses seeds 1_000_003 + step, its validation 20_000_000
+CALIB_SEED = 30_000_000
 MODEL_PATH = ROOT / "testbed" / "models" / "salad_testbed_wan21.safetensors"
 SPARSE_METHODS = ("sparse_topk", "sparse_window", "salad_calibrated", "sol_attn")
 FIGURE_METHODS = ("dense", "sparse_topk", "salad_calibrated", "sol_attn")
@@ -154,7 +162,15 @@ def parse(argv=None):
     ap.add_argument("--weights", default=None,
                     help="SALAD weight file(s) for salad_calibrated, comma-separated: each sparsity uses the "
                          "file whose metadata sparsity is nearest")
-    ap.add_argument("--salad-pattern", default=None, help="pattern for salad_calibrated (default: the file's)")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="without --weights: make the salad_calibrated weights here, one file per sparsity, with the "
+                         "SALAD Train Weights node's own code on captions of seed CALIB_SEED (not the bench pairs)")
+    ap.add_argument("--calib-prompts", type=int, default=8)
+    ap.add_argument("--calib-record-steps", type=int, default=8)
+    ap.add_argument("--calib-samples", type=int, default=8, help="recorded calls kept per block")
+    ap.add_argument("--calib-train-steps", type=int, default=200)
+    ap.add_argument("--salad-pattern", default=None, help="pattern for salad_calibrated (default: the file's, "
+                                                          "or topk when calibrating)")
     ap.add_argument("--methods", default=",".join(("dense",) + SPARSE_METHODS))
     ap.add_argument("--sparsities", default=SPARSITIES)
     ap.add_argument("--starts", default="0,0.2", help="start_percent values")
@@ -230,6 +246,40 @@ def smoke_files(comfy_dir: str, tmp: Path, run: Run):
     return model, str(w)
 
 
+def calibrate(model, sparsities, a, latent_shape, out_dir: Path, run: Run):
+    """[(SaladWeights, path)]: one weight file per sparsity made by the SALAD Train Weights node's code
+    (record with sparse-only SALAD, distil each block's Proj + gate, keep improved blocks), on
+    ``--calib-prompts`` captions of ``data.sample_specs(CALIB_SEED)``; saved under out_dir/salad_weights."""
+    import folder_paths
+    from salad_pack.nodes.paths import EXTENSIONS, FOLDER_NAME
+    from salad_pack.nodes.train import SALADTrainWeights
+    from salad_pack.testbed import data as tb_data
+    from salad_pack.testbed import text as tb_text
+    wdir = out_dir / "salad_weights"
+    wdir.mkdir(parents=True, exist_ok=True)
+    folder_paths.folder_names_and_paths[FOLDER_NAME] = ([str(wdir)], set(EXTENSIONS))
+    specs = tb_data.sample_specs(seed=CALIB_SEED, n=a.calib_prompts)
+    pos = [[tb_text.caption_context([s.caption for s in specs]), {}]]
+    neg = [[tb_text.caption_context([""]), {}]]
+    latent = {"samples": torch.zeros(len(specs), *latent_shape)}
+    pattern = a.salad_pattern or "topk"
+    files = []
+    for s in sparsities:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            res = SALADTrainWeights().train(
+                model=model, positive=pos, negative=neg, latent_image=latent, seed=CALIB_SEED,
+                record_steps=a.calib_record_steps, cfg=a.cfg, sampler_name=a.sampler, scheduler=a.scheduler,
+                sparsity=s, pattern=pattern, samples_per_block=a.calib_samples, train_steps=a.calib_train_steps,
+                learning_rate=1e-3, filename_prefix=f"testbed_{pattern}_{s:g}")
+        patcher, report = res["result"]
+        run.say(f"calibrated s={s} {pattern} in {time.perf_counter() - t0:.1f}s: " + report.replace("\n", " | "))
+        saved = sorted(wdir.glob(f"testbed_{pattern}_{s:g}_*.safetensors"), key=lambda p: p.stat().st_mtime)
+        if patcher is not None and saved:
+            files.append((patcher.model, str(saved[-1])))
+    return files
+
+
 def load_weight_files(spec: str | None):
     """[(SaladWeights, path)] from a comma-separated list of files."""
     from salad_pack.salad_core.weights import load_salad_weights
@@ -273,15 +323,18 @@ def main(argv=None):
     card = torch.cuda.get_device_name() if dev.type == "cuda" else (platform.processor() or "cpu")
     tmp = Path(tempfile.mkdtemp(prefix="bench_quality_"))
     model_path, weights_spec = (smoke_files(comfy_dir, tmp, run) if a.smoke else (a.model or str(MODEL_PATH), None))
-    weights_spec = a.weights or weights_spec
+    weights_spec = a.weights or (None if a.calibrate else weights_spec)
     methods = [m for m in a.methods.split(",") if m]
     sparsities = [float(s) for s in a.sparsities.split(",")]
     starts = [float(s) for s in a.starts.split(",")]
 
     model = comfy.sd.load_diffusion_model(str(model_path))
+    C, T, H, W = (int(v) for v in a.latent.split(","))
     files = load_weight_files(weights_spec)
+    if "salad_calibrated" in methods and not files and a.calibrate:
+        files = calibrate(model, sparsities, a, (C, T, H, W), run.out, run)
     if "salad_calibrated" in methods and not files:
-        run.say("salad_calibrated skipped: no --weights given")
+        run.say("salad_calibrated skipped: no weights (give --weights or --calibrate)")
         methods.remove("salad_calibrated")
     if "sol_attn" in methods and import_kitchen() is None:
         run.say("sol_attn skipped: comfy_kitchen is not importable (see the GPU command in the report/README)")
@@ -291,7 +344,6 @@ def main(argv=None):
         methods.remove("sol_attn")
 
     # inputs shared by every method
-    C, T, H, W = (int(v) for v in a.latent.split(","))
     n = a.pairs
     specs = tb_data.sample_specs(seed=a.bench_seed, n=n)
     captions = [s.caption for s in specs]
@@ -410,7 +462,8 @@ def main(argv=None):
                 extra["gates"] = probe.gates()
         else:
             extra.update(tau=patch.tau, extra_tokens=patch.extra_tokens, target_share=target,
-                         kept_share=patch.kept_share, sol_calls=patch.calls, declined=dict(patch.declined))
+                         kept_share=patch.kept_share, sol_calls=patch.calls, declined=dict(patch.declined),
+                         kernel_vs_eager=patch.eager_check)
         evaluate(method, s, start, raw, sec, extra)
         del m
 

@@ -141,6 +141,17 @@ class SolAttnPatch:
         self.calls = 0
         self.declined = Counter()
         self.share_sum = 0.0
+        self.eager_check = None
+
+    def check_against_eager(self, qs, ks, vs, out):
+        """Once per run: relative error of the kernel's output vs comfy_kitchen's fp32 eager reference
+        (same routing rule, exact arithmetic) on the first sample of a CUDA call."""
+        if self.eager_check is not None or qs.device.type != "cuda":
+            return
+        from comfy_kitchen.backends.eager.sol_attn import sol_attn as eager
+        ref = eager(qs[:1].float(), ks[:1].float(), vs[:1].float(), tau=self.tau)
+        err = (out[:1].float() - ref).norm() / ref.norm()
+        self.eager_check = dict(rel_err=float(err), token_aug_in_kernel_only=self.extra_tokens)
 
     @property
     def kept_share(self):
@@ -187,6 +198,7 @@ class SolAttnPatch:
         out = self.ck.sol_attn(qs.contiguous(), ks.contiguous(), vs.contiguous(), tau=self.tau, scale=scale,
                                topk_ratio=0.0, token_aug=self.extra_tokens)
         self.calls += 1
+        self.check_against_eager(qs, ks, vs, out)
         return out.to(q.dtype).reshape(b, t, heads * HEAD_DIM)
 
 
