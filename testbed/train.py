@@ -37,7 +37,7 @@ sized to travel back from the GPU machine (files <= 15 MiB, at most 8 files, 60 
   Adam's first moment is dropped (8 MiB more would break the budget): it refills within ~10 steps
   (beta1 0.9) and restarting it at zero only shrinks the first steps after a resume, so no extra
   warm-up is needed.  Everything is packed into <= 14.5 MiB safetensors shards
-  ``ckpt-<step>-<i>.safetensors`` (4 shards, 53.4 MiB), each written atomically, then ``state.json``
+  ``ckpt-<step>-<i>.safetensors`` (4 shards, 53.5 MiB), each written atomically, then ``state.json``
   (step, seeds, config, shard list; atomic) and ``metrics.json`` (loss curve, throughput, last
   validation).  Older shards are deleted after state.json points at the new ones.  Resume restores
   the step, data position, lr schedule position, RNG (a function of the step), EMA and weights.
