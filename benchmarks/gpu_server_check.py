@@ -9,7 +9,7 @@ SALAD Weights Loader); 90% top-k with weights and start_percent 0.2.  Checked: e
 sparsity 0 equals dense; recorded: wall time of each prompt (ComfyUI's own execution timestamps),
 peak GPU memory during the prompt (NVML, device-wide), and how ComfyUI loaded the model (its log).
 
-Modes: full (default), partial (--reserve-vram so that about 6 GB is usable, as on an 8 GB card),
+Modes: full (default), partial (--reserve-vram so that about 4.5 GB is usable, as on a 6-8 GB card),
 lowvram (--lowvram with the same reserve), novram (--novram), and fp8 model weights (weight_dtype fp8_e4m3fn) under partial load.  ``--model 14b``
 runs Wan 14B at 480p in the partial mode with about 22 GB usable (a 24 GB card).
 
@@ -34,9 +34,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from comfy_harness import ComfyServer, execution_error, find_comfyui, output_files, status_str  # noqa: E402
 
 # usable_gib: GPU memory left to ComfyUI in the partial / lowvram modes (--reserve-vram = card total - this):
-# about what a 8 GB card leaves for Wan 1.3B, and a 24 GB card for Wan 14B.
+# about what a 6-8 GB card leaves for Wan 1.3B, and a 24 GB card for Wan 14B.
 SHAPES = {"tiny": dict(width=64, height=64, frames=9, steps=2, usable_gib=0.0),   # --model tiny: CPU check
-          "1.3b": dict(width=832, height=480, frames=81, steps=4, usable_gib=6.0),
+          "1.3b": dict(width=832, height=480, frames=81, steps=4, usable_gib=4.5),
           "14b": dict(width=832, height=480, frames=81, steps=2, usable_gib=22.0)}
 
 
@@ -175,10 +175,17 @@ def run_mode(base, mode, args, unet, weights, shape, mem, log, deadline, weight_
             if status_str(e) != "success":
                 log(f"[{mode}] warm-up {name} failed: {(execution_error(e) or {}).get('exception_message')}")
         dense = None
+        cached = None
         for name, salad, w in runs_for(weights):
             if time.time() > deadline:
                 log(f"[{mode}] time budget reached, skipping {name}")
                 continue
+            if w != cached:
+                # ComfyUI drops a node's cached output when a prompt without that node runs; load the
+                # weight file (and convert it for the model) once, untimed, as a user re-running a graph has
+                server.run(prompt(unet, shape, salad=salad, weights=w, weight_dtype=weight_dtype, steps=1,
+                                  prefix=f"reload_{uuid.uuid4().hex[:6]}"), timeout=900)
+                cached = w
             mark = len(server.log())
             with mem:
                 e = server.run(prompt(unet, shape, salad=salad, weights=w, weight_dtype=weight_dtype,
