@@ -145,5 +145,5 @@ def test_smoke_run(tmp_path, comfyui_dir):
     dense0 = [r for r in res["rows"] if r["method"] == "sparse_topk" and r["sparsity"] == 0.0]
     assert len(dense0) == 1 and dense0[0]["psnr"] >= 40.0, dense0
     cal = [r for r in res["rows"] if r["method"] == "salad_calibrated"]
-    assert len(cal) == 6 and all(r["salad_calls"] > 0 and r["gates"] for r in cal)
+    assert len(cal) == 2 and all(r["salad_calls"] > 0 and r["gates"] for r in cal)
     assert list((tmp_path).glob("quality-*-smoke.png")) and list(tmp_path.glob("quality-*-smoke.log"))
