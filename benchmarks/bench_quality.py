@@ -46,6 +46,7 @@ import datetime as dt
 import json
 import math
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -204,7 +205,8 @@ class Run:
 
     def __init__(self, a):
         self.a = a
-        self.out = Path(a.out or ROOT / "benchmarks" / "results")
+        default = Path(tempfile.gettempdir()) / "bench_quality_smoke" if a.smoke else ROOT / "benchmarks" / "results"
+        self.out = Path(a.out) if a.out else default
         self.out.mkdir(parents=True, exist_ok=True)
         self.lines = []
 
@@ -493,6 +495,7 @@ def main(argv=None):
     run.say(f"sparsity-0 check: PSNR vs dense {check} dB; total {res['seconds_total']} s")
     run.say(f"wrote {run.out / (stem + '.json')}, latest-quality.json, {png.name if png else 'no figure'}")
     (run.out / f"{stem}.log").write_text("\n".join(run.lines) + "\n")
+    shutil.rmtree(tmp, ignore_errors=True)
     return res
 
 
