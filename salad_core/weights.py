@@ -35,6 +35,7 @@ import json
 import math
 import os
 import re
+import stat
 import struct
 import tempfile
 from pathlib import Path
@@ -55,6 +56,22 @@ DEFAULT_META = {
     "created_by": "salad_core",
 }
 _MAX_HEADER = 100 * 1024 * 1024
+MAX_NUM_BLOCKS = 4096             # Wan 14B has 40; anything near this is a crafted file
+_MAX_META_VALUE = {               # characters per metadata value (free text may be long, the rest is short)
+    "training_data": 1 << 20, "created_by": 1 << 20, "block_errors": 1 << 20,
+}
+_MAX_META_DEFAULT = 4096
+_MAX_META_OTHER = 1 << 20         # keys this format does not define
+ERROR_QUOTE_LIMIT = 200
+
+
+def clip(value, limit: int = ERROR_QUOTE_LIMIT) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters: "'0-1,3...' ... (1048576 chars)".
+    Errors end up in ComfyUI's UI, history and log, so no input is ever quoted whole."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} chars)"
 _DTYPE_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -71,24 +88,32 @@ class SaladWeightsError(ValueError):
 # block spec "0-29" / "0-9,12"
 # ----------------------------------------------------------------------------------------------
 
-def parse_block_spec(spec: str) -> List[int]:
-    """"0-3,7,9-10" -> [0, 1, 2, 3, 7, 9, 10] (sorted, unique).  Raises ValueError."""
+def parse_block_spec(spec: str, limit: Optional[int] = None) -> List[int]:
+    """"0-3,7,9-10" -> [0, 1, 2, 3, 7, 9, 10] (sorted, unique).  Raises ValueError.
+
+    ``limit``: every index must be < limit; checked before a range is expanded, so a crafted
+    "0-1000000000" costs nothing (without a limit, ranges may cover at most MAX_NUM_BLOCKS blocks)."""
     out = set()
     s = str(spec).strip()
     if not s:
         return []
+    cap = MAX_NUM_BLOCKS if limit is None else int(limit)
     for part in s.split(","):
         part = part.strip()
         m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
         if m:
             a, b = int(m.group(1)), int(m.group(2))
             if b < a:
-                raise ValueError(f"bad block range {part!r}")
-            out.update(range(a, b + 1))
+                raise ValueError(f"bad block range {clip(part)}")
+            hi = b
         elif re.fullmatch(r"\d+", part):
-            out.add(int(part))
+            a = hi = int(part)
         else:
-            raise ValueError(f"bad block spec element {part!r} in {spec!r}")
+            raise ValueError(f"bad block spec element {clip(part)} in {clip(spec)}")
+        if hi >= cap:
+            what = f"num_blocks={cap}" if limit is not None else f"the limit of {cap} blocks"
+            raise ValueError(f"block {clip(hi)} in {clip(part)} exceeds {what}")
+        out.update(range(a, hi + 1))
     return sorted(out)
 
 
@@ -267,28 +292,85 @@ def atomic_write_safetensors(tensors: Dict[str, torch.Tensor], metadata: Dict[st
 # load
 # ----------------------------------------------------------------------------------------------
 
+def _open_regular(path: Path):
+    """Open ``path`` for reading only if it is a regular file (after following symlinks).  A named
+    pipe, a device (/dev/zero) or a directory is refused by name and never read: the open does not
+    block (O_NONBLOCK) and the type is checked on the opened descriptor."""
+    name = path.name
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise SaladWeightsError(f"SALAD weight file {clip(str(path))} does not exist") from None
+    except OSError as e:
+        raise SaladWeightsError(f"{name}: cannot be read ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise SaladWeightsError(f"{name} is not a regular file ({_file_kind(st.st_mode)}); SALAD weights must be "
+                                f"a .safetensors file")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as e:
+        raise SaladWeightsError(f"{name}: cannot be read ({e.strerror or e})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):  # replaced between stat and open
+        os.close(fd)
+        raise SaladWeightsError(f"{name} is not a regular file ({_file_kind(st.st_mode)})")
+    return os.fdopen(fd, "rb"), st.st_size
+
+
+def _file_kind(mode: int) -> str:
+    for test, what in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "not a plain file"
+
+
+def is_regular_file(path: PathLike) -> bool:
+    """True for a regular file (symlinks followed); never opens it."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _read_header(path: Path) -> dict:
     name = path.name
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
+    f, size = _open_regular(path)
+    with f:
+        head = f.read(9)
+        if len(head) < 9:
             raise SaladWeightsError(f"{name} is not a safetensors file: only {size} bytes "
                                     f"(expected an 8-byte header length + JSON header + tensor data)")
-        if head[:1] == b"\x80" or head[:2] == b"PK":
+        (n,) = struct.unpack("<Q", head[:8])
+        # In safetensors the first 8 bytes are the header length, so they may be anything (0x80 or
+        # "PK" included); the file is judged by whether it is a plausible safetensors file at all.
+        plausible = 2 <= n and 8 + n <= size and head[8:9] == b"{"
+        if not plausible:
+            if head[:1] == b"\x80" or head[:2] == b"PK":
+                raise SaladWeightsError(
+                    f"{name} looks like a pickle / PyTorch checkpoint (.ckpt/.pt/.bin); SALAD weights must be "
+                    f"a .safetensors file (pickle files are never loaded)")
+            if 8 + n > size:
+                raise SaladWeightsError(
+                    f"{name} is not a valid safetensors file (truncated or foreign format): header length "
+                    f"field says {n} bytes but the file has {size} bytes")
             raise SaladWeightsError(
-                f"{name} looks like a pickle / PyTorch checkpoint (.ckpt/.pt/.bin); SALAD weights must be "
-                f"a .safetensors file (pickle files are never loaded)")
-        (n,) = struct.unpack("<Q", head)
-        if n < 2 or n > _MAX_HEADER or 8 + n > size:
+                f"{name} is not a valid safetensors file: the header does not start with a JSON object "
+                f"(header length {n}, first header byte {head[8:9]!r})")
+        if n > _MAX_HEADER:
             raise SaladWeightsError(
-                f"{name} is not a valid safetensors file (truncated or foreign format): header length "
-                f"field says {n} bytes but the file has {size} bytes")
-        raw = f.read(n)
+                f"{name}: safetensors header of {n} bytes is larger than the {_MAX_HEADER // (1024 * 1024)} MiB "
+                f"a SALAD weight file may have (its metadata is far too large)")
+        raw = head[8:] + f.read(n - 1)
+        if len(raw) != n:
+            raise SaladWeightsError(f"{name} is truncated: the header should have {n} bytes, read {len(raw)}")
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SaladWeightsError(f"{name} is not a valid safetensors file: header is not JSON ({e})") from e
+        raise SaladWeightsError(f"{name} is not a valid safetensors file: header is not JSON ({clip(e, 300)})") from None
+    except RecursionError:
+        raise SaladWeightsError(f"{name} is not a valid safetensors file: its JSON header is nested too "
+                                f"deeply to be a safetensors header") from None
     if not isinstance(header, dict):
         raise SaladWeightsError(f"{name} is not a valid safetensors file: header is not a JSON object")
     data_len = size - 8 - n
@@ -299,17 +381,20 @@ def _read_header(path: Path) -> dict:
         try:
             dt, shape, (b, e) = info["dtype"], list(info["shape"]), info["data_offsets"]
             nbytes = _DTYPE_SIZE[dt] * math.prod(int(s) for s in shape)
+            if any(int(s) < 0 for s in shape):
+                raise ValueError(f"negative dimension in shape {clip(shape)}")
             b, e = int(b), int(e)
-        except (KeyError, TypeError, ValueError) as ex:
-            raise SaladWeightsError(f"{name}: malformed header entry for tensor {tname!r} ({ex!r})") from ex
+        except (KeyError, TypeError, ValueError, OverflowError) as ex:
+            raise SaladWeightsError(f"{name}: malformed header entry for tensor {clip(tname)} "
+                                    f"({type(ex).__name__}: {clip(ex)})") from None
         if b < 0 or e < b or e - b != nbytes:
             raise SaladWeightsError(
-                f"{name}: header of tensor {tname} is inconsistent: dtype {dt} shape {shape} needs {nbytes} "
-                f"bytes but data_offsets give {e - b}")
+                f"{name}: header of tensor {clip(tname)} is inconsistent: dtype {dt} shape {clip(shape)} needs "
+                f"{clip(nbytes, 40)} bytes but data_offsets give {clip(e - b, 40)}")
         if e > data_len:
             raise SaladWeightsError(
-                f"{name} is truncated or its header lies: tensor {tname} ends at byte {e} of the data "
-                f"section but only {data_len} data bytes are present")
+                f"{name} is truncated or its header lies: tensor {clip(tname)} ends at byte {clip(e, 40)} of the "
+                f"data section but only {data_len} data bytes are present")
         end_max = max(end_max, e)
     if end_max != data_len:
         raise SaladWeightsError(
@@ -317,29 +402,57 @@ def _read_header(path: Path) -> dict:
     return header
 
 
-def _parse_int(name: str, meta: dict, key: str, minimum: int = 0) -> int:
+def _parse_int(name: str, meta: dict, key: str, minimum: int = 0, maximum: Optional[int] = None) -> int:
     try:
         v = int(str(meta[key]).strip())
     except (KeyError, ValueError) as e:
-        raise SaladWeightsError(f"{name}: metadata {key}={meta.get(key)!r} is not an integer") from e
+        raise SaladWeightsError(f"{name}: metadata {key}={clip(meta.get(key))} is not an integer") from None
     if v < minimum:
         raise SaladWeightsError(f"{name}: metadata {key}={v} must be >= {minimum}")
+    if maximum is not None and v > maximum:
+        raise SaladWeightsError(f"{name}: metadata {key}={v} must be <= {maximum}")
     return v
+
+
+def _check_metadata_values(name: str, meta: dict) -> None:
+    """All values strings (as safetensors requires) and of sane length, before anything parses them."""
+    for k, v in meta.items():
+        if not isinstance(v, str):
+            raise SaladWeightsError(f"{name}: metadata {clip(k)} is a JSON {type(v).__name__}, safetensors "
+                                    f"metadata values must be strings")
+        if len(k) > _MAX_META_DEFAULT:
+            raise SaladWeightsError(f"{name}: metadata key {clip(k)} is too long")
+        cap = _MAX_META_VALUE.get(k, _MAX_META_DEFAULT if k in REQUIRED_KEYS or k in DEFAULT_META else _MAX_META_OTHER)
+        if len(v) > cap:
+            raise SaladWeightsError(f"{name}: metadata {k}={clip(v)} is longer than the {cap} characters allowed")
 
 
 def load_salad_weights(path: PathLike, device: Union[str, torch.device] = "cpu",
                        dtype: Optional[torch.dtype] = None) -> SaladWeights:
-    """Load and validate a SALAD weight file.  Raises SaladWeightsError naming the file."""
+    """Load and validate a SALAD weight file.  Raises SaladWeightsError naming the file (and only
+    that: anything unexpected while reading a hostile file is reported the same way)."""
+    path = Path(path)
+    try:
+        return _load(path, device, dtype)
+    except SaladWeightsError:
+        raise
+    except (RecursionError, MemoryError, OverflowError, ValueError, TypeError, KeyError, IndexError,
+            AttributeError, OSError, struct.error) as e:
+        raise SaladWeightsError(f"{path.name}: could not be read as a SALAD weight file "
+                                f"({type(e).__name__}: {clip(e)})") from None
+
+
+def _load(path: Path, device, dtype) -> SaladWeights:
     from safetensors import safe_open
 
-    path = Path(path)
     name = path.name
-    if not path.is_file():
-        raise SaladWeightsError(f"SALAD weight file {str(path)!r} does not exist")
     header = _read_header(path)
-    meta = header.get("__metadata__") or {}
+    meta = header.get("__metadata__")
+    if meta is None:
+        meta = {}
     if not isinstance(meta, dict):
         raise SaladWeightsError(f"{name}: __metadata__ is not a JSON object")
+    _check_metadata_values(name, meta)
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise SaladWeightsError(
@@ -348,32 +461,32 @@ def load_salad_weights(path: PathLike, device: Union[str, torch.device] = "cpu",
     ver = str(meta["salad_format_version"]).strip()
     if ver not in SUPPORTED_FORMAT_VERSIONS:
         raise SaladWeightsError(
-            f"{name}: salad_format_version {ver!r} is not supported (supported: {list(SUPPORTED_FORMAT_VERSIONS)}); "
-            f"update the node pack")
+            f"{name}: salad_format_version {clip(ver)} is not supported (supported: "
+            f"{list(SUPPORTED_FORMAT_VERSIONS)}); update the node pack")
     dim = _parse_int(name, meta, "dim", 1)
     heads = _parse_int(name, meta, "heads", 1)
-    nblk = _parse_int(name, meta, "num_blocks", 1)
+    nblk = _parse_int(name, meta, "num_blocks", 1, MAX_NUM_BLOCKS)
     if dim % heads:
         raise SaladWeightsError(f"{name}: metadata dim {dim} is not divisible by heads {heads}")
     try:
-        ids = parse_block_spec(meta["blocks"])
+        ids = parse_block_spec(meta["blocks"], limit=nblk)
     except ValueError as e:
-        raise SaladWeightsError(f"{name}: metadata blocks={meta['blocks']!r} does not parse ({e})") from e
+        raise SaladWeightsError(f"{name}: metadata blocks={clip(meta['blocks'])} does not fit num_blocks={nblk} "
+                                f"or does not parse ({e})") from None
     if not ids:
         raise SaladWeightsError(f"{name}: metadata blocks is empty")
-    if ids[-1] >= nblk:
-        raise SaladWeightsError(f"{name}: metadata blocks={meta['blocks']!r} exceeds num_blocks={nblk}")
     full = dict(DEFAULT_META)
     full.update({str(k): str(v) for k, v in meta.items()})
     try:
         sp = float(full["sparsity"])
         if not (0.0 <= sp <= 0.99):
             raise ValueError
-    except ValueError as e:
-        raise SaladWeightsError(f"{name}: metadata sparsity={full['sparsity']!r} is not a number in [0, 0.99]") from e
+    except ValueError:
+        raise SaladWeightsError(f"{name}: metadata sparsity={clip(full['sparsity'])} is not a number in "
+                                f"[0, 0.99]") from None
     _parse_int(name, full, "training_steps", 0)
     if full["pattern"] not in ("window", "topk"):
-        raise SaladWeightsError(f"{name}: metadata pattern={full['pattern']!r} is not 'window' or 'topk'")
+        raise SaladWeightsError(f"{name}: metadata pattern={clip(full['pattern'])} is not 'window' or 'topk'")
 
     expected = {}
     for i in ids:
@@ -389,16 +502,17 @@ def load_salad_weights(path: PathLike, device: Union[str, torch.device] = "cpu",
         if lacking:
             msg.append(f"missing tensors {lacking[:6]}{' ...' if len(lacking) > 6 else ''}")
         if extra:
-            msg.append(f"unexpected tensors {extra[:6]}{' ...' if len(extra) > 6 else ''}")
-        raise SaladWeightsError(f"{name}: tensors do not match metadata (dim {dim}, blocks {meta['blocks']}): "
+            msg.append(f"unexpected tensors [{', '.join(clip(x, 60) for x in extra[:6])}]"
+                       f"{' ...' if len(extra) > 6 else ''}")
+        raise SaladWeightsError(f"{name}: tensors do not match metadata (dim {dim}, blocks {clip(meta['blocks'])}): "
                                 + "; ".join(msg))
     for tname, shape in expected.items():
         info = present[tname]
         if list(info["shape"]) != shape:
             raise SaladWeightsError(
-                f"{name}: tensor {tname} has shape {list(info['shape'])}, expected {shape} for dim {dim}")
+                f"{name}: tensor {tname} has shape {clip(list(info['shape']))}, expected {shape} for dim {dim}")
         if info["dtype"] not in _FLOAT_DTYPES:
-            raise SaladWeightsError(f"{name}: tensor {tname} has dtype {info['dtype']}, expected a float type")
+            raise SaladWeightsError(f"{name}: tensor {tname} has dtype {clip(info['dtype'])}, expected a float type")
 
     w = SaladWeights(dim, heads, nblk, ids, metadata=full, path=str(path))
     try:
@@ -415,6 +529,6 @@ def load_salad_weights(path: PathLike, device: Union[str, torch.device] = "cpu",
     except SaladWeightsError:
         raise
     except Exception as e:  # safetensors raises its own error types
-        raise SaladWeightsError(f"{name}: could not be read as safetensors ({type(e).__name__}: {e})") from e
+        raise SaladWeightsError(f"{name}: could not be read as safetensors ({type(e).__name__}: {clip(e)})") from None
     w.to(device=device, dtype=dtype if dtype is not None else torch.float32)
     return w
