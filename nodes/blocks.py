@@ -1,4 +1,5 @@
 """Parsing of the ``dense_blocks`` node input ("0,1,28-29")."""
+from ..salad_core.weights import clip
 
 
 def parse_block_list(text: str, num_blocks: int, input_name: str = "dense_blocks") -> set[int]:
@@ -27,11 +28,11 @@ def parse_block_list(text: str, num_blocks: int, input_name: str = "dense_blocks
                 n = int(item)
                 rng = [n + num_blocks if n < 0 else n]
         except ValueError:
-            raise ValueError(f"{input_name}: cannot read '{item}' in '{text}'; expected block numbers and "
-                             f"ranges such as '0,1,28-29'") from None
-        for b in rng:
-            if not 0 <= b < num_blocks:
-                raise ValueError(f"{input_name}: block {b} in '{text}' is out of range; this model has "
-                                 f"{num_blocks} blocks (0-{num_blocks - 1})")
-            out.add(b)
+            raise ValueError(f"{input_name}: cannot read {clip(item, 60)} in {clip(text)}; expected block numbers "
+                             f"and ranges such as '0,1,28-29'") from None
+        bad = [b for b in (rng[0], rng[-1]) if not 0 <= b < num_blocks]   # checked before expanding
+        if bad:
+            raise ValueError(f"{input_name}: block {clip(bad[0], 40)} in {clip(text)} is out of range; this model "
+                             f"has {num_blocks} blocks (0-{num_blocks - 1})")
+        out.update(rng)
     return out
