@@ -1,6 +1,9 @@
 """Apply SALAD Attention node: MODEL (+ SALAD_WEIGHTS) -> patched MODEL."""
 from __future__ import annotations
 
+import math
+
+from ..salad_core.weights import clip
 from .blocks import parse_block_list
 from .loader import SALAD_WEIGHTS
 from .patch import PatchOptions, apply_salad, wan_model_info
@@ -9,10 +12,23 @@ PATTERNS = ["topk", "window"]
 BACKENDS = ["auto", "triton", "torch"]
 
 
+def _number(name, value):
+    """A finite float for a FLOAT input; NaN / inf / text (possible through the API) are named."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if isinstance(value, bool) or not math.isfinite(v):
+        raise ValueError(f"Apply SALAD Attention: {name} must be a finite number, got {clip(value)}")
+    return v
+
+
 class SALADApplyAttention:
     DESCRIPTION = ("Makes a Wan 2.1 / 2.2 model's self-attention sparse (SALAD: block-sparse attention over 3-D "
                    "video tiles plus a gated linear-attention branch). Returns a patched copy; the input model "
-                   "is left as it was. Without SALAD weights it runs sparse attention only.")
+                   "is left as it was. Without SALAD weights it runs sparse attention only. Two of these nodes "
+                   "in series: the later one wins for the blocks it covers (its weights and settings); blocks "
+                   "it leaves dense (dense_blocks) keep the earlier node's SALAD.")
     CATEGORY = "model/patch/SALAD"
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The model with SALAD attention. Connect it where the original model went (KSampler).",)
@@ -60,15 +76,26 @@ class SALADApplyAttention:
 
     def apply(self, model, sparsity, pattern, start_percent, end_percent, dense_blocks, backend,
               salad_weights=None, min_tokens=0, verbose=False):
+        sparsity = _number("sparsity", sparsity)
+        start_percent = _number("start_percent", start_percent)
+        end_percent = _number("end_percent", end_percent)
         if not 0.0 <= sparsity <= 0.99:
             raise ValueError(f"Apply SALAD Attention: sparsity must be in [0, 0.99], got {sparsity}")
         if pattern not in PATTERNS:
-            raise ValueError(f"Apply SALAD Attention: pattern must be one of {PATTERNS}, got '{pattern}'")
+            raise ValueError(f"Apply SALAD Attention: pattern must be one of {PATTERNS}, got {clip(pattern)}")
         if backend not in BACKENDS:
-            raise ValueError(f"Apply SALAD Attention: backend must be one of {BACKENDS}, got '{backend}'")
-        if not 0.0 <= start_percent <= end_percent <= 1.0:
-            raise ValueError(f"Apply SALAD Attention: need 0 <= start_percent <= end_percent <= 1, got "
+            raise ValueError(f"Apply SALAD Attention: backend must be one of {BACKENDS}, got {clip(backend)}")
+        if not 0.0 <= start_percent <= 1.0 or not 0.0 <= end_percent <= 1.0:
+            raise ValueError(f"Apply SALAD Attention: start_percent and end_percent must be in [0, 1], got "
                              f"start_percent={start_percent}, end_percent={end_percent}")
+        if start_percent > end_percent:
+            raise ValueError(f"Apply SALAD Attention: start_percent ({start_percent}) is after end_percent "
+                             f"({end_percent}); need start_percent <= end_percent")
+        if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
+            raise ValueError(f"Apply SALAD Attention: min_tokens must be a whole number >= 0, got {clip(min_tokens)}")
+        if not isinstance(dense_blocks, str):
+            raise ValueError(f"Apply SALAD Attention: dense_blocks must be text such as '0,1,28-29', got "
+                             f"{clip(dense_blocks)}")
         if backend == "triton":
             from ..kernels import triton_available
             import comfy.model_management as mm
@@ -77,7 +104,10 @@ class SALADApplyAttention:
                 raise RuntimeError(f"Apply SALAD Attention: backend 'triton' needs an NVIDIA GPU with Triton; "
                                    f"this ComfyUI runs on {dev}. Choose 'auto' or 'torch'.")
         num_blocks = wan_model_info(model, "Apply SALAD Attention")["num_blocks"]
-        dense = parse_block_list(dense_blocks, num_blocks)
+        try:
+            dense = parse_block_list(dense_blocks, num_blocks)
+        except ValueError as e:
+            raise ValueError(f"Apply SALAD Attention: {e}") from None
         opts = PatchOptions(sparsity=float(sparsity), pattern=pattern, start_percent=float(start_percent),
                             end_percent=float(end_percent), dense_blocks=frozenset(dense), backend=backend,
                             min_tokens=int(min_tokens), verbose=bool(verbose))

@@ -10,6 +10,14 @@ How (no ComfyUI file is edited, the user's model object is never touched):
     (keeping the previous override, if any, for calls we decline) and remembers the block index and
     the block input x (for the gate).  Cross-attention runs after the self-attention call has
     returned, so it never reaches our function; blocks we do not own never see it either.
+  * Several Apply SALAD Attention nodes in series: the later node wins for every block it covers
+    (its weights, sparsity, pattern, percent window, backend); blocks it leaves dense
+    (``dense_blocks``) keep the earlier node's SALAD.  Each SALAD self-attention forward carries
+    ``_salad_state`` and ``_salad_base`` (the pre-SALAD forward); a later node builds its forward on
+    ``_salad_base``, so the earlier one is gone from that block.  If another node's object patch sits
+    between them, the earlier SALAD forward still runs but sees the later node's override already in
+    place and hands the call through (``_salad_override`` marks SALAD overrides).  The weight
+    patchers of every SALAD node still in use stay in the additional models under ``KEY``.
   * The gate/Proj weights live in their own ModelPatcher (in the model's compute dtype) attached
     with ``set_additional_models``, so ComfyUI's memory management loads and offloads them with the
     model.  When a partial / low-VRAM load leaves them on the CPU, each block's weights follow the
@@ -82,6 +90,10 @@ class SaladPatch:
         return forward
 
     def make_self_attn_forward(self, block: int, prev_forward):
+        """The self-attention forward of ``block``.  Built on the pre-SALAD forward: when
+        ``prev_forward`` is an earlier SALAD node's forward, that one is replaced (later node wins)."""
+        base = getattr(prev_forward, "_salad_base", prev_forward)
+
         def forward(x, freqs, *args, **kwargs):
             args = list(args)
             if "transformer_options" in kwargs:
@@ -96,18 +108,24 @@ class SaladPatch:
             self._fresh_forward = True       # the next patch_embedding call starts a new forward
             had = "optimized_attention_override" in to
             previous = to.get("optimized_attention_override")
+            if getattr(previous, "_salad_override", False):
+                # a later SALAD node (wrapped around another node's patch around us) owns this call
+                return base(x, freqs, *args, **kwargs)
 
             def override(func, q, k, v, heads, *a, **kw):
                 return self.attention(func, previous, block, x, q, k, v, heads, *a, **kw)
+            override._salad_override = True
 
             to["optimized_attention_override"] = override
             try:
-                return prev_forward(x, freqs, *args, **kwargs)
+                return base(x, freqs, *args, **kwargs)
             finally:
                 if had:
                     to["optimized_attention_override"] = previous
                 else:
                     to.pop("optimized_attention_override", None)
+        forward._salad_state = self
+        forward._salad_base = base
         return forward
 
     # -- the attention override --------------------------------------------------------------
@@ -275,14 +293,46 @@ def apply_salad(model, opts: PatchOptions, weights_patcher=None):
     key = "diffusion_model.patch_embedding.forward"
     m.add_object_patch(key, state.make_patch_embedding_forward(m.get_model_object(key)))
     owned = [i for i in range(num_blocks) if i not in opts.dense_blocks]
+    replaced = 0
     for i in owned:
         key = f"diffusion_model.blocks.{i}.self_attn.forward"
-        m.add_object_patch(key, state.make_self_attn_forward(i, m.get_model_object(key)))
-    if weights_patcher is not None:
-        m.set_additional_models(KEY, [weights_patcher])
+        prev = m.get_model_object(key)
+        replaced += hasattr(prev, "_salad_state")
+        m.add_object_patch(key, state.make_self_attn_forward(i, prev))
+    weights_in_use = _weights_in_use(m, state, owned, num_blocks)
+    if weights_in_use:
+        m.set_additional_models(KEY, weights_in_use)
+    else:
+        m.remove_additional_models(KEY)
     m.add_callback_with_key(pe.CallbacksMP.ON_CLEANUP, KEY, state.on_cleanup)
     if opts.verbose:
-        log.info("SALAD: patched %d of %d blocks (sparsity %.2f, pattern %s, backend %s, weights %s)",
+        log.info("SALAD: patched %d of %d blocks (sparsity %.2f, pattern %s, backend %s, weights %s)%s",
                  len(owned), num_blocks, opts.sparsity, opts.pattern, opts.backend,
-                 "yes" if weights_patcher is not None else "none: sparse-only")
+                 "yes" if weights_patcher is not None else "none: sparse-only",
+                 f"; replaces an earlier SALAD node on {replaced} blocks" if replaced else "")
     return m
+
+
+def _weights_in_use(m, state, owned, num_blocks):
+    """The SALAD weight patchers ``m`` needs after ``state`` took the blocks ``owned``: this node's,
+    plus those of earlier SALAD nodes that still own a block this node leaves dense.  When such a block
+    holds another node's patch (which may wrap an earlier SALAD forward we cannot see), all earlier
+    weights are kept."""
+    earlier = list(m.get_additional_models_with_key(KEY))
+    owned = set(owned)
+    keep_all = False
+    in_use = set()
+    for i in range(num_blocks):
+        if i in owned:
+            continue
+        f = m.object_patches.get(f"diffusion_model.blocks.{i}.self_attn.forward")
+        st = getattr(f, "_salad_state", None)
+        if st is not None:
+            if st.weights is not None:
+                in_use.add(id(st.weights.model))
+        elif f is not None:
+            keep_all = True
+    kept = [w for w in earlier if keep_all or id(w.model) in in_use]
+    if state.weights is not None and not any(w.model is state.weights.model for w in kept):
+        kept.append(state.weights)
+    return kept
