@@ -405,7 +405,7 @@ def _read_header(path: Path) -> dict:
 def _parse_int(name: str, meta: dict, key: str, minimum: int = 0, maximum: Optional[int] = None) -> int:
     try:
         v = int(str(meta[key]).strip())
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError):
         raise SaladWeightsError(f"{name}: metadata {key}={clip(meta.get(key))} is not an integer") from None
     if v < minimum:
         raise SaladWeightsError(f"{name}: metadata {key}={v} must be >= {minimum}")

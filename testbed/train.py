@@ -77,7 +77,6 @@ from pathlib import Path
 T_START = time.monotonic()
 ROOT = Path(__file__).resolve().parents[1]
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 if __package__ in (None, ""):  # run as a script: register the repo root as package salad_pack

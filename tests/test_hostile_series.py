@@ -10,17 +10,9 @@ import torch
 
 from comfy_harness import PromptRejected, execution_error, status_str
 from graphs import t2v_prompt
-from salad_pack.salad_core.weights import SaladWeights, save_salad_weights
+from salad_pack.salad_core.weights import save_salad_weights
 from test_salad_in_comfy import STEPS, T2V, _latent, _parse_counter, _run_ok, _stats_after, _uniq
-
-
-def _weights(seed, dim=256, heads=2, num_blocks=2, scale=0.05):
-    w = SaladWeights.new(dim=dim, heads=heads, num_blocks=num_blocks, base_model="wan21_t2v_tiny")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in w.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return w
+from test_salad_in_comfy import random_weights as _weights
 
 
 @pytest.fixture(scope="module")

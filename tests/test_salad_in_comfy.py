@@ -44,6 +44,16 @@ def _parse_counter(text):
     return {(int(k) if k.isdigit() else k): int(v) for k, v in (kv.split(":") for kv in text.split(",") if kv)}
 
 
+def random_weights(seed, dim=256, heads=2, num_blocks=2, scale=0.05):
+    """SALAD weights with every gate/Proj parameter ~ N(0, scale^2) from ``seed`` (the linear branch runs)."""
+    w = SaladWeights.new(dim=dim, heads=heads, num_blocks=num_blocks, base_model="wan21_t2v_tiny")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in w.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return w
+
+
 def _zero_weights(server, name, dim=256, heads=2, num_blocks=2, **kw):
     w = SaladWeights.new(dim=dim, heads=heads, num_blocks=num_blocks, base_model="wan21_t2v_tiny", **kw)
     return save_salad_weights(w, server.salad_dir / name)

@@ -14,19 +14,14 @@ import torch
 from comfy_harness import execution_error, status_str
 from graphs import t2v_prompt
 from salad_pack.salad_core.attention import SaladConfig, linear_params, salad_self_attention
-from salad_pack.salad_core.weights import SaladWeights, load_salad_weights, save_salad_weights
-from test_salad_in_comfy import STEPS, T2V, _latent, _run_ok
+from salad_pack.salad_core.weights import load_salad_weights, save_salad_weights
+from test_salad_in_comfy import STEPS, T2V, _latent, _run_ok, random_weights
 
 SEED = 1234
 
 
 def _random_weights(dim=256, heads=2, num_blocks=2, seed=SEED, scale=0.05):
-    w = SaladWeights.new(dim=dim, heads=heads, num_blocks=num_blocks, base_model="wan21_t2v_tiny")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in w.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return w
+    return random_weights(seed, dim=dim, heads=heads, num_blocks=num_blocks, scale=scale)
 
 
 def _with_weights_to(prompt, dtype, device):
