@@ -139,3 +139,59 @@ class SALADTest_WeightsTo:
 
 
 NODE_CLASS_MAPPINGS["SALADTest_WeightsTo"] = SALADTest_WeightsTo
+
+
+class SALADTest_CoreStyleSparseOverride:
+    """Installs an attention override the way newer ComfyUI's "Model Sparse Attention" node does (our own
+    code, written from its documented behaviour): on the clone's transformer_options at patch time and again
+    from an ON_PREPARE_STATE callback before every step, each time on top of whatever override is current,
+    declined calls going to that previous override.  It computes ComfyUI's own attention (so outputs stay
+    comparable) and counts the self- and cross-attention calls it receives; logs the counts at cleanup."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "tag": ("STRING", {"default": "core"})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    CATEGORY = "testing/salad"
+
+    def patch(self, model, tag):
+        import logging
+        import comfy.patcher_extension as pe
+        counts = {"self": 0, "cross": 0}
+        installed = set()
+
+        def make(previous):
+            def override(func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
+                         skip_output_reshape=False, **kwargs):
+                counts["self" if k.shape[-2 if skip_reshape else 1] == q.shape[-2 if skip_reshape else 1]
+                       else "cross"] += 1
+                kw = dict(mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
+                          skip_output_reshape=skip_output_reshape, **kwargs)
+                return func(q, k, v, heads, **kw) if previous is None else previous(func, q, k, v, heads, **kw)
+            return override
+
+        def install(to):
+            current = to.get("optimized_attention_override")
+            if current in installed:
+                return
+            o = make(current)
+            installed.add(o)
+            to["optimized_attention_override"] = o
+
+        def on_prepare_state(patcher, *_a, **_k):
+            install(patcher.model_options.setdefault("transformer_options", {}))
+
+        def report(*_a, **_k):
+            logging.info("CORE-STYLE OVERRIDE %s self=%d cross=%d", tag, counts["self"], counts["cross"])
+            counts["self"] = counts["cross"] = 0
+
+        m = model.clone()
+        m.model_options["transformer_options"] = dict(m.model_options.get("transformer_options", {}))
+        install(m.model_options["transformer_options"])
+        m.add_callback_with_key(pe.CallbacksMP.ON_PREPARE_STATE, "salad_test_core_style", on_prepare_state)
+        m.add_callback_with_key(pe.CallbacksMP.ON_CLEANUP, "salad_test_core_style_report", report)
+        return (m,)
+
+
+NODE_CLASS_MAPPINGS["SALADTest_CoreStyleSparseOverride"] = SALADTest_CoreStyleSparseOverride
