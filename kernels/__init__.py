@@ -28,6 +28,7 @@ from .reference import (  # noqa: F401  (re-exported)
     PAD_IDX,
     attention_ref,
     block_mask_dense,
+    compensated_attention_ref,
     keep_count,
     lut_from_scores,
     masked_attention_ref,
@@ -42,6 +43,7 @@ __all__ = [
     "select_window", "block_sparse_attention", "block_sparse_attention_rowmap", "linear_attention",
     "sparse_linear_attention",
     "triton_available", "attention_ref", "masked_attention_ref", "block_mask_dense",
+    "compensated_attention_ref",
 ]
 
 _TRITON_OK: Optional[bool] = None
@@ -122,23 +124,24 @@ def pool_blocks(x: Tensor, block: int = DEFAULT_BLOCK, backend: str = "auto",
 
 def select_topk(q: Tensor, k: Tensor, sparsity: float, block: int = DEFAULT_BLOCK,
                 always_kept: Optional[Tensor] = None, backend: str = "auto",
-                q_rowmap: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                q_rowmap: Optional[Tensor] = None, k_pooled: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Top-k key blocks per query block by pooled q.k score (keep_count(nk, sparsity) of them);
     own block and `always_kept` forced.  Returns idx int32 (B,H,nq,kmax) sorted ascending, -1
     padded after cnt; cnt int32 (B,H,nq).  kmax = min(nk, max(k, 1 + len(always_kept))).
     No host sync, no L x L tensor.  q_rowmap: q is in another row order; its tile-order blocks are
-    rows q_rowmap[j*block:(j+1)*block] (see block_sparse_attention_rowmap)."""
+    rows q_rowmap[j*block:(j+1)*block] (see block_sparse_attention_rowmap).  k_pooled: pool_blocks(k)
+    when the caller already has it (e.g. for centroid compensation), so k is pooled once."""
     with torch.no_grad():
         if _pick(q, backend, block):
             ops = _ops()
             pq = ops.pool_blocks(q, block, q_rowmap)
-            pk = ops.pool_blocks(k, block)
+            pk = ops.pool_blocks(k, block) if k_pooled is None else k_pooled
             scores = torch.matmul(pq, pk.transpose(-1, -2))
             return ops.topk_lut(scores, keep_count(pk.shape[2], sparsity), always_kept)
         if q_rowmap is not None:
             q = q.index_select(2, q_rowmap.to(device=q.device, dtype=torch.long))
         pq = _ref.pool_blocks_ref(q, block)
-        pk = _ref.pool_blocks_ref(k, block)
+        pk = _ref.pool_blocks_ref(k, block) if k_pooled is None else k_pooled.float()
         scores = torch.matmul(pq, pk.transpose(-1, -2))
         return lut_from_scores(scores, keep_count(pk.shape[2], sparsity), always_kept)
 
@@ -152,14 +155,33 @@ def _as_layout(o: Tensor, out_layout: str) -> Tensor:
     return o
 
 
+def _grad_needed(*ts) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor,
                            block: int = DEFAULT_BLOCK, scale: Optional[float] = None,
-                           backend: str = "auto", out_layout: str = "bhld") -> Tuple[Tensor, Tensor]:
+                           backend: str = "auto", out_layout: str = "bhld", compensate: bool = False,
+                           k_mean: Optional[Tensor] = None,
+                           v_mean: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Softmax attention of each query block over its listed key blocks only.
     Returns (o (B,H,L,D) q.dtype, lse (B,H,L) fp32).  Differentiable in q, k, v.
     out_layout "bhld": o is contiguous; "blhd": o is a (B,H,L,D) view of a contiguous (B,L,H,D)
-    buffer, so ``o.transpose(1, 2).reshape(B, L, H*D)`` costs no copy."""
+    buffer, so ``o.transpose(1, 2).reshape(B, L, H*D)`` costs no copy.
+    compensate: every key block a query block skips adds one pseudo-token (block-mean key and value,
+    logit scale*q.kbar + log(n_tokens)) to the same softmax (reference.block_sparse_attention_ref);
+    k_mean / v_mean (B,H,nk,D): precomputed block means (default: pooled here).  The Triton path has
+    a forward kernel only: when q, k, v (or the means) need gradients, the torch reference runs
+    instead (autograd through the means to every key and value)."""
     _check_qkv(q, k, v)
+    if compensate:
+        if _pick(q, backend, block) and not _grad_needed(q, k, v, k_mean, v_mean):
+            o, lse = _ops().block_sparse_attention_fwd(q, k, v, idx, cnt, block, scale, out_layout,
+                                                      comp=(k_mean, v_mean))
+            return o, lse
+        o, lse = _ref.block_sparse_attention_ref(q, k, v, idx, cnt, block, scale, compensate=True,
+                                                 k_mean=k_mean, v_mean=v_mean)
+        return _as_layout(o, out_layout), lse
     if _pick(q, backend, block):
         return _ops().block_sparse_attention(q, k, v, idx, cnt, block, scale, out_layout)
     o, lse = _ref.block_sparse_attention_ref(q, k, v, idx, cnt, block, scale)
@@ -169,18 +191,23 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Te
 @torch.no_grad()
 def block_sparse_attention_rowmap(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, rowmap: Tensor,
                                   block: int = DEFAULT_BLOCK, scale: Optional[float] = None,
-                                  bias: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+                                  bias: Optional[Tensor] = None, backend: str = "auto", compensate: bool = False,
+                                  k_mean: Optional[Tensor] = None, v_mean: Optional[Tensor] = None) -> Tensor:
     """Inference form of block_sparse_attention (no autograd) for callers whose tokens are not in
     tile order: k and v are in tile order, q is in the caller's order, and tile position r is
     caller row rowmap[r] (L,) for both the q read and the output write.  bias (B, H*D), if given,
     is added to every output row.  Returns o (B,H,L,D) in the caller's order, as a view of a
-    contiguous (B,L,H,D) buffer, so the tile gather of q and the scatter back cost no extra pass."""
+    contiguous (B,L,H,D) buffer, so the tile gather of q and the scatter back cost no extra pass.
+    compensate / k_mean / v_mean: centroid compensation as in block_sparse_attention (means of the
+    tile-ordered k, v blocks)."""
     _check_qkv(q, k, v)
     B, H, L, D = q.shape
     if _pick(q, backend, block):
-        return _ops().block_sparse_attention_rowmap(q, k, v, idx, cnt, block, scale, rowmap, bias)
+        return _ops().block_sparse_attention_rowmap(q, k, v, idx, cnt, block, scale, rowmap, bias,
+                                                    comp=(k_mean, v_mean) if compensate else None)
     rm = rowmap.to(device=q.device, dtype=torch.long)
-    o_t, _ = _ref.block_sparse_attention_ref(q.index_select(2, rm), k, v, idx, cnt, block, scale)
+    o_t, _ = _ref.block_sparse_attention_ref(q.index_select(2, rm), k, v, idx, cnt, block, scale,
+                                             compensate=compensate, k_mean=k_mean, v_mean=v_mean)
     o = torch.empty(B, L, H, D, device=q.device, dtype=q.dtype)
     o[:, rm] = o_t.transpose(1, 2)
     if bias is not None:

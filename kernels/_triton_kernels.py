@@ -109,14 +109,20 @@ def _sparse_fwd_kernel(Q, K, V, O, LSE, IDX, CNT, q_desc, k_desc, v_desc,
                        sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
                        sib, sih, sim, sik, scb, sch, scm,
                        H, L, LK, qk_scale, eps,
+                       KM, VM, NK,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
                        D: tl.constexpr, FUSE_LINEAR: tl.constexpr, LP: tl.constexpr, NUM_STAGES: tl.constexpr,
                        USE_TMA: tl.constexpr, GATHER_Q: tl.constexpr, SCATTER_O: tl.constexpr,
-                       HAS_BIAS: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, COMPENSATE: tl.constexpr = False,
+                       BLOCK_C: tl.constexpr = 16, KMAXP: tl.constexpr = 16):
     """Online-softmax attention of one query block over its listed key blocks.  USE_TMA: Q/K/V come
     through 4-D host tensor descriptors (B, H, L, D) with block [1, 1, rows, D] (rows past L are
     zero-filled by the TMA unit); otherwise plain strided loads.  GATHER_Q reads q rows through
-    ROWMAP with plain loads (TMA has no row gather on sm90)."""
+    ROWMAP with plain loads (TMA has no row gather on sm90).
+    COMPENSATE: after the listed blocks, every key block NOT listed adds one pseudo-token to the same
+    online softmax: key KM[bh, j] / value VM[bh, j] (fp32 block means, (B*H, NK, D) contiguous) and
+    logit scale * q.kbar_j + log(n_j) (n_j valid keys of block j), in BLOCK_C centroids per step;
+    listed blocks are recognised by comparing with the LUT row (KMAXP >= kmax entries)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -157,6 +163,30 @@ def _sparse_fwd_kernel(Q, K, V, O, LSE, IDX, CNT, q_desc, k_desc, v_desc,
         v = _kv_tile(v_desc, v_base, b, h, start, offs_n64, svl, kmask, offs_d, BLOCK_N, D, USE_TMA)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+    if COMPENSATE:
+        # m_i is finite here (cnt >= 1 listed block with >= 1 valid key)
+        offs_k = tl.arange(0, KMAXP)
+        lut = tl.load(idx_base + offs_k * sik, mask=offs_k < n, other=-1)
+        c_base = pid_bh.to(tl.int64) * NK * D
+        KB: tl.constexpr = BLOCK_N * SPLIT
+        for c0 in range(0, NK, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            c_ok = offs_c < NK
+            listed = tl.sum((offs_c[:, None] == lut[None, :]).to(tl.int32), 1)
+            skip = c_ok & (listed == 0)
+            n_c = tl.minimum(LK - offs_c * KB, KB)
+            log2n = tl.log2(tl.maximum(n_c, 1).to(tl.float32))
+            cbias = tl.where(skip, log2n, -float("inf"))
+            c_off = c_base + offs_c[:, None].to(tl.int64) * D + offs_d[None, :]
+            km = tl.load(KM + c_off, mask=c_ok[:, None], other=0.0).to(q.dtype)
+            qk = tl.dot(q, tl.trans(km)) * qk_scale + cbias[None, :]
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vm = tl.load(VM + c_off, mask=c_ok[:, None], other=0.0).to(V.dtype.element_ty)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vm.dtype), vm)
+            m_i = m_new
     _fwd_epilogue(acc, l_i, m_i, q, O, LSE, SL, SLO, ZL, OL, sob, soh, sol, b64, h64, pid_bh, offs_m, offs_d,
                   L, eps, ROWMAP, BIAS, sbb, D, FUSE_LINEAR, LP, SCATTER_O, HAS_BIAS)
 

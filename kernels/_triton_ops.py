@@ -213,14 +213,41 @@ def _linear_bwd(q, k, v, z, SH, SLO, LP, do, eps, acc=None):
     return dq, dk, dv
 
 
-def _sparse_fwd(q, k, v, idx, cnt, block, scale, lin=None, eps=1e-5, layout="bhld", rowmap=None, bias=None):
+def _comp_means(comp, k: Tensor, v: Tensor, block: int) -> Tuple[Tensor, Tensor]:
+    """Block means of k and v for centroid compensation: (B*H, nk, D) fp32 contiguous each.
+    comp: True (pool here), or (k_mean, v_mean) (B,H,nk,D) with None for a mean to pool here."""
+    km, vm = (None, None) if comp is True else comp
+    B, H, LK, D = k.shape
+    nk = num_blocks(LK, block)
+    km = pool_blocks(k, block) if km is None else km
+    vm = pool_blocks(v, block) if vm is None else vm
+    out = []
+    for m in (km, vm):
+        if tuple(m.shape) != (B, H, nk, D):
+            raise ValueError(f"block means must be (B,H,nk,D) = {(B, H, nk, D)}, got {tuple(m.shape)}")
+        out.append(m.to(device=k.device, dtype=torch.float32).reshape(B * H, nk, D).contiguous())
+    return out[0], out[1]
+
+
+def _sparse_fwd(q, k, v, idx, cnt, block, scale, lin=None, eps=1e-5, layout="bhld", rowmap=None, bias=None,
+                comp=None):
     """lin: None or (SH, SLO, LP, z) -> also writes the linear branch output in the epilogue.
     rowmap (L,): q is in the caller's row order; tile position r reads q row rowmap[r] and its
-    output is stored at row rowmap[r] (k, v are in tile order).  bias (B, H*D) fp32 is added to o."""
+    output is stored at row rowmap[r] (k, v are in tile order).  bias (B, H*D) fp32 is added to o.
+    comp: None, True or (k_mean, v_mean): centroid compensation of the key blocks each query block
+    skips (see reference.block_sparse_attention_ref); forward only (no backward kernel)."""
     B, H, L, D = q.shape
     LK = k.shape[2]
     nq = num_blocks(L, block)
+    nk = num_blocks(LK, block)
     idx, cnt = _lut_views(idx, cnt, B, H, nq)
+    if comp is not None and comp is not False:
+        km, vm = _comp_means(comp, k, v, block)
+        cflags = dict(COMPENSATE=True, BLOCK_C=max(16, min(64, triton_next_pow2(nk))),
+                      KMAXP=max(16, triton_next_pow2(idx.shape[-1])))
+    else:
+        km = vm = None
+        cflags = dict(COMPENSATE=False)
     cfg = FWD_CFG_LONG.get(D) if L >= LONG_L and D in FWD_CFG_LONG else FWD_CFG.get(D, FWD_CFG[128])
     bn = min(cfg["BLOCK_N"], block)
     o = _out(B, H, L, D, q.device, q.dtype, layout)
@@ -245,7 +272,8 @@ def _sparse_fwd(q, k, v, idx, cnt, block, scale, lin=None, eps=1e-5, layout="bhl
         q, k, v, o, lse, idx, cnt, qd, kd, vd, SH, SLO, zx, ol, *extra,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *out_strides, *lut_strides,
-        H, L, LK, scale * tk.LOG2E, eps, USE_TMA=use_tma, **common, **flags)
+        H, L, LK, scale * tk.LOG2E, eps, km if km is not None else lse, vm if vm is not None else lse, nk,
+        USE_TMA=use_tma, **common, **flags, **cflags)
     return o, lse, (ol if fuse else None)
 
 
@@ -416,11 +444,20 @@ def block_sparse_attention(q, k, v, idx, cnt, block, scale, layout="bhld"):
 
 
 @torch.no_grad()
-def block_sparse_attention_rowmap(q, k, v, idx, cnt, block, scale, rowmap, bias=None, layout="blhd"):
-    """Inference only (no autograd): q and the output in the caller's row order, k/v in tile order."""
+def block_sparse_attention_rowmap(q, k, v, idx, cnt, block, scale, rowmap, bias=None, layout="blhd", comp=None):
+    """Inference only (no autograd): q and the output in the caller's row order, k/v in tile order.
+    comp: None | True | (k_mean, v_mean): centroid compensation (see _sparse_fwd)."""
     q, k, v, scale = _prep(q, k, v, block, scale)
-    o, _, _ = _sparse_fwd(q, k, v, idx, cnt, block, scale, layout=layout, rowmap=rowmap, bias=bias)
+    o, _, _ = _sparse_fwd(q, k, v, idx, cnt, block, scale, layout=layout, rowmap=rowmap, bias=bias, comp=comp)
     return o
+
+
+@torch.no_grad()
+def block_sparse_attention_fwd(q, k, v, idx, cnt, block, scale, layout="bhld", comp=None):
+    """Forward only (no autograd Function): (o, lse); comp as in _sparse_fwd."""
+    q, k, v, scale = _prep(q, k, v, block, scale)
+    o, lse, _ = _sparse_fwd(q, k, v, idx, cnt, block, scale, layout=layout, comp=comp)
+    return o, lse
 
 
 def linear_attention(q, k, v, eps, layout="bhld"):

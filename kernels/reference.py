@@ -40,17 +40,17 @@ def keep_count(n_kv_blocks: int, sparsity: float) -> int:
 # pooling and block selection
 # ----------------------------------------------------------------------------------------------
 
-def pool_blocks_ref(x: Tensor, block: int = DEFAULT_BLOCK) -> Tensor:
-    """(B,H,L,D) -> (B,H,nb,D) fp32 mean over the valid tokens of each block."""
+def pool_blocks_ref(x: Tensor, block: int = DEFAULT_BLOCK, dtype=torch.float32) -> Tensor:
+    """(B,H,L,D) -> (B,H,nb,D) mean over the valid tokens of each block, in `dtype` (fp32)."""
     B, H, L, D = x.shape
     nb = num_blocks(L, block)
     nfull = L // block
     parts = []
     if nfull:
-        xf = x[:, :, : nfull * block].float().reshape(B, H, nfull, block, D)
+        xf = x[:, :, : nfull * block].to(dtype).reshape(B, H, nfull, block, D)
         parts.append(xf.mean(dim=3))
     if nfull < nb:
-        tail = x[:, :, nfull * block:].float()
+        tail = x[:, :, nfull * block:].to(dtype)
         parts.append(tail.mean(dim=2, keepdim=True))
     return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
@@ -131,14 +131,45 @@ def select_window(q_coords: Tensor, k_coords: Tensor, sparsity: float, B: int, H
 # block-sparse attention (torch)
 # ----------------------------------------------------------------------------------------------
 
+def block_counts(Lk: int, block: int = DEFAULT_BLOCK, device=None) -> Tensor:
+    """(nk,) fp32 number of valid keys in each key block (block, the tail block: Lk - (nk-1)*block)."""
+    nk = num_blocks(Lk, block)
+    start = torch.arange(nk, device=device) * block
+    return (torch.clamp(Lk - start, max=block)).to(torch.float32)
+
+
+def skipped_blocks(idx: Tensor, cnt: Tensor, nk: int) -> Tensor:
+    """(B,H,nq,kmax) LUT -> (B,H,nq,nk) bool, True for the key blocks a query block does NOT list."""
+    kmax = idx.shape[-1]
+    slot = torch.arange(kmax, device=idx.device)
+    ok = (slot < cnt[..., None]) & (idx >= 0)
+    tgt = torch.where(ok, idx.long(), torch.full_like(idx, nk).long())
+    kept = torch.zeros(*idx.shape[:-1], nk + 1, dtype=torch.bool, device=idx.device)
+    kept.scatter_(-1, tgt, True)
+    return ~kept[..., :nk]
+
+
 def block_sparse_attention_ref(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor,
                                block: int = DEFAULT_BLOCK, scale: Optional[float] = None,
-                               chunk_bytes: int = _CHUNK_BYTES) -> Tuple[Tensor, Tensor]:
+                               chunk_bytes: int = _CHUNK_BYTES, compensate: bool = False,
+                               k_mean: Optional[Tensor] = None,
+                               v_mean: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Chunked gather implementation; autograd-capable; never L x L.
-    Returns o (B,H,L,D) contiguous in q.dtype and lse (B,H,L) fp32 (natural log)."""
+    Returns o (B,H,L,D) contiguous in q.dtype and lse (B,H,L) fp32 (natural log).
+
+    compensate=True (centroid compensation of skipped key blocks): every key block j that query
+    block i does not list adds ONE pseudo-token to the same softmax, with key kbar_j = mean of the
+    valid keys of block j, value vbar_j = mean of its values, and logit
+        s_j = scale * q . kbar_j + log(n_j),   n_j = number of valid keys in block j,
+    i.e. the block's n_j keys are replaced by n_j copies of their centroid (exact when the keys of
+    the block are equal; first-order otherwise).  With every block listed (sparsity 0) nothing is
+    added and the result is exact dense attention.  k_mean / v_mean (B,H,nk,D) fp32: precomputed
+    block means (e.g. the pooled K of top-k selection); default pool_blocks_ref(k / v), which keeps
+    the gradient flowing to every key and value through the means.  lse includes the pseudo-tokens."""
     B, H, L, D = q.shape
     Lk = k.shape[2]
     nq = num_blocks(L, block)
+    nk = num_blocks(Lk, block)
     kmax = idx.shape[-1]
     if scale is None:
         scale = 1.0 / math.sqrt(D)
@@ -146,8 +177,13 @@ def block_sparse_attention_ref(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt
     cnt = cnt.expand(B, H, nq)
     dev = q.device
     per_qblock = B * H * kmax * block * (2 * D + block) * 4  # gathered K,V + scores, fp32
-    cq = max(1, min(nq, chunk_bytes // max(1, per_qblock)))
     cd = torch.float64 if q.dtype == torch.float64 else torch.float32  # compute dtype
+    if compensate:
+        per_qblock += B * H * block * nk * 4 * 2              # pseudo-token scores / probabilities
+        km = (pool_blocks_ref(k, block, cd) if k_mean is None else k_mean).to(cd)
+        vm = (pool_blocks_ref(v, block, cd) if v_mean is None else v_mean).to(cd)
+        log_n = torch.log(block_counts(Lk, block, dev).to(cd))  # (nk,)
+    cq = max(1, min(nq, chunk_bytes // max(1, per_qblock)))
     tok = torch.arange(block, device=dev)
     slot = torch.arange(kmax, device=dev)
     outs, lses = [], []
@@ -168,6 +204,13 @@ def block_sparse_attention_ref(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt
         vg = torch.gather(v, 2, ti).to(cd).reshape(B, H, C, kmax * block, D)
         s = torch.matmul(qc, kg.transpose(-1, -2)) * scale  # (B,H,C,block,kmax*block)
         s = s.masked_fill(~ok.reshape(B, H, C, 1, kmax * block), -float("inf"))
+        if compensate:
+            # pseudo-tokens: (B,H,C,block,nk) logits of the block centroids, -inf for listed blocks
+            sc = torch.matmul(qc, km.unsqueeze(2).transpose(-1, -2)) * scale + log_n
+            skip = skipped_blocks(ib.to(torch.int32), cnt[:, :, s0:s1], nk)  # (B,H,C,nk)
+            sc = sc.masked_fill(~skip.unsqueeze(3), -float("inf"))
+            s = torch.cat([s, sc], dim=-1)
+            vg = torch.cat([vg, vm.unsqueeze(2).expand(B, H, C, nk, D)], dim=3)
         lse = torch.logsumexp(s, dim=-1)  # (B,H,C,block)
         lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
         p = torch.exp(s - lse_safe[..., None])
@@ -244,3 +287,32 @@ def masked_attention_ref(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tens
     m = block_mask_dense(idx.expand(B, H, *idx.shape[2:]), cnt.expand(B, H, cnt.shape[-1]),
                          L, k.shape[2], block)
     return attention_ref(q, k, v, scale=scale, mask=m, dtype=dtype)
+
+
+def compensated_attention_ref(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor,
+                              block: int = DEFAULT_BLOCK, scale: Optional[float] = None,
+                              dtype=torch.float64) -> Tuple[Tensor, Tensor]:
+    """Dense (L x (Lk + nk)) form of centroid compensation, for tests (small sizes only).
+    Builds the softmax explicitly: columns 0..Lk-1 are the keys of listed blocks (masked token by
+    token), columns Lk..Lk+nk-1 are the centroids of the skipped blocks with logit
+    scale * q . mean(k_block) + log(n_block) and value mean(v_block), computed here in `dtype`
+    from a per-block loop (independent of pool_blocks_ref).  Returns (o, lse) in `dtype`."""
+    B, H, L, D = q.shape
+    Lk = k.shape[2]
+    nk = num_blocks(Lk, block)
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    idx = idx.expand(B, H, *idx.shape[2:])
+    cnt = cnt.expand(B, H, cnt.shape[-1])
+    qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
+    km = torch.stack([kd[:, :, j * block: min(Lk, (j + 1) * block)].mean(2) for j in range(nk)], 2)
+    vm = torch.stack([vd[:, :, j * block: min(Lk, (j + 1) * block)].mean(2) for j in range(nk)], 2)
+    n = torch.tensor([min(Lk, (j + 1) * block) - j * block for j in range(nk)], dtype=dtype, device=q.device)
+    tok_mask = block_mask_dense(idx, cnt, L, Lk, block)                           # (B,H,L,Lk)
+    skip = skipped_blocks(idx, cnt, nk).repeat_interleave(block, dim=2)[:, :, :L]  # (B,H,L,nk)
+    s_tok = (qd @ kd.transpose(-1, -2) * scale).masked_fill(~tok_mask, -float("inf"))
+    s_cen = (qd @ km.transpose(-1, -2) * scale + torch.log(n)).masked_fill(~skip, -float("inf"))
+    s = torch.cat([s_tok, s_cen], -1)
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse[..., None])
+    return p @ torch.cat([vd, vm], 2), lse

@@ -37,6 +37,7 @@ Tensor = torch.Tensor
 
 PATTERNS = ("window", "topk")
 BACKENDS = ("auto", "triton", "torch")
+COMPENSATIONS = ("none", "centroid")
 
 
 @dataclass
@@ -55,6 +56,10 @@ class SaladConfig:
         8); ``window_scale=(2, 8, 8)`` measures in tiles instead (isotropic in tiles).
     backend: "auto" | "triton" | "torch" (passed to the kernels).
     eps: denominator epsilon of the linear branch.
+    compensation: "none" (skipped key blocks get no probability mass) or "centroid" (every key
+        block a query block skips adds one pseudo-token, its mean key and mean value with logit
+        scale*q.kbar + log(n_tokens), to the same softmax; training-free; see
+        kernels.reference.block_sparse_attention_ref).
     """
 
     sparsity: float = 0.9
@@ -64,6 +69,7 @@ class SaladConfig:
     window_scale: Tuple[float, float, float] = (1.0, 1.0, 1.0)
     backend: str = "auto"
     eps: float = 1e-5
+    compensation: str = "none"
 
     def __post_init__(self):
         try:
@@ -76,6 +82,8 @@ class SaladConfig:
             raise ValueError(f"SaladConfig.pattern must be one of {PATTERNS}, got {self.pattern!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"SaladConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.compensation not in COMPENSATIONS:
+            raise ValueError(f"SaladConfig.compensation must be one of {COMPENSATIONS}, got {self.compensation!r}")
         if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 16:
             raise ValueError(f"SaladConfig.block must be an int >= 16, got {self.block!r}")
         try:
@@ -128,15 +136,17 @@ def _window_lut(layout: TileLayout, config: SaladConfig) -> Tuple[Tensor, Tensor
 
 
 def select_blocks(qh: Tensor, kh: Tensor, layout: TileLayout, config: SaladConfig,
-                  q_rowmap: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """Block lists for tile-ordered (B,H,L,D) q, k (q in raster order with q_rowmap = layout.perm)."""
+                  q_rowmap: Optional[Tensor] = None, k_pooled: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Block lists for tile-ordered (B,H,L,D) q, k (q in raster order with q_rowmap = layout.perm).
+    k_pooled: kernels.pool_blocks(kh) if the caller has it (top-k then pools k only once)."""
     B, H = qh.shape[:2]
     if config.pattern == "window":
         idx, cnt = _window_lut(layout, config)
         return idx.expand(B, H, *idx.shape[2:]), cnt.expand(B, H, cnt.shape[-1])
     extra = layout.extra_blocks(config.block)
     return K.select_topk(qh, kh, config.sparsity, block=config.block,
-                         always_kept=extra if extra.numel() else None, backend=config.backend, q_rowmap=q_rowmap)
+                         always_kept=extra if extra.numel() else None, backend=config.backend, q_rowmap=q_rowmap,
+                         k_pooled=k_pooled)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,8 +190,10 @@ def _sparse_branch(q: Tensor, kh: Tensor, vh: Tensor, layout: TileLayout, B: int
     buffer, one index_select back to raster.  kh, vh: tile-ordered views.  Returns (B, L, H*D)."""
     qh = _to_heads_tiled(q, layout, B, L, H, D)
     idx, cnt = select_blocks(qh, kh, layout, config)
+    # centroid compensation: the kernels pool k, v themselves (differentiably when grads are needed)
     o_s, _ = K.block_sparse_attention(qh, kh, vh, idx, cnt, block=config.block, scale=1.0 / math.sqrt(D),
-                                      backend=config.backend, out_layout="blhd")
+                                      backend=config.backend, out_layout="blhd",
+                                      compensate=config.compensation == "centroid")
     return o_s.transpose(1, 2).reshape(B, L, H * D).index_select(1, layout.inv_perm)
 
 
@@ -304,7 +316,11 @@ def salad_self_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, *, grid: S
     # inference: the kernel reads q through the tile permutation and writes its output back in
     # raster order (plus G * proj.bias), so q needs no gather and the output no scatter pass
     q4 = _heads_view(q, B, L, H, D)
-    idx, cnt = select_blocks(q4, kh, layout, config, q_rowmap=layout.perm32)
+    comp = config.compensation == "centroid"
+    # centroid compensation: pool K once (shared with top-k selection) and V in the same way
+    k_mean = K.pool_blocks(kh, config.block, backend=config.backend) if comp else None
+    v_mean = K.pool_blocks(vh, config.block, backend=config.backend) if comp else None
+    idx, cnt = select_blocks(q4, kh, layout, config, q_rowmap=layout.perm32, k_pooled=k_mean)
     w = bias = None
     if proj is not None:
         w, b = linear_params(proj, q, f"SALAD Proj weights{where}")
@@ -312,7 +328,8 @@ def salad_self_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, *, grid: S
             g = G.reshape(B, 1) if G is not None else torch.ones(B, 1, device=q.device)
             bias = g * b.float().reshape(1, -1)
     o = K.block_sparse_attention_rowmap(q4, kh, vh, idx, cnt, layout.perm32, block=config.block,
-                                        scale=1.0 / math.sqrt(D), bias=bias, backend=config.backend)
+                                        scale=1.0 / math.sqrt(D), bias=bias, backend=config.backend,
+                                        compensate=comp, k_mean=k_mean, v_mean=v_mean)
     del kh, vh
     out = o.transpose(1, 2).reshape(B, L, H * D)
     if w is not None:
