@@ -10,6 +10,7 @@ from .patch import PatchOptions, apply_salad, wan_model_info
 
 PATTERNS = ["topk", "window"]
 BACKENDS = ["auto", "triton", "torch"]
+COMPENSATIONS = ["none", "centroid"]
 
 
 def _number(name, value):
@@ -71,11 +72,18 @@ class SALADApplyAttention:
                                                   "clips gain little from sparsity)."}),
                 "verbose": ("BOOLEAN", {"default": False,
                                         "tooltip": "Log which blocks ran SALAD and why calls were handed on."}),
+                "compensation": (COMPENSATIONS, {"default": "none",
+                                                 "tooltip": "Stand-in for the key blocks a query block skips. none: "
+                                                            "they get no attention. centroid: each skipped block "
+                                                            "counts as one token (its mean key and mean value, "
+                                                            "weighted by its token count), so no attention weight "
+                                                            "is simply dropped. Training-free; works with or "
+                                                            "without SALAD weights."}),
             },
         }
 
     def apply(self, model, sparsity, pattern, start_percent, end_percent, dense_blocks, backend,
-              salad_weights=None, min_tokens=0, verbose=False):
+              salad_weights=None, min_tokens=0, verbose=False, compensation="none"):
         sparsity = _number("sparsity", sparsity)
         start_percent = _number("start_percent", start_percent)
         end_percent = _number("end_percent", end_percent)
@@ -85,6 +93,9 @@ class SALADApplyAttention:
             raise ValueError(f"Apply SALAD Attention: pattern must be one of {PATTERNS}, got {clip(pattern)}")
         if backend not in BACKENDS:
             raise ValueError(f"Apply SALAD Attention: backend must be one of {BACKENDS}, got {clip(backend)}")
+        if compensation not in COMPENSATIONS:
+            raise ValueError(f"Apply SALAD Attention: compensation must be one of {COMPENSATIONS}, got "
+                             f"{clip(compensation)}")
         if not 0.0 <= start_percent <= 1.0 or not 0.0 <= end_percent <= 1.0:
             raise ValueError(f"Apply SALAD Attention: start_percent and end_percent must be in [0, 1], got "
                              f"start_percent={start_percent}, end_percent={end_percent}")
@@ -110,5 +121,5 @@ class SALADApplyAttention:
             raise ValueError(f"Apply SALAD Attention: {e}") from None
         opts = PatchOptions(sparsity=float(sparsity), pattern=pattern, start_percent=float(start_percent),
                             end_percent=float(end_percent), dense_blocks=frozenset(dense), backend=backend,
-                            min_tokens=int(min_tokens), verbose=bool(verbose))
+                            min_tokens=int(min_tokens), verbose=bool(verbose), compensation=compensation)
         return (apply_salad(model, opts, salad_weights),)

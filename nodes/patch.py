@@ -47,6 +47,7 @@ class PatchOptions:
     backend: str = "auto"
     min_tokens: int = 0
     verbose: bool = False
+    compensation: str = "none"
 
 
 @dataclass
@@ -70,7 +71,8 @@ class SaladPatch:
         from ..salad_core.attention import SaladConfig  # lazy: keeps import of the pack light
         self.opts = opts
         self.weights = weights            # a ComfyUI ModelPatcher whose .model is SaladWeights, or None
-        self.config = SaladConfig(sparsity=opts.sparsity, pattern=opts.pattern, backend=opts.backend)
+        self.config = SaladConfig(sparsity=opts.sparsity, pattern=opts.pattern, backend=opts.backend,
+                                  compensation=opts.compensation)
         self.has_ref_conv = getattr(diffusion_model, "ref_conv", None) is not None
         self.sigma_start = sigma_start
         self.sigma_end = sigma_end
