@@ -42,9 +42,11 @@ class SALADApplyAttention:
                 "model": ("MODEL", {"tooltip": "A Wan 2.1 / 2.2 model (T2V, I2V, 5B, 14B high- or low-noise); "
                                                "LoRA'd and GGUF models work."}),
                 "sparsity": ("FLOAT", {"default": 0.9, "min": 0.0, "max": 0.99, "step": 0.01, "display": "slider",
-                                       "tooltip": "Share of key blocks each query block skips. 0.9 = 90% skipped "
-                                                  "(about 2x faster end to end on long videos). 0 = exact dense "
-                                                  "attention."}),
+                                       "tooltip": "Share of key blocks each query block skips. 0.9 = 90% skipped. "
+                                                  "Measured at 0.9 on an H100, per model call: 2.0x on Wan2.1-1.3B "
+                                                  "at 480p; 1.66x (480p) to 2.44x (720p) on Wan 14B. The gain "
+                                                  "depends on model and video size (smaller for short or "
+                                                  "low-resolution videos). 0 = exact dense attention."}),
                 "pattern": (PATTERNS, {"default": "topk",
                                        "tooltip": "topk: keep the key blocks with the highest pooled q.k score, "
                                                   "per head and step. window: keep the key blocks nearest in space "

@@ -65,8 +65,12 @@ class SALADTrainWeights:
             "latent_image": ("LATENT", {"tooltip": "An empty video latent; the resolution and length the weights are "
                                                    "tuned on. Keep it small: memory grows with tokens x blocks x "
                                                    "recorded steps."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
-                             "tooltip": "Noise seed of the recording run and of the training."}),
+            # Fixed seed, no "control after generate" widget: the frontend's default for an INT named
+            # seed is "randomize", which would retrain and write a new file on every Run.
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": False,
+                             "tooltip": "Noise seed of the recording run and of the training. Fixed on purpose: "
+                                        "with unchanged inputs ComfyUI does not retrain on the next Run; change "
+                                        "it by hand for a new run."}),
             "record_steps": ("INT", {"default": 8, "min": 1, "max": 100,
                                      "tooltip": "Sampling steps of the recording run."}),
             "cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.1,
