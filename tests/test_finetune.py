@@ -1,0 +1,281 @@
+"""SALAD fine-tuning (issue 10): salad_core.finetune on the CPU.
+
+* a toy DiT whose self-attention is salad_self_attention (no ComfyUI: fast): training moves proj/gate,
+  resume after a crash mid-run gives bit-identical final weights, an injected NaN stops with a clear
+  message and keeps the last good checkpoint, two gloo processes give the weights of one process with
+  the same global batch;
+* ComfyUI's own WanModel (tiny fixture) through the CLI and nodes/finetune.py's wiring, killed with
+  SIGKILL and resumed: bit-identical to an uninterrupted CLI run;
+* the nodes SALAD Save Training Pair -> SALAD Fine-tune -> Apply SALAD Attention in a real ComfyUI server.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+from _pack import register  # noqa: E402
+
+register()
+
+from salad_pack.salad_core.attention import SaladConfig, salad_self_attention  # noqa: E402
+from salad_pack.salad_core.finetune import (FinetuneConfig, FinetuneError, NonFiniteLossError,  # noqa: E402
+                                            PairFolder, finetune, load_checkpoint, save_pair)
+from salad_pack.salad_core.weights import SaladWeights, load_salad_weights  # noqa: E402
+
+DIM, HEADS, NBLK, CTX = 64, 2, 2, 32
+
+
+class ToyDiT(torch.nn.Module):
+    """Patchify (1,2,2) -> blocks of [SALAD self-attention + context + MLP] -> unpatchify.  The SALAD
+    proj/gate come from the ``weights`` module it is wired with (as nodes/patch.py does for Wan)."""
+
+    def __init__(self, cin=4, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.cin = cin
+        self.emb = torch.nn.Linear(cin * 4, DIM)
+        self.temb = torch.nn.Linear(1, DIM)
+        self.cemb = torch.nn.Linear(CTX, DIM)
+        self.qkv = torch.nn.ModuleList([torch.nn.Linear(DIM, 3 * DIM) for _ in range(NBLK)])
+        self.o = torch.nn.ModuleList([torch.nn.Linear(DIM, DIM) for _ in range(NBLK)])
+        self.mlp = torch.nn.ModuleList([torch.nn.Linear(DIM, DIM) for _ in range(NBLK)])
+        self.out = torch.nn.Linear(DIM, cin * 4)
+        self.requires_grad_(False)
+
+    def wire(self, weights, config):
+        def forward(x, t, ctx):
+            B, C, T, H, W = x.shape
+            h = x.reshape(B, C, T, H // 2, 2, W // 2, 2).permute(0, 2, 3, 5, 1, 4, 6).reshape(B, -1, C * 4)
+            h = self.emb(h) + self.temb(t.reshape(B, 1, 1) / 1000.0) + self.cemb(ctx.mean(1, keepdim=True))
+            for i in range(NBLK):
+                q, k, v = self.qkv[i](h).chunk(3, dim=-1)
+                a = salad_self_attention(q, k, v, HEADS, grid=(T, H // 2, W // 2), x=h,
+                                         proj=weights.proj_for(i), gate=weights.gate_for(i), config=config,
+                                         block_id=i)
+                h = h + self.o[i](a)
+                h = h + torch.tanh(self.mlp[i](h))
+            o = self.out(h).reshape(B, T, H // 2, W // 2, C, 2, 2).permute(0, 4, 1, 2, 5, 3, 6)
+            return o.reshape(B, C, T, H, W)
+        return forward
+
+
+def _make_data(folder: Path, n=6, shape=(4, 2, 16, 16)):
+    g = torch.Generator().manual_seed(5)
+    for i in range(n):
+        save_pair(folder / f"pair_{i:03d}.safetensors", torch.randn(shape, generator=g),
+                  torch.randn(7, CTX, generator=g), caption=f"clip {i}")
+    return folder
+
+
+def _run(data_dir, tmp, *, steps=6, batch=2, ckpt_every=2, resume=False, stop_at=None, forward_hook=None,
+         name="run", ckpt=None, lr=3e-3):
+    """One fine-tune of fresh weights on the toy model; returns (result, weights, out path, ckpt path)."""
+    cfg = FinetuneConfig(steps=steps, batch=batch, lr=lr, warmup=2, shift=3.0, sparsity=0.5, pattern="topk",
+                         ckpt_every=ckpt_every, seed=1, cfg_dropout=0.2)
+    model = ToyDiT()
+    w = SaladWeights.new(DIM, HEADS, NBLK, base_model="toy", pattern="topk", sparsity=0.5)
+    fwd = model.wire(w, SaladConfig(sparsity=0.5, pattern="topk", backend="torch"))
+    if forward_hook is not None:
+        fwd = forward_hook(fwd)
+    out = tmp / f"{name}.safetensors"
+    ckpt = ckpt or tmp / f"{name}.ckpt"
+    res = finetune(fwd, w, PairFolder(data_dir), cfg, out_path=out, ckpt_path=ckpt, resume=resume,
+                   device="cpu", stop_at=stop_at)
+    return res, w, out, ckpt
+
+
+def _tensors(w):
+    return {k: v.detach().clone() for k, v in w.state_tensors().items()}
+
+
+def test_finetune_trains_saves_loader_format(tmp_path):
+    data = _make_data(tmp_path / "data")
+    res, w, out, ckpt = _run(data, tmp_path, steps=4, ckpt_every=0)
+    assert res["step"] == 4 and len(res["history"]) == 4 and out.exists() and ckpt.exists()
+    assert any(float(w.proj_for(i).weight.abs().max()) > 0 for i in range(NBLK)), "proj did not move from 0"
+    back = load_salad_weights(out)                   # what SALAD Weights Loader reads
+    md = back.metadata
+    assert md["training_steps"] == "4" and md["pattern"] == "topk" and md["sparsity"] == "0.5"
+    assert "6 latent pairs in data/" in md["training_data"] and md["created_by"] == "salad_core.finetune"
+    for k, v in _tensors(w).items():
+        assert torch.equal(back.state_tensors()[k], v)
+    state, tensors = load_checkpoint(ckpt)
+    assert state["step"] == 4 and state["data_position"] == 8 and "opt.blocks.0.proj.weight.exp_avg" in tensors
+    assert "rng.cpu" in tensors
+
+
+def test_resume_after_crash_is_bit_exact(tmp_path):
+    """Uninterrupted 6 steps == crash in step 5 (after the step-4 checkpoint) + resume in a fresh model."""
+    data = _make_data(tmp_path / "data")
+    _, w_ref, out_ref, _ = _run(data, tmp_path, name="straight")
+
+    calls = {"n": 0}
+
+    def crash_at_step5(fwd):
+        def f(*a):
+            calls["n"] += 1
+            if calls["n"] == 5:           # 1 forward per step (one latent shape)
+                raise KeyboardInterrupt("killed")
+            return fwd(*a)
+        return f
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(data, tmp_path, name="crashed", forward_hook=crash_at_step5)
+    state, _ = load_checkpoint(tmp_path / "crashed.ckpt")
+    assert state["step"] == 4 and not (tmp_path / "crashed.safetensors").exists()
+    res, w_res, out_res, _ = _run(data, tmp_path, name="crashed", resume=True)
+    assert res["resumed_from"] and res["step"] == 6
+    ref, got = _tensors(w_ref), _tensors(w_res)
+    assert all(torch.equal(ref[k], got[k]) for k in ref), "resumed weights differ from the uninterrupted run"
+    a, b = load_salad_weights(out_ref), load_salad_weights(out_res)
+    assert all(torch.equal(a.state_tensors()[k], b.state_tensors()[k]) for k in ref)
+    # resuming with other settings is refused, naming what differs
+    with pytest.raises(FinetuneError, match="lr"):
+        _run(data, tmp_path, name="crashed", resume=True, lr=1e-2)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    data = _make_data(tmp_path / "data")
+    calls = {"n": 0}
+
+    def nan_at_step3(fwd):
+        def f(*a):
+            calls["n"] += 1
+            out = fwd(*a)
+            return out * float("nan") if calls["n"] == 3 else out
+        return f
+
+    ckpt = tmp_path / "nan.ckpt"
+    with pytest.raises(NonFiniteLossError) as ei:
+        _run(data, tmp_path, name="nan", forward_hook=nan_at_step3, ckpt_every=2)
+    msg = str(ei.value)
+    assert "loss is nan at step 3" in msg and "NOT applied" in msg and "(step 2) is kept" in msg, msg
+    state, tensors = load_checkpoint(ckpt)
+    assert state["step"] == 2
+    assert all(torch.isfinite(t).all() for k, t in tensors.items() if k.startswith("w."))
+    assert not (tmp_path / "nan.safetensors").exists()
+
+
+def _gloo_worker(rank, world, data_dir, tmp, init_file):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        _run(Path(data_dir), Path(tmp), steps=3, batch=4, ckpt_every=0, name="ddp")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gloo_two_processes_match_one_process(tmp_path):
+    data = _make_data(tmp_path / "data", n=5)
+    _, w1, _, _ = _run(data, tmp_path, steps=3, batch=4, ckpt_every=0, name="single")
+    import torch.multiprocessing as mp
+    mp.spawn(_gloo_worker, args=(2, str(data), str(tmp_path), str(tmp_path / "init")), nprocs=2, join=True)
+    w2 = load_salad_weights(tmp_path / "ddp.safetensors")
+    assert "2 process(es)" in w2.metadata["training_data"]
+    ref, got = _tensors(w1), w2.state_tensors()
+    diff = max(float((ref[k] - got[k].detach()).abs().max()) for k in ref)
+    scale = max(float(ref[k].abs().max()) for k in ref)
+    print(f"gloo 2 processes vs 1 process: max abs diff {diff:.3g} (weights max {scale:.3g})")
+    assert scale > 0 and diff <= 1e-5 * max(scale, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# ComfyUI's WanModel through the CLI (nodes/finetune.py wiring), killed with SIGKILL and resumed
+# ------------------------------------------------------------------------------------------------
+
+def _cli(args, **kw):
+    return subprocess.Popen([sys.executable, str(ROOT / "salad_core" / "finetune.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_cli_tiny_wan_sigkill_resume_bit_exact(tmp_path, tiny_models, comfyui_dir):
+    """The CLI on the tiny Wan fixture (ComfyUI's WanModel, 512 tokens = 4 blocks, sparsity 0.75): a run
+    SIGKILLed after its step-2 checkpoint and resumed gives the weights of an uninterrupted run, bit for bit."""
+    data = tmp_path / "data"
+    g = torch.Generator().manual_seed(0)
+    for i in range(3):
+        save_pair(data / f"p{i}.safetensors", torch.randn(16, 2, 32, 32, generator=g),
+                  torch.randn(16, 4096, generator=g) * 0.1)
+    env = dict(os.environ, COMFYUI_DIR=str(comfyui_dir), OMP_NUM_THREADS="1")
+    common = ["--model", str(tiny_models["wan21_t2v_tiny"]), "--data", str(data), "--steps", "4", "--batch", "1",
+              "--lr", "1e-3", "--sparsity", "0.75", "--pattern", "topk", "--ckpt-every", "2", "--log-every", "1",
+              "--backend", "torch", "--device", "cpu"]
+    straight = _cli(common + ["--out", str(tmp_path / "a.safetensors")], env=env)
+    killed = _cli(common + ["--out", str(tmp_path / "b.safetensors"), "--stop-at", "1000"], env=env)
+    ckpt = tmp_path / "b.safetensors.ckpt"
+    t0 = time.monotonic()
+    while not ckpt.exists() and killed.poll() is None and time.monotonic() - t0 < 60:
+        time.sleep(0.05)
+    assert killed.poll() is None, killed.stdout.read()
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    out_a = straight.communicate(timeout=90)[0]
+    assert straight.returncode == 0, out_a
+    print(out_a)
+    state, _ = load_checkpoint(ckpt)
+    assert 2 <= state["step"] < 4, state["step"]
+    resumed = _cli(common + ["--out", str(tmp_path / "b.safetensors"), "--resume"], env=env)
+    out_b = resumed.communicate(timeout=90)[0]
+    assert resumed.returncode == 0 and f"resumed from b.safetensors.ckpt at step {state['step']}" in out_b, out_b
+    a, b = load_salad_weights(tmp_path / "a.safetensors"), load_salad_weights(tmp_path / "b.safetensors")
+    assert a.metadata["training_steps"] == "4" and "shift 8" in a.metadata["training_data"]
+    assert float(a.proj_for(0).weight.abs().max()) > 0
+    for k, v in a.state_tensors().items():
+        assert torch.equal(v, b.state_tensors()[k]), k
+
+
+# ------------------------------------------------------------------------------------------------
+# the nodes in a real ComfyUI server
+# ------------------------------------------------------------------------------------------------
+
+def test_nodes_save_pairs_finetune_apply_in_comfy(comfy_server):
+    import uuid
+
+    from comfy_harness import execution_error, status_str
+    from graphs import t2v_prompt
+
+    folder = f"ft_{uuid.uuid4().hex[:8]}"
+    p = {
+        "2": {"class_type": "SALADTest_Conditioning", "inputs": {"seed": 11, "tokens": 16, "dim": 4096}},
+        "4": {"class_type": "SALADTest_EmptyLatentVideo",
+              "inputs": {"channels": 16, "frames": 2, "height": 32, "width": 32, "batch_size": 2}},
+        "10": {"class_type": "SALADSaveTrainingPair", "inputs": {"latent": ["4", 0], "conditioning": ["2", 0],
+                                                                "data_folder": folder, "filename_prefix": "pair"}},
+    }
+    entry = comfy_server.run(p)
+    assert status_str(entry) == "success", execution_error(entry)
+    data_dir = comfy_server.output / "salad_training" / folder
+    assert sorted(f.name for f in data_dir.iterdir()) == ["pair_00001.safetensors", "pair_00002.safetensors"]
+
+    prefix = f"ftw_{uuid.uuid4().hex[:6]}"
+    q = t2v_prompt("wan21_t2v_tiny.safetensors", steps=1, salad={}, prefix=prefix)
+    q["4"]["inputs"].update(frames=2, height=32, width=32)
+    q["20"] = {"class_type": "SALADFinetune", "inputs": {
+        "model": ["1", 0], "data_folder": folder, "steps": 2, "batch": 2, "learning_rate": 1e-3,
+        "sparsity": 0.75, "pattern": "topk", "resume": False, "filename_prefix": prefix, "checkpoint_every": 0}}
+    q["5"]["inputs"]["salad_weights"] = ["20", 0]
+    q["5"]["inputs"]["sparsity"] = 0.75
+    mark = len(comfy_server.log())
+    entry = comfy_server.run(q)
+    err = execution_error(entry) or {}
+    assert status_str(entry) == "success", (err.get("exception_message"), "".join(err.get("traceback", []))[-3000:])
+    text = entry["outputs"]["20"]["text"][0]
+    assert text.startswith("SALAD Fine-tune: 2 steps") and f"{prefix}_00001.safetensors" in text, text
+    w = load_salad_weights(comfy_server.salad_dir / f"{prefix}_00001.safetensors")
+    assert w.metadata["training_steps"] == "2" and w.metadata["created_by"] == "ComfyUI SALAD Fine-tune"
+    assert "shift 8" in w.metadata["training_data"] and w.metadata["sparsity"] == "0.75"
+    log = comfy_server.log()[mark:]
+    assert "SALAD Fine-tune: step 2/2 loss" in log
+    assert (comfy_server.output / "salad_finetune" / f"{prefix}.ckpt").exists()
