@@ -11,7 +11,7 @@ speed    Time per training step and peak GPU memory at Wan2.1-1.3B, 480p x 81 fr
 
 testbed  Fine-tune SALAD on the testbed model (testbed/models/salad_testbed_wan21.safetensors) on procedural
          clips (testbed.data -> testbed.codec.encode -> raw latents, testbed.text captions), written as a pair
-         folder, with ``salad_core/finetune.py``'s CLI path (nodes/finetune.py cli_provider); twice: from fresh
+         folder, with ``scripts/salad_finetune.py``'s CLI path (nodes/finetune.py cli_provider); twice: from fresh
          weights (``salad_finetuned``) and from the calibrated file testbed/models/salad_testbed_wan21_topk90
          (``salad_calib_finetuned``).  Outputs ``$OUT/salad_finetuned_topk90.safetensors`` etc. for
          ``benchmarks/bench_quality.py --weights`` (PSNR vs dense of sparse-only / calibrated / fine-tuned /
@@ -21,7 +21,7 @@ Commands (GPU machine, ComfyUI from COMFYUI_DIR as for bench_e2e.py):
   COMFYUI_DIR=... PYTHONUNBUFFERED=1 python benchmarks/bench_finetune.py --part speed --out $OUT
   COMFYUI_DIR=... PYTHONUNBUFFERED=1 python benchmarks/bench_finetune.py --part testbed --out $OUT \\
       --pairs 512 --steps 1600 --batch 8
-  2 GPUs (scaling, if nvidia-h100-x2 is lent): torchrun --nproc-per-node 2 salad_core/finetune.py \\
+  2 GPUs (scaling, if nvidia-h100-x2 is lent): torchrun --nproc-per-node 2 scripts/salad_finetune.py \\
       --model testbed/models/salad_testbed_wan21.safetensors --data $OUT/pairs --out $OUT/ddp.safetensors \\
       --steps 200 --batch 8 --sparsity 0.9 --pattern topk   (compare its s/step with --nproc-per-node 1)
 CPU smoke (tiny shapes, no timing value):  python benchmarks/bench_finetune.py --smoke --out /tmp/bf
@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts")]
 from _pack import register  # noqa: E402
 
 register()
@@ -63,7 +63,7 @@ def _comfy(cpu: bool):
 
 
 def _nodes_finetune():
-    from salad_pack.salad_core.finetune import _load_provider
+    from salad_finetune import _load_provider
     _load_provider("nodes.finetune:cli_provider")          # registers salad_pack.nodes without its __init__
     import importlib
     return importlib.import_module("salad_pack.nodes.finetune")
@@ -168,7 +168,7 @@ def make_pairs(folder: Path, n: int, latent_frames: int, latent_size: int, seed:
 
 def testbed(a, device) -> dict:
     d = _comfy(device.type == "cpu")
-    from salad_pack.salad_core import finetune as ft
+    import salad_finetune as ft
     out = Path(a.out)
     lf, ls = (2, 4) if a.smoke else (16, 32)
     pairs = make_pairs(out / "pairs", a.pairs, lf, ls, seed=a.seed + 7, device=device)

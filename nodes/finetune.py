@@ -1,5 +1,5 @@
 """SALAD fine-tuning in ComfyUI (issue 10): "SALAD Save Training Pair" and "SALAD Fine-tune", plus the
-Wan wiring and model provider that ``salad_core/finetune.py``'s CLI uses.
+Wan wiring and model provider that ``scripts/salad_finetune.py`` (the fine-tuning CLI) uses.
 
 The recipe lives in ``salad_core.finetune`` (no ComfyUI there).  This file only
   * wires a Wan diffusion model (ComfyUI's ``WanModel``) so its self-attention runs SALAD with the
@@ -79,7 +79,7 @@ def wan_forward(diffusion_model, state=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# CLI provider (salad_core/finetune.py --provider nodes.finetune:cli_provider)
+# CLI provider (scripts/salad_finetune.py --provider nodes.finetune:cli_provider)
 # ----------------------------------------------------------------------------------------------
 
 def cli_provider(model: str, device, comfyui=None) -> dict:

@@ -58,51 +58,25 @@ Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) the CLI initialises the pro
 CUDA, gloo on the CPU); :func:`finetune` wraps the trainable weights in DDP whenever a process
 group is initialised, splits each global batch over the ranks and lets rank 0 write checkpoints.
 
-CLI (a ComfyUI Wan diffusion-model file; the model is built by the provider in
-``nodes/finetune.py``, which needs ComfyUI importable: ``--comfyui DIR`` or ``COMFYUI_DIR``)::
-
-    python salad_core/finetune.py --model wan.safetensors --data pairs/ --out salad_ft.safetensors \\
-        --steps 1600 --batch 8 --lr 1e-4 --sparsity 0.9 --pattern topk [--init-weights calib.safetensors]
-    python salad_core/finetune.py ... --resume                         # continue from --ckpt
-    torchrun --nproc-per-node 2 salad_core/finetune.py ...              # DDP, global batch split
-
-(``python -m salad_core.finetune`` cannot work: ``salad_core`` imports its sibling ``kernels``
-package relatively, so the pack root must be registered as a package first, which the script does.)
+CLI: ``scripts/salad_finetune.py`` (it builds the wired Wan model through ``nodes/finetune.py``;
+this module never reaches up into ``nodes`` or ``testbed``).
 """
 from __future__ import annotations
 
 import os
-import sys
-
-if __name__ == "__main__" and not __package__:  # script mode: register the pack root as `salad_pack`
-    _here = os.path.dirname(os.path.abspath(__file__))
-    if sys.path and os.path.abspath(sys.path[0] or ".") == _here:
-        sys.path.pop(0)                       # salad_core/ itself must not shadow top-level modules
-    sys.path.insert(0, os.path.join(os.path.dirname(_here), "tests"))
-    from _pack import register
-
-    register()
-    from salad_pack.salad_core.finetune import main as _main
-
-    sys.exit(_main())
-
-import argparse
 import contextlib
 import dataclasses
 import hashlib
-import importlib
-import importlib.machinery
-import importlib.util
 import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .weights import (SaladWeights, SaladWeightsError, atomic_write_safetensors, format_block_spec,
+from .weights import (SaladWeights, atomic_write_safetensors, format_block_spec,
                       load_salad_weights, save_salad_weights)
 
 Tensor = torch.Tensor
@@ -603,89 +577,3 @@ def make_weights(info: dict, cfg: FinetuneConfig, init_weights=None, blocks=None
 # ----------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------
-
-DEFAULT_PROVIDER = "nodes.finetune:cli_provider"
-
-
-def _load_provider(spec: str):
-    mod, _, fn = spec.partition(":")
-    pkg = __name__.rsplit(".", 2)[0]          # "salad_pack" (the pack root)
-    top = mod.split(".")[0]
-    name = f"{pkg}.{mod}" if top in ("nodes", "salad_core", "testbed", "benchmarks") else mod
-    if top == "nodes" and f"{pkg}.nodes" not in sys.modules:
-        # the nodes package's __init__ registers ComfyUI nodes (imports comfy before the provider has
-        # put ComfyUI on sys.path): load its submodules without running it, as tests/_pack.py does for the root
-        spec = importlib.machinery.ModuleSpec(f"{pkg}.nodes", None, is_package=True)
-        m = importlib.util.module_from_spec(spec)
-        m.__path__ = [str(Path(__file__).resolve().parents[1] / "nodes")]
-        sys.modules[f"{pkg}.nodes"] = m
-    return getattr(importlib.import_module(name), fn)
-
-
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="SALAD fine-tuning (see salad_core/finetune.py)",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--model", required=True, help="diffusion model file (ComfyUI's diffusion_models format)")
-    ap.add_argument("--data", required=True, help="folder of training pairs")
-    ap.add_argument("--out", required=True, help="final SALAD weight file (.safetensors)")
-    ap.add_argument("--ckpt", help="checkpoint file (default: <out>.ckpt)")
-    ap.add_argument("--resume", action="store_true", help="continue from --ckpt if it exists")
-    ap.add_argument("--init-weights", help="start from this (calibrated) SALAD weight file")
-    ap.add_argument("--blocks", default=None, help="blocks to train, e.g. 0-29 (default: all)")
-    ap.add_argument("--comfyui", help="ComfyUI directory (default COMFYUI_DIR, else the test harness's copy)")
-    ap.add_argument("--provider", default=DEFAULT_PROVIDER, help="module:function that builds the wired model")
-    ap.add_argument("--captions", choices=["none", "testbed"], default="none",
-                    help="encoder for .latent + .txt pairs")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--stop-at", type=int, default=None, help="end after this many total steps (no final file)")
-    d = FinetuneConfig()
-    for k in ("steps", "batch", "lr", "warmup", "min_lr_ratio", "weight_decay", "grad_clip", "shift",
-              "multiplier", "cfg_dropout", "seed", "sparsity", "pattern", "backend", "ckpt_every", "log_every"):
-        default = getattr(d, k) if k != "warmup" else None
-        typ = type(default) if default is not None else int
-        ap.add_argument(f"--{k.replace('_', '-')}", type=typ, default=default)
-    ap.add_argument("--no-autocast", action="store_true")
-    return ap.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    a = parse_args(argv)
-    dev = init_distributed_from_env(a.device)
-    device = dev or torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dist = _dist()
-    rank = dist.get_rank() if dist else 0
-
-    def log(msg):
-        if rank == 0:
-            print(f"[salad finetune] {msg}", flush=True)
-
-    cfg = FinetuneConfig(**{k: getattr(a, k) for k in (
-        "steps", "batch", "lr", "warmup", "min_lr_ratio", "weight_decay", "grad_clip", "shift", "multiplier",
-        "cfg_dropout", "seed", "sparsity", "pattern", "backend", "ckpt_every", "log_every")},
-        autocast=not a.no_autocast)
-    handle = _load_provider(a.provider)(model=a.model, device=device, comfyui=a.comfyui)
-    enc = None
-    if a.captions == "testbed":
-        from ..testbed import text as _text
-        enc = _text.caption_context
-    data = PairFolder(a.data, caption_encoder=enc)
-    blocks = None if a.blocks is None else a.blocks
-    weights = make_weights(handle["info"], cfg, a.init_weights, blocks, created_by="salad_core/finetune.py CLI")
-    weights.to(device)
-    forward = handle["wire"](weights, cfg)
-    log(f"{handle['info'].get('base_model')}: training blocks {format_block_spec(weights.block_ids)} on "
-        f"{data.describe()}, {cfg.steps} steps x batch {cfg.batch} ({dist.get_world_size() if dist else 1} "
-        f"process(es)), sparsity {cfg.sparsity} {cfg.pattern}, shift {cfg.shift}")
-    ckpt = a.ckpt or (a.out + ".ckpt")
-    try:
-        res = finetune(forward, weights, data, cfg, out_path=a.out, ckpt_path=ckpt, resume=a.resume, device=device,
-                       latent_transform=handle.get("latent_transform"), log=log, stop_at=a.stop_at,
-                       created_by="salad_core/finetune.py CLI")
-    except NonFiniteLossError as e:
-        log(str(e))
-        return 3
-    finally:
-        if dist:
-            dist.destroy_process_group()
-    log(f"done at step {res['step']}" + (f": {res['path']}" if res["path"] else ""))
-    return 0

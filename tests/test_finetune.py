@@ -196,7 +196,7 @@ def test_gloo_two_processes_match_one_process(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def _cli(args, **kw):
-    return subprocess.Popen([sys.executable, str(ROOT / "salad_core" / "finetune.py"), *args],
+    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "salad_finetune.py"), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
