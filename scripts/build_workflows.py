@@ -14,12 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from comfy_harness import ComfyServer  # noqa: E402
-from workflow_convert import _has_control, _input_specs, _is_widget  # noqa: E402
+from workflow_convert import FRONTEND_WIDGETS, _extra_widgets, _has_control, _input_specs, _is_widget  # noqa: E402
 
 NEG = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
        "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，"
        "背景人很多，倒着走")
 POS = "A red fox trotting through fresh snow in a birch forest at sunrise, cinematic, shallow depth of field"
+TESTBED_CAPTION = "a green square moves right, a red circle bounces"
+TESTBED_STEPS = 16
 SALAD = dict(sparsity=0.9, pattern="topk", start_percent=0.0, end_percent=1.0, dense_blocks="", backend="auto",
              min_tokens=0, verbose=False)
 
@@ -36,15 +38,15 @@ def note(nid, pos, text):
 WORKFLOWS = {
     "wan21_t2v_1.3b_salad": [
         note(100, [-420, -260], "SALAD: sparse + linear attention for Wan.\n\n1. Apply SALAD Attention sits "
-             "between the model loader and KSampler. sparsity 0.9 skips 90% of the attention blocks (about 2x "
-             "faster at 480p/81 frames on an H100).\n2. Without SALAD weights it runs sparse attention only. "
-             "With a trained weight file in ComfyUI/models/salad, un-bypass 'SALAD Weights Loader' (Ctrl+B) "
-             "and pick the file.\n3. Raise start_percent (e.g. 0.1) to keep the first steps dense."),
+             "between the model loader and KSampler. sparsity 0.9 skips 90% of the attention blocks (2.0x per model "
+             "call at 480p/81 frames on an H100).\n2. Without SALAD weights it runs sparse attention only. "
+             "With a trained weight file in ComfyUI/models/salad (SALAD Train Weights writes "
+             "<prefix>_00001.safetensors), unmute 'SALAD Weights Loader' (Ctrl+M) and pick the file.\n3. Raise start_percent (e.g. 0.1) to keep the first steps dense."),
         N(1, "UNETLoader", [-420, 0], {"unet_name": "wan2.1_t2v_1.3B_fp16.safetensors", "weight_dtype": "default"}),
         N(2, "CLIPLoader", [-420, 160], {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
                                          "device": "default"}),
         N(3, "VAELoader", [-420, 320], {"vae_name": "wan_2.1_vae.safetensors"}),
-        N(4, "SALADWeightsLoader", [-420, 420], {"weights_name": "salad_wan2.1_t2v_1.3b.safetensors"}, mode=4),
+        N(4, "SALADWeightsLoader", [-420, 420], {"weights_name": "salad_wan2.1_t2v_1.3b_00001.safetensors"}, mode=2),
         N(5, "ModelSamplingSD3", [0, -120], {"shift": 8.0}, {"model": (1, 0)}),
         N(6, "SALADApplyAttention", [0, 0], SALAD, {"model": (5, 0), "salad_weights": (4, 0)}),
         N(7, "CLIPTextEncode", [0, 260], {"text": POS}, {"clip": (2, 0)}, title="Positive prompt"),
@@ -119,8 +121,9 @@ WORKFLOWS = {
     "wan21_t2v_1.3b_salad_train": [
         note(100, [-420, -260], "Make SALAD weights for your model: SALAD Train Weights samples once with sparse-only "
              "SALAD while recording every block's attention inputs, then trains each block's linear-branch "
-             "projection and gate toward dense attention. The file lands in ComfyUI/models/salad; its report "
-             "gives the held-out error vs dense attention before and after. Keep the latent small (here 33 "
+             "projection and gate toward dense attention. The file lands in ComfyUI/models/salad as "
+             "<filename_prefix>_00001.safetensors (only blocks that got better are kept; no file when none did); "
+             "the 'Training report' node shows the held-out error vs dense attention before and after. Keep the latent small (here 33 "
              "frames at 480x272): recorded activations stay in CPU memory."),
         N(1, "UNETLoader", [-420, 0], {"unet_name": "wan2.1_t2v_1.3B_fp16.safetensors", "weight_dtype": "default"}),
         N(2, "CLIPLoader", [-420, 160], {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
@@ -134,6 +137,36 @@ WORKFLOWS = {
                                              "samples_per_block": 4, "train_steps": 200, "learning_rate": 1e-3,
                                              "filename_prefix": "salad_wan2.1_t2v_1.3b"},
           {"model": (3, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)}),
+        N(8, "PreviewAny", [840, 0], {}, {"source": (7, 1)}, title="Training report"),
+    ],
+    "testbed_t2v_salad": [
+        note(100, [-420, -260], "SALAD on our testbed model (runs on a CPU in about a minute): a small Wan 2.1 "
+             "(8 M parameters) trained on procedural videos of coloured shapes, with its calibrated SALAD weights. "
+             "Copy testbed/models/salad_testbed_wan21.safetensors into ComfyUI/models/diffusion_models and "
+             "salad_testbed_wan21_topk90.safetensors into ComfyUI/models/salad (scripts/demo.sh does it). Top: "
+             "SALAD at 90% sparsity; bottom: the same seed with dense attention. Captions follow the testbed "
+             "grammar: 'a <colour> <shape> moves left|right|up|down / bounces / stays / circles', clauses "
+             "separated by commas."),
+        N(1, "UNETLoader", [-420, 0], {"unet_name": "salad_testbed_wan21.safetensors", "weight_dtype": "default"}),
+        N(2, "SALADWeightsLoader", [-420, 160], {"weights_name": "salad_testbed_wan21_topk90.safetensors"}),
+        N(3, "SALADApplyAttention", [0, 0], SALAD, {"model": (1, 0), "salad_weights": (2, 0)}),
+        N(4, "SALADTestbedCaption", [0, 360], {"caption": TESTBED_CAPTION}, title="Positive caption"),
+        N(5, "SALADTestbedCaption", [0, 520], {"caption": ""}, title="Negative (empty caption)"),
+        N(6, "SALADTestbedEmptyLatent", [0, 640], {"frames": 64, "size": 128, "batch_size": 1}),
+        N(7, "KSampler", [420, 0], {"seed": 3, "steps": TESTBED_STEPS, "cfg": 5.0, "sampler_name": "euler",
+                                    "scheduler": "simple", "denoise": 1.0},
+          {"model": (3, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)}, title="KSampler (SALAD)"),
+        N(8, "SALADTestbedDecode", [820, 0], {}, {"samples": (7, 0)}),
+        N(9, "SaveAnimatedWEBP", [1060, 0], {"filename_prefix": "salad_demo/testbed_salad", "fps": 16.0,
+                                             "lossless": False, "quality": 90, "method": "default"},
+          {"images": (8, 0)}, title="SALAD 90%"),
+        N(10, "KSampler", [420, 400], {"seed": 3, "steps": TESTBED_STEPS, "cfg": 5.0, "sampler_name": "euler",
+                                       "scheduler": "simple", "denoise": 1.0},
+          {"model": (1, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)}, title="KSampler (dense)"),
+        N(11, "SALADTestbedDecode", [820, 400], {}, {"samples": (10, 0)}),
+        N(12, "SaveAnimatedWEBP", [1060, 400], {"filename_prefix": "salad_demo/testbed_dense", "fps": 16.0,
+                                                "lossless": False, "quality": 90, "method": "default"},
+          {"images": (11, 0)}, title="dense"),
     ],
     "dev/salad_demo_tiny_wan": [
         note(100, [-420, -200], "Developer demo (scripts/demo.sh): a tiny random-weight Wan 2.1 and test-only "
@@ -152,6 +185,43 @@ WORKFLOWS = {
           {"samples": (6, 0)}),
     ],
 }
+
+
+HF = "https://huggingface.co/Comfy-Org/{}/resolve/main/split_files/{}/{}"
+WAN21, WAN22 = "Wan_2.1_ComfyUI_repackaged", "Wan_2.2_ComfyUI_Repackaged"
+MODEL_LINKS = {  # file -> (repository, folder): the frontend's missing-models panel offers these downloads
+    "wan2.1_t2v_1.3B_fp16.safetensors": (WAN21, "diffusion_models"),
+    "wan2.1_i2v_480p_14B_fp16.safetensors": (WAN21, "diffusion_models"),
+    "umt5_xxl_fp8_e4m3fn_scaled.safetensors": (WAN21, "text_encoders"),
+    "wan_2.1_vae.safetensors": (WAN21, "vae"),
+    "clip_vision_h.safetensors": (WAN21, "clip_vision"),
+    "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors": (WAN22, "diffusion_models"),
+    "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors": (WAN22, "diffusion_models"),
+}
+PACK_ID = "salad-attention"
+COMFY_VERSION = "0.3.75"
+
+
+def _pack_version() -> str:
+    import tomllib
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+def _properties(n: dict) -> dict:
+    """Node properties: pack id + version (so the frontend knows where a node comes from without asking the
+    registry) and, on loaders, download links of the files the widgets name."""
+    props = {"Node name for S&R": n["type"]}
+    if n["type"].startswith("SALADTest_"):
+        pass                                             # test-only nodes: shipped by no pack
+    elif n["type"].startswith("SALAD"):
+        props.update(cnr_id=PACK_ID, ver=_pack_version())
+    else:
+        props.update(cnr_id="comfy-core", ver=COMFY_VERSION)
+    models = [dict(name=v, url=HF.format(MODEL_LINKS[v][0], MODEL_LINKS[v][1], v), directory=MODEL_LINKS[v][1])
+              for v in n["widgets"].values() if isinstance(v, str) and v in MODEL_LINKS]
+    if models:
+        props["models"] = models
+    return props
 
 
 def _layout(ui_nodes: list) -> None:
@@ -191,7 +261,7 @@ def build(spec: list, info: dict) -> tuple[dict, dict]:
                 out_links.setdefault((src, slot), []).append(link_id)
                 entry = {"name": name, "type": typ if not _is_widget(ispec) else ispec[0] if isinstance(ispec[0], str) else "COMBO", "link": link_id}
                 inputs.append(entry)
-                if by_id[src].get("mode", 0) != 4:
+                if by_id[src].get("mode", 0) not in (2, 4):      # muted / bypassed sources drop out
                     api_inputs[name] = [str(src), slot]
             elif not _is_widget(ispec):
                 continue
@@ -203,18 +273,22 @@ def build(spec: list, info: dict) -> tuple[dict, dict]:
                 widgets_values.append(val)
                 if _has_control(name, ispec) and ispec[0] == "INT":
                     widgets_values.append("fixed")
+                if _extra_widgets(name, ispec) > int(_has_control(name, ispec) and ispec[0] == "INT"):
+                    widgets_values.append("image")               # the image input's upload button
                 if name not in n["links"]:
                     api_inputs[name] = val
+        for name in FRONTEND_WIDGETS.get(n["type"], ()):
+            api_inputs[name] = ""                        # sent with Run by the frontend, never saved
         outputs = []
         for slot, (otype, oname) in enumerate(zip(ninfo["output"], ninfo["output_name"])):
             outputs.append({"name": oname, "type": otype, "links": [], "slot_index": slot})
         node = dict(id=n["id"], type=n["type"], pos=n["pos"], size=n["size"] or [320, 130], flags={}, order=order,
                     mode=n["mode"], inputs=inputs, outputs=outputs,
-                    properties={"Node name for S&R": n["type"]}, widgets_values=widgets_values)
+                    properties=_properties(n), widgets_values=widgets_values)
         if n["title"]:
             node["title"] = n["title"]
         ui_nodes.append(node)
-        if n["mode"] != 4:
+        if n["mode"] not in (2, 4):
             api[str(n["id"])] = {"class_type": n["type"], "inputs": api_inputs}
     for node in ui_nodes:
         for slot, out in enumerate(node["outputs"]):

@@ -9,6 +9,9 @@ nodes (Note, MarkdownNote) are dropped.
 from __future__ import annotations
 
 FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
+# widgets the frontend adds to some core nodes beyond /object_info: not saved in widgets_values, sent with Run
+# as an empty string
+FRONTEND_WIDGETS = {"PreviewAny": ("preview",)}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 _MISSING = object()
 
@@ -20,7 +23,15 @@ def _is_widget(spec) -> bool:
 
 def _has_control(name: str, spec) -> bool:
     opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-    return bool(opts.get("control_after_generate")) or name in ("seed", "noise_seed")
+    v = opts.get("control_after_generate")
+    return bool(v) if v is not None else name in ("seed", "noise_seed")
+
+
+def _extra_widgets(name: str, spec) -> int:
+    """Frontend-only widget values saved after this input's value: the control-after-generate mode of seeds,
+    the 'upload' button value of image inputs."""
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return int(_has_control(name, spec) and spec[0] == "INT") + int(bool(opts.get("image_upload")))
 
 
 def _input_specs(info: dict) -> list[tuple[str, list]]:
@@ -72,14 +83,14 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
             if _is_widget(spec):
                 if w < len(widgets):
                     value = widgets[w]
-                w += 1
-                if _has_control(name, spec) and spec[0] == "INT":
-                    w += 1
+                w += 1 + _extra_widgets(name, spec)
             if name in linked:
                 src = source(linked[name])
                 if src is not None:
                     inputs[name] = src
             elif value is not _MISSING:
                 inputs[name] = value
+        for name in FRONTEND_WIDGETS.get(typ, ()):
+            inputs[name] = ""
         api[str(nid)] = {"class_type": typ, "inputs": inputs}
     return api
