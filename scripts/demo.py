@@ -1,9 +1,11 @@
-"""Developer demo: run workflows/dev/salad_demo_tiny_wan.json headless in a real ComfyUI.
+"""Demo: run workflows/testbed_t2v_salad.json headless in a real ComfyUI (CPU is enough).
 
-The bundled default model is a tiny random-weight Wan 2.1 (built from a fixed seed by
-tests/make_fixtures.py with ComfyUI's own WanModel class, so nothing is downloaded).  The workflow
-goes UNETLoader -> Apply SALAD Attention (90% sparse) -> KSampler -> SaveLatent + a PNG preview.
-Prints where the outputs went.  Options: --workflow PATH (another UI-format workflow), --keep-server.
+The model is our testbed Wan 2.1 (testbed/models/salad_testbed_wan21.safetensors, ComfyUI's own
+WanModel trained on procedural videos) with its calibrated SALAD weights; both are linked into the
+demo's ComfyUI models folders.  The workflow samples one caption twice with the same seed, SALAD at 90%
+sparsity and dense attention, and writes both as animated WebP videos (64 frames, 128x128).
+Prints where the outputs went.  --workflow PATH runs another UI-format workflow, e.g.
+workflows/dev/salad_demo_tiny_wan.json (a tiny random-weight Wan built by tests/make_fixtures.py).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+TESTBED = ROOT / "testbed" / "models"
 sys.path.insert(0, str(ROOT / "tests"))
 
 from comfy_harness import ComfyServer, execution_error, make_fixtures, output_files, status_str  # noqa: E402
@@ -22,7 +25,7 @@ from workflow_convert import ui_to_api  # noqa: E402
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--workflow", default=str(ROOT / "workflows" / "dev" / "salad_demo_tiny_wan.json"))
+    ap.add_argument("--workflow", default=str(ROOT / "workflows" / "testbed_t2v_salad.json"))
     ap.add_argument("--out", default=str(ROOT / "demo_output"), help="ComfyUI base directory for the demo")
     a = ap.parse_args(argv)
 
@@ -30,8 +33,13 @@ def main(argv=None) -> int:
     base.mkdir(parents=True, exist_ok=True)
     server = ComfyServer(base_dir=base)
     made = make_fixtures(server.comfyui, server.diffusion_dir, ["wan21_t2v_tiny"])
+    for src, folder in ((TESTBED / "salad_testbed_wan21.safetensors", server.diffusion_dir),
+                        (TESTBED / "salad_testbed_wan21_topk90.safetensors", server.salad_dir)):
+        dst = folder / src.name
+        if not dst.exists():
+            dst.symlink_to(src)
     print(f"[demo] ComfyUI: {server.comfyui}")
-    print(f"[demo] model:   {made[0]}")
+    print(f"[demo] models:  {TESTBED} (testbed), {made[0].parent} (tiny random Wan)")
     t0 = time.time()
     with server:
         ui = json.loads(Path(a.workflow).read_text())
