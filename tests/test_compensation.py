@@ -9,22 +9,12 @@ the node input.
 """
 from __future__ import annotations
 
-import math
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
-if "TRITON_INTERPRET" not in os.environ:
-    try:
-        import torch as _t
-        _cuda = _t.cuda.is_available()
-    except Exception:  # pragma: no cover
-        _cuda = False
-    if not _cuda:
-        os.environ["TRITON_INTERPRET"] = "1"
-
+# importing test_kernels (below) selects the Triton CPU interpreter when there is no GPU
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
