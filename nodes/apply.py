@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import math
 
-from ..salad_core.weights import clip
+from ..salad_core.options import (BACKENDS, COMPENSATIONS, DEFAULT_BACKEND, DEFAULT_COMPENSATION, DEFAULT_PATTERN,
+                                  DEFAULT_SPARSITY, PATTERNS, clip)
 from .blocks import parse_block_list
 from .loader import SALAD_WEIGHTS
 from .patch import PatchOptions, apply_salad, wan_model_info
 
-PATTERNS = ["topk", "window"]
-BACKENDS = ["auto", "triton", "torch"]
-COMPENSATIONS = ["none", "centroid"]
 
 
 def _number(name, value):
@@ -41,13 +39,14 @@ class SALADApplyAttention:
             "required": {
                 "model": ("MODEL", {"tooltip": "A Wan 2.1 / 2.2 model (T2V, I2V, 5B, 14B high- or low-noise); "
                                                "LoRA'd and GGUF models work."}),
-                "sparsity": ("FLOAT", {"default": 0.9, "min": 0.0, "max": 0.99, "step": 0.01, "display": "slider",
+                "sparsity": ("FLOAT", {"default": DEFAULT_SPARSITY, "min": 0.0, "max": 0.99, "step": 0.01,
+                                       "display": "slider",
                                        "tooltip": "Share of key blocks each query block skips. 0.9 = 90% skipped. "
                                                   "Measured at 0.9 on an H100, per model call: 2.0x on Wan2.1-1.3B "
                                                   "at 480p; 1.66x (480p) to 2.44x (720p) on Wan 14B. The gain "
                                                   "depends on model and video size (smaller for short or "
                                                   "low-resolution videos). 0 = exact dense attention."}),
-                "pattern": (PATTERNS, {"default": "topk",
+                "pattern": (list(PATTERNS), {"default": DEFAULT_PATTERN,
                                        "tooltip": "topk: keep the key blocks with the highest pooled q.k score, "
                                                   "per head and step. window: keep the key blocks nearest in space "
                                                   "and time (a 3-D sliding window; static, slightly cheaper)."}),
@@ -61,7 +60,7 @@ class SALADApplyAttention:
                 "dense_blocks": ("STRING", {"default": "", "multiline": False,
                                             "tooltip": "Transformer blocks that stay dense, e.g. '0,1,28-29' "
                                                        "(negative numbers count from the end). Empty = none."}),
-                "backend": (BACKENDS, {"default": "auto",
+                "backend": (list(BACKENDS), {"default": DEFAULT_BACKEND,
                                        "tooltip": "auto: Triton kernels on NVIDIA GPUs, PyTorch elsewhere. "
                                                   "triton: require the Triton kernels. torch: PyTorch reference "
                                                   "path (same math, slower)."}),
@@ -74,7 +73,7 @@ class SALADApplyAttention:
                                                   "clips gain little from sparsity)."}),
                 "verbose": ("BOOLEAN", {"default": False,
                                         "tooltip": "Log which blocks ran SALAD and why calls were handed on."}),
-                "compensation": (COMPENSATIONS, {"default": "none",
+                "compensation": (list(COMPENSATIONS), {"default": DEFAULT_COMPENSATION,
                                                  "tooltip": "Stand-in for the key blocks a query block skips. none: "
                                                             "they get no attention. centroid: each skipped block "
                                                             "counts as one token (its mean key and mean value, "
@@ -92,11 +91,11 @@ class SALADApplyAttention:
         if not 0.0 <= sparsity <= 0.99:
             raise ValueError(f"Apply SALAD Attention: sparsity must be in [0, 0.99], got {sparsity}")
         if pattern not in PATTERNS:
-            raise ValueError(f"Apply SALAD Attention: pattern must be one of {PATTERNS}, got {clip(pattern)}")
+            raise ValueError(f"Apply SALAD Attention: pattern must be one of {list(PATTERNS)}, got {clip(pattern)}")
         if backend not in BACKENDS:
-            raise ValueError(f"Apply SALAD Attention: backend must be one of {BACKENDS}, got {clip(backend)}")
+            raise ValueError(f"Apply SALAD Attention: backend must be one of {list(BACKENDS)}, got {clip(backend)}")
         if compensation not in COMPENSATIONS:
-            raise ValueError(f"Apply SALAD Attention: compensation must be one of {COMPENSATIONS}, got "
+            raise ValueError(f"Apply SALAD Attention: compensation must be one of {list(COMPENSATIONS)}, got "
                              f"{clip(compensation)}")
         if not 0.0 <= start_percent <= 1.0 or not 0.0 <= end_percent <= 1.0:
             raise ValueError(f"Apply SALAD Attention: start_percent and end_percent must be in [0, 1], got "

@@ -19,6 +19,8 @@ from types import SimpleNamespace
 
 import torch
 
+from ..salad_core.options import DEFAULT_SPARSITY, PATTERNS
+
 log = logging.getLogger("SALAD")
 
 _MISSING = object()
@@ -230,8 +232,9 @@ class SALADFinetune:
             "steps": ("INT", {"default": 1600, "min": 1, "max": 1000000}),
             "batch": ("INT", {"default": 1, "min": 1, "max": 256}),
             "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-5}),
-            "sparsity": ("FLOAT", {"default": 0.9, "min": 0.0, "max": 0.99, "step": 0.01, "display": "slider"}),
-            "pattern": (["topk", "window"],),
+            "sparsity": ("FLOAT", {"default": DEFAULT_SPARSITY, "min": 0.0, "max": 0.99, "step": 0.01,
+                                   "display": "slider"}),
+            "pattern": (list(PATTERNS),),
             "resume": ("BOOLEAN", {"default": True, "tooltip": "Continue from this prefix's checkpoint if there is "
                                                                "one (same settings and data)."}),
         }, "optional": {

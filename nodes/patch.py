@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..salad_core.options import DEFAULT_BACKEND, DEFAULT_COMPENSATION, DEFAULT_PATTERN, DEFAULT_SPARSITY
+
 log = logging.getLogger("SALAD")
 
 KEY = "salad"
@@ -39,15 +41,15 @@ KEY = "salad"
 
 @dataclass
 class PatchOptions:
-    sparsity: float = 0.9
-    pattern: str = "topk"
+    sparsity: float = DEFAULT_SPARSITY
+    pattern: str = DEFAULT_PATTERN
     start_percent: float = 0.0
     end_percent: float = 1.0
     dense_blocks: frozenset = frozenset()
-    backend: str = "auto"
+    backend: str = DEFAULT_BACKEND
     min_tokens: int = 0
     verbose: bool = False
-    compensation: str = "none"
+    compensation: str = DEFAULT_COMPENSATION
 
 
 @dataclass

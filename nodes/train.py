@@ -16,6 +16,7 @@ import os
 import comfy.model_management as mm
 import folder_paths
 
+from ..salad_core.options import DEFAULT_PATTERN, DEFAULT_SPARSITY, PATTERNS
 from .loader import SALAD_WEIGHTS
 from .paths import FOLDER_NAME
 from .patch import PatchOptions, apply_salad, wan_model_info
@@ -78,9 +79,11 @@ class SALADTrainWeights:
             "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"tooltip": "Sampler of the recording run."}),
             "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "simple",
                                                                "tooltip": "Scheduler of the recording run."}),
-            "sparsity": ("FLOAT", {"default": 0.9, "min": 0.0, "max": 0.99, "step": 0.01, "display": "slider",
+            "sparsity": ("FLOAT", {"default": DEFAULT_SPARSITY, "min": 0.0, "max": 0.99, "step": 0.01,
+                                   "display": "slider",
                                    "tooltip": "Sparsity to tune the weights for (use the value you will run)."}),
-            "pattern": (["topk", "window"], {"tooltip": "Sparse pattern to tune the weights for."}),
+            "pattern": (list(PATTERNS), {"default": DEFAULT_PATTERN,
+                                         "tooltip": "Sparse pattern to tune the weights for."}),
             "samples_per_block": ("INT", {"default": 4, "min": 2, "max": 64,
                                           "tooltip": "Recorded calls kept per block (spread over the run); a "
                                                      "quarter are held out to measure the result."}),

@@ -31,13 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels as K
+from .options import (BACKENDS, COMPENSATIONS, DEFAULT_BACKEND, DEFAULT_COMPENSATION, DEFAULT_PATTERN,
+                      DEFAULT_SPARSITY, PATTERNS)
 from .tiling import DEFAULT_TILE, TileLayout
 
 Tensor = torch.Tensor
 
-PATTERNS = ("window", "topk")
-BACKENDS = ("auto", "triton", "torch")
-COMPENSATIONS = ("none", "centroid")
 
 
 @dataclass
@@ -45,7 +44,8 @@ class SaladConfig:
     """Settings of SALAD attention.
 
     sparsity: fraction of key blocks skipped per query block, 0 <= sparsity <= 0.99.
-    pattern: "window" (static 3-D neighbourhood of block centroids) or "topk" (pooled q.k).
+    pattern: "topk" (pooled q.k; the default) or "window" (static 3-D neighbourhood of block
+        centroids); see .options.PATTERNS.
     block: attention block size in tokens (default kernels.DEFAULT_BLOCK = 128, what the
         Triton kernels are tuned for).
     tile: 3-D tile (frames, rows, cols) used to re-order tokens; volume should equal ``block``.
@@ -62,14 +62,14 @@ class SaladConfig:
         kernels.reference.block_sparse_attention_ref).
     """
 
-    sparsity: float = 0.9
-    pattern: str = "window"
+    sparsity: float = DEFAULT_SPARSITY
+    pattern: str = DEFAULT_PATTERN
     block: int = K.DEFAULT_BLOCK
     tile: Tuple[int, int, int] = DEFAULT_TILE
     window_scale: Tuple[float, float, float] = (1.0, 1.0, 1.0)
-    backend: str = "auto"
+    backend: str = DEFAULT_BACKEND
     eps: float = 1e-5
-    compensation: str = "none"
+    compensation: str = DEFAULT_COMPENSATION
 
     def __post_init__(self):
         try:

@@ -76,6 +76,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from .options import DEFAULT_PATTERN, DEFAULT_SPARSITY, PATTERNS
 from .weights import (SaladWeights, atomic_write_safetensors, format_block_spec,
                       load_salad_weights, save_salad_weights)
 
@@ -119,8 +120,8 @@ class FinetuneConfig:
     multiplier: float = 1000.0
     cfg_dropout: float = 0.0
     seed: int = 0
-    sparsity: float = 0.9
-    pattern: str = "topk"
+    sparsity: float = DEFAULT_SPARSITY
+    pattern: str = DEFAULT_PATTERN
     backend: str = "auto"
     ckpt_every: int = 100
     log_every: int = 10
@@ -144,8 +145,8 @@ class FinetuneConfig:
             raise FinetuneError("lr, shift and multiplier must be > 0")
         if self.cfg_dropout > 1 or self.sparsity > 0.99 or self.min_lr_ratio > 1:
             raise FinetuneError("cfg_dropout and min_lr_ratio must be <= 1, sparsity <= 0.99")
-        if self.pattern not in ("topk", "window"):
-            raise FinetuneError(f"pattern must be 'topk' or 'window', got {self.pattern!r}")
+        if self.pattern not in PATTERNS:
+            raise FinetuneError(f"pattern must be {' or '.join(map(repr, PATTERNS))}, got {self.pattern!r}")
         self.warmup = max(1, self.steps // 20) if self.warmup is None else max(0, int(self.warmup))
         self.betas = (float(self.betas[0]), float(self.betas[1]))
         self.seed, self.ckpt_every, self.log_every = int(self.seed), max(0, int(self.ckpt_every)), max(1, int(self.log_every))

@@ -30,6 +30,7 @@ import torch
 
 from . import attention as _attn
 from .attention import SaladConfig, dense_reference_attention, mix_branches, salad_branches
+from .options import DEFAULT_PATTERN, DEFAULT_SPARSITY
 from .weights import SaladWeights, atomic_write_safetensors, format_block_spec
 
 Tensor = torch.Tensor
@@ -202,8 +203,9 @@ def _features(s: dict, config: SaladConfig, device) -> dict:
 
 def _config_for(weights: SaladWeights, config: Optional[SaladConfig], sparsity, pattern) -> SaladConfig:
     if config is None:
-        config = SaladConfig(sparsity=float(weights.metadata.get("sparsity", 0.9)) if sparsity is None else sparsity,
-                             pattern=weights.metadata.get("pattern", "window") if pattern is None else pattern)
+        md = weights.metadata
+        config = SaladConfig(sparsity=float(md.get("sparsity", DEFAULT_SPARSITY)) if sparsity is None else sparsity,
+                             pattern=md.get("pattern", DEFAULT_PATTERN) if pattern is None else pattern)
     else:
         kw = {}
         if sparsity is not None:

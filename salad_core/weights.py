@@ -44,34 +44,28 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .options import (DEFAULT_PATTERN, DEFAULT_SPARSITY, ERROR_QUOTE_LIMIT, MAX_NUM_BLOCKS, PATTERNS,  # noqa: F401
+                      clip, format_block_list, parse_block_list)
+
 SALAD_FORMAT_VERSION = "1"
 SUPPORTED_FORMAT_VERSIONS = ("1",)
 REQUIRED_KEYS = ("salad_format_version", "model_family", "dim", "heads", "num_blocks", "blocks")
 DEFAULT_META = {
     "base_model": "unknown",
-    "pattern": "window",
-    "sparsity": "0.9",
+    "pattern": DEFAULT_PATTERN,
+    "sparsity": str(DEFAULT_SPARSITY),
     "training_steps": "0",
     "training_data": "",
     "created_by": "salad_core",
 }
 _MAX_HEADER = 100 * 1024 * 1024
-MAX_NUM_BLOCKS = 4096             # Wan 14B has 40; anything near this is a crafted file
 _MAX_META_VALUE = {               # characters per metadata value (free text may be long, the rest is short)
     "training_data": 1 << 20, "created_by": 1 << 20, "block_errors": 1 << 20,
 }
 _MAX_META_DEFAULT = 4096
 _MAX_META_OTHER = 1 << 20         # keys this format does not define
-ERROR_QUOTE_LIMIT = 200
 
 
-def clip(value, limit: int = ERROR_QUOTE_LIMIT) -> str:
-    """``repr(value)`` for an error message, cut to ``limit`` characters: "'0-1,3...' ... (1048576 chars)".
-    Errors end up in ComfyUI's UI, history and log, so no input is ever quoted whole."""
-    text = value if isinstance(value, str) else str(value)
-    if len(text) <= limit:
-        return repr(text)
-    return f"{text[:limit]!r}... ({len(text)} chars)"
 _DTYPE_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -85,49 +79,19 @@ class SaladWeightsError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# block spec "0-29" / "0-9,12"
+# block spec "0-29" / "0-9,12" (the syntax lives in .options)
 # ----------------------------------------------------------------------------------------------
 
 def parse_block_spec(spec: str, limit: Optional[int] = None) -> List[int]:
     """"0-3,7,9-10" -> [0, 1, 2, 3, 7, 9, 10] (sorted, unique).  Raises ValueError.
 
     ``limit``: every index must be < limit; checked before a range is expanded, so a crafted
-    "0-1000000000" costs nothing (without a limit, ranges may cover at most MAX_NUM_BLOCKS blocks)."""
-    out = set()
-    s = str(spec).strip()
-    if not s:
-        return []
-    cap = MAX_NUM_BLOCKS if limit is None else int(limit)
-    for part in s.split(","):
-        part = part.strip()
-        m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
-        if m:
-            a, b = int(m.group(1)), int(m.group(2))
-            if b < a:
-                raise ValueError(f"bad block range {clip(part)}")
-            hi = b
-        elif re.fullmatch(r"\d+", part):
-            a = hi = int(part)
-        else:
-            raise ValueError(f"bad block spec element {clip(part)} in {clip(spec)}")
-        if hi >= cap:
-            what = f"num_blocks={cap}" if limit is not None else f"the limit of {cap} blocks"
-            raise ValueError(f"block {clip(hi)} in {clip(part)} exceeds {what}")
-        out.update(range(a, hi + 1))
-    return sorted(out)
+    "0-1000000000" costs nothing (without a limit, ranges may cover at most MAX_NUM_BLOCKS blocks).
+    No negative numbers (see :func:`.options.parse_block_list`)."""
+    return parse_block_list(spec, limit, from_end=False)
 
 
-def format_block_spec(ids: Iterable[int]) -> str:
-    """[0,1,2,3,7,9,10] -> "0-3,7,9-10"."""
-    ids = sorted(set(int(i) for i in ids))
-    parts, i = [], 0
-    while i < len(ids):
-        j = i
-        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
-            j += 1
-        parts.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
-        i = j + 1
-    return ",".join(parts)
+format_block_spec = format_block_list
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,7 +136,7 @@ class SaladWeights(nn.Module):
 
     @classmethod
     def new(cls, dim: int, heads: int, num_blocks: int, blocks: Optional[Iterable[int]] = None,
-            base_model: str = "unknown", pattern: str = "window", sparsity: float = 0.9,
+            base_model: str = "unknown", pattern: str = DEFAULT_PATTERN, sparsity: float = DEFAULT_SPARSITY,
             model_family: str = "wan", created_by: str = "salad_core") -> "SaladWeights":
         """Fresh weights: proj = 0 (SALAD == sparse-only), gate = 0 (G = 0.5).
         ``blocks``: iterable of block indices, a spec string ("0-29"), or None for all blocks."""
@@ -485,8 +449,9 @@ def _load(path: Path, device, dtype) -> SaladWeights:
         raise SaladWeightsError(f"{name}: metadata sparsity={clip(full['sparsity'])} is not a number in "
                                 f"[0, 0.99]") from None
     _parse_int(name, full, "training_steps", 0)
-    if full["pattern"] not in ("window", "topk"):
-        raise SaladWeightsError(f"{name}: metadata pattern={clip(full['pattern'])} is not 'window' or 'topk'")
+    if full["pattern"] not in PATTERNS:
+        raise SaladWeightsError(f"{name}: metadata pattern={clip(full['pattern'])} is not one of "
+                                f"{' or '.join(map(repr, PATTERNS))}")
 
     expected = {}
     for i in ids:

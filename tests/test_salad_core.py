@@ -117,7 +117,7 @@ def test_block_coords_ragged_with_extras():
 def test_grid_mismatch_raises():
     q, k, v = _qkv(1, 100, 2, 8)
     with pytest.raises(ValueError, match=r"grid \(2, 7, 7\).*L = 100"):
-        salad_self_attention(q, k, v, 2, grid=(2, 7, 7), config=SaladConfig(backend="torch"))
+        salad_self_attention(q, k, v, 2, grid=(2, 7, 7), config=SaladConfig(pattern="window", backend="torch"))
 
 
 def test_config_validation():
@@ -174,7 +174,7 @@ def test_window_sparse_matches_masked_reference():
     H, D, grid, nf = 2, 8, (2, 8, 24), 30
     L = nf + 2 * 8 * 24
     q, k, v = _qkv(1, L, H, D)
-    cfg = SaladConfig(sparsity=0.7, backend="torch")
+    cfg = SaladConfig(sparsity=0.7, pattern="window", backend="torch")
     out = salad_self_attention(q, k, v, H, grid=grid, n_front=nf, config=cfg)
     lay = TileLayout.get(grid, nf, 0, cfg.tile)
     th = lambda t: t.view(1, L, H, D).index_select(1, lay.perm).permute(0, 2, 1, 3)  # noqa: E731
@@ -197,7 +197,7 @@ def test_linear_branch_gate_and_dtype():
     L = 2 * 8 * 16
     q, k, v = _qkv(2, L, H, D)
     x = torch.randn(2, L, H * D)
-    cfg = SaladConfig(sparsity=0.5, backend="torch")
+    cfg = SaladConfig(sparsity=0.5, pattern="window", backend="torch")
     proj = torch.nn.Linear(H * D, H * D)
     gate = torch.nn.Linear(H * D, 1)
     o_s, o_l = salad_branches(q, k, v, H, grid=grid, config=cfg)
@@ -254,6 +254,24 @@ def test_new_weights_init():
     assert w.metadata["blocks"] == "1-3" and w.metadata["dim"] == "48"
     assert parse_block_spec("0-3, 7,9-10") == [0, 1, 2, 3, 7, 9, 10]
     assert format_block_spec([0, 1, 2, 3, 7, 9, 10]) == "0-3,7,9-10"
+
+
+def test_one_block_list_syntax_and_vocabulary():
+    from salad_pack.salad_core import options
+    from salad_pack.salad_core.attention import PATTERNS
+
+    assert PATTERNS is options.PATTERNS and SaladConfig().pattern == options.DEFAULT_PATTERN == "topk"
+    assert weights_mod.DEFAULT_META["pattern"] == options.DEFAULT_PATTERN
+    # node use: negatives count from the end; weight-file use: no negatives, bounded by num_blocks
+    assert options.parse_block_list("0; 1,28-29,-1", 30) == [0, 1, 28, 29]
+    with pytest.raises(ValueError, match="negative"):
+        parse_block_spec("-1", 30)
+    with pytest.raises(ValueError, match=r"dense_blocks: block '0-99999' .* 2 blocks"):
+        options.parse_block_list("0-99999", 2, name="dense_blocks")
+    with pytest.raises(ValueError, match="cannot read '2-1'"):
+        options.parse_block_list("2-1", 5)
+    with pytest.raises(ValueError, match=r"chars\)"):
+        options.parse_block_list("x" * 5000, 5)
 
 
 def test_weights_roundtrip(tmp_path):
@@ -473,7 +491,7 @@ def test_capture_and_sample_store_roundtrip(tmp_path):
     H, D, grid = 2, 8, (2, 8, 8)
     L = 128 + 3
     store = SampleStore(max_per_block=2)
-    cfg = SaladConfig(sparsity=0.5, backend="torch")
+    cfg = SaladConfig(sparsity=0.5, pattern="window", backend="torch")
     with capture(store, blocks=[1, 4]):
         for blk in (0, 1, 4, 1, 1):
             q, k, v = _qkv(1, L, H, D)

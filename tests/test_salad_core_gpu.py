@@ -101,7 +101,7 @@ def test_speed_and_memory_wan_size():
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         salad_self_attention(q, k, v, H, grid=grid, x=x, proj=w.proj_for(0), gate=w.gate_for(0),
-                             config=SaladConfig(sparsity=0.9))
+                             config=SaladConfig(sparsity=0.9, pattern="window"))
         peak = torch.cuda.max_memory_allocated() - base
     per = q.numel() * q.element_size()
     print(f"[gpu] SALAD peak extra memory {peak / 2 ** 20:.0f} MiB = {peak / per:.1f} x one q tensor")
@@ -115,7 +115,7 @@ def test_trainer_on_gpu():
         q, k, v, x = _inputs(1, grid, H, D, dtype=torch.float32)
         samples.append(dict(q=q, k=k, v=v, x=x, heads=H, grid=grid, block_id=0))
     w = SaladWeights.new(H * D, H, 1, sparsity=0.9).cuda()
-    cfg = SaladConfig(sparsity=0.9)
+    cfg = SaladConfig(sparsity=0.9, pattern="window")
     res = train_salad(samples, w, steps=20, lr=1e-3, config=cfg, log_every=10)
     e = relative_error(samples, w, cfg)
     print(f"[gpu] trainer: loss {res['history'][0]}, rel err sparse {e['sparse_only']:.3f} salad {e['salad']:.3f}")
