@@ -21,9 +21,9 @@ Nothing here builds an L x L tensor.
 """
 from __future__ import annotations
 
+import contextvars
+import functools
 import math
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Tuple
 
@@ -109,30 +109,20 @@ class SaladConfig:
 # block selection
 # ----------------------------------------------------------------------------------------------
 
-_WINDOW_CACHE: "OrderedDict[tuple, Tuple[Tensor, Tensor]]" = OrderedDict()
-_WINDOW_LOCK = threading.Lock()
-_WINDOW_CACHE_SIZE = 32
-
-
 def _window_lut(layout: TileLayout, config: SaladConfig) -> Tuple[Tensor, Tensor]:
     """(idx (1,1,nq,kmax), cnt (1,1,nq)) of the window pattern; static per grid, cached."""
-    key = (layout.grid, layout.n_front, layout.n_back, layout.tile, str(layout.device),
-           config.block, config.sparsity, config.window_scale)
-    with _WINDOW_LOCK:
-        hit = _WINDOW_CACHE.get(key)
-        if hit is not None:
-            _WINDOW_CACHE.move_to_end(key)
-            return hit
-    coords = layout.block_coords(config.block)
-    extra = layout.extra_blocks(config.block)
-    idx, cnt = K.select_window(coords, coords, config.sparsity, 1, 1, scale=config.window_scale,
+    return _window_lut_cached(layout.grid, layout.n_front, layout.n_back, layout.tile, str(layout.device),
+                              config.block, config.sparsity, config.window_scale)
+
+
+@functools.lru_cache(maxsize=32)
+def _window_lut_cached(grid, n_front, n_back, tile, device, block, sparsity, window_scale):
+    layout = TileLayout.get(grid, n_front, n_back, tile, device)
+    coords = layout.block_coords(block)
+    extra = layout.extra_blocks(block)
+    idx, cnt = K.select_window(coords, coords, sparsity, 1, 1, scale=window_scale,
                                always_kept=extra if extra.numel() else None)
-    res = (idx.contiguous(), cnt.contiguous())
-    with _WINDOW_LOCK:
-        _WINDOW_CACHE[key] = res
-        while len(_WINDOW_CACHE) > _WINDOW_CACHE_SIZE:
-            _WINDOW_CACHE.popitem(last=False)
-    return res
+    return idx.contiguous(), cnt.contiguous()
 
 
 def select_blocks(qh: Tensor, kh: Tensor, layout: TileLayout, config: SaladConfig,
@@ -153,8 +143,11 @@ def select_blocks(qh: Tensor, kh: Tensor, layout: TileLayout, config: SaladConfi
 # main entry
 # ----------------------------------------------------------------------------------------------
 
-# optional capture hook: called with a dict of the inputs of salad_self_attention (see trainer)
-_CAPTURE_HOOK: Optional[Callable[[dict], None]] = None
+# optional capture hook: called with a dict of the inputs of salad_self_attention.  Set only
+# through trainer.capture (a context manager), so it is scoped to the code inside its ``with``
+# (and to that thread / task: a ContextVar, not a module global).
+CAPTURE_HOOK: "contextvars.ContextVar[Optional[Callable[[dict], None]]]" = contextvars.ContextVar(
+    "salad_capture_hook", default=None)
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tuple[int, int, int, int]:
@@ -297,7 +290,7 @@ def salad_self_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, *, grid: S
     Returns (B, L, heads*D) in q.dtype, raster order.
     """
     config = config or SaladConfig()
-    hook = _CAPTURE_HOOK
+    hook = CAPTURE_HOOK.get()
     if hook is not None:
         hook(dict(q=q, k=k, v=v, heads=heads, grid=tuple(int(g) for g in grid), n_front=int(n_front),
                   n_back=int(n_back), x=x, block_id=block_id))

@@ -22,8 +22,7 @@ attention code marks every block that contains any extra token as an "always kep
 """
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
+import functools
 from typing import Dict, Sequence, Tuple
 
 import torch
@@ -65,9 +64,6 @@ class TileLayout:
             position i.  ``x_tiled = x.index_select(dim, perm)``.
         inv_perm: LongTensor (L,), inverse of ``perm``: ``x = x_tiled.index_select(dim, inv_perm)``.
     """
-
-    _cache: "OrderedDict[tuple, TileLayout]" = OrderedDict()
-    _lock = threading.Lock()
 
     def __init__(self, grid: Sequence[int], n_front: int = 0, n_back: int = 0,
                  tile: Sequence[int] = DEFAULT_TILE, device=None):
@@ -118,24 +114,12 @@ class TileLayout:
         dev = torch.device(device) if device is not None else torch.device("cpu")
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
-        key = (_as_triple("grid", grid), int(n_front), int(n_back), _as_triple("tile", tile), str(dev))
-        with cls._lock:
-            lay = cls._cache.get(key)
-            if lay is not None:
-                cls._cache.move_to_end(key)
-                return lay
-        lay = cls(key[0], key[1], key[2], key[3], dev)
-        with cls._lock:
-            cls._cache[key] = lay
-            cls._cache.move_to_end(key)
-            while len(cls._cache) > _CACHE_SIZE:
-                cls._cache.popitem(last=False)
-        return lay
+        return _cached_layout(_as_triple("grid", grid), int(n_front), int(n_back), _as_triple("tile", tile),
+                              str(dev))
 
     @classmethod
     def clear_cache(cls) -> None:
-        with cls._lock:
-            cls._cache.clear()
+        _cached_layout.cache_clear()
 
     # ------------------------------------------------------------------------------------------
     def check_length(self, L: int) -> None:
@@ -203,3 +187,10 @@ def from_tile_order(x: Tensor, layout: TileLayout, dim: int = 1) -> Tensor:
     """Inverse of :func:`to_tile_order`."""
     layout.check_length(x.shape[dim])
     return x.index_select(dim, layout.inv_perm)
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _cached_layout(grid: Tuple[int, int, int], n_front: int, n_back: int, tile: Tuple[int, int, int],
+                   device: str) -> TileLayout:
+    """The cache behind :meth:`TileLayout.get` (a small LRU keyed by grid, extras, tile and device)."""
+    return TileLayout(grid, n_front, n_back, tile, device)

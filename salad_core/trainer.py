@@ -142,8 +142,10 @@ class SampleStore:
 @contextlib.contextmanager
 def capture(store: SampleStore, blocks: Optional[Iterable[int]] = None, every: int = 1):
     """Record the inputs of every :func:`salad_self_attention` call made inside the ``with``
-    (only blocks in ``blocks`` if given; only every ``every``-th call per block).  Not
-    re-entrant; restores the previous hook on exit."""
+    (only blocks in ``blocks`` if given; only every ``every``-th call per block).  With
+    nested captures the inner one records, the outer one resumes after it.  The hook is a
+    context variable (:data:`attention.CAPTURE_HOOK`), so it is seen only by calls made in this
+    thread / task inside the ``with``."""
     wanted = None if blocks is None else {int(b) for b in blocks}
     seen: Dict[Optional[int], int] = {}
     every = max(1, int(every))
@@ -157,12 +159,11 @@ def capture(store: SampleStore, blocks: Optional[Iterable[int]] = None, every: i
         if n % every == 0:
             store.add(**d)
 
-    prev = _attn._CAPTURE_HOOK
-    _attn._CAPTURE_HOOK = hook
+    token = _attn.CAPTURE_HOOK.set(hook)
     try:
         yield store
     finally:
-        _attn._CAPTURE_HOOK = prev
+        _attn.CAPTURE_HOOK.reset(token)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -486,6 +486,27 @@ def test_trainer_reduces_error_on_heldout():
     assert torch.isfinite(w.proj_for(2).weight).all()
 
 
+def test_capture_hook_is_scoped_and_caches_are_stdlib():
+    from salad_pack.salad_core import attention as attn_mod
+    _seed()
+    H, D, grid = 2, 8, (2, 8, 8)
+    cfg = SaladConfig(sparsity=0.5, pattern="window", backend="torch")
+    outer, inner = SampleStore(), SampleStore()
+    q, k, v = _qkv(1, 128, H, D)
+    with pytest.raises(RuntimeError):
+        with capture(outer):
+            salad_self_attention(q, k, v, H, grid=grid, config=cfg, block_id=0)
+            with capture(inner):
+                salad_self_attention(q, k, v, H, grid=grid, config=cfg, block_id=1)
+            salad_self_attention(q, k, v, H, grid=grid, config=cfg, block_id=2)
+            raise RuntimeError("leave the with early")
+    assert attn_mod.CAPTURE_HOOK.get() is None
+    assert [s["block_id"] for s in outer] == [0, 2] and [s["block_id"] for s in inner] == [1]
+    assert TileLayout.get(grid, 0, 0, cfg.tile) is TileLayout.get(list(grid), 0, 0, cfg.tile)
+    lay = TileLayout.get(grid, 0, 0, cfg.tile)
+    assert attn_mod._window_lut(lay, cfg) is attn_mod._window_lut(lay, cfg)
+
+
 def test_capture_and_sample_store_roundtrip(tmp_path):
     _seed()
     H, D, grid = 2, 8, (2, 8, 8)
