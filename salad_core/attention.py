@@ -275,6 +275,32 @@ def mix_branches(o_sparse: Tensor, o_linear: Tensor, proj: torch.nn.Module,
     return (o_sparse.to(y.dtype) + y).to(out_dtype)
 
 
+def _name_oom(fn):
+    """Re-raise a GPU out-of-memory error inside SALAD attention with the call's size in the message.
+
+    The error stays a ``torch.OutOfMemoryError``, so ComfyUI still treats it as an OOM (it unloads the
+    models and the next prompt starts clean); the message says which tensors did not fit and what to change.
+    """
+    @functools.wraps(fn)
+    def wrapper(q, k, v, heads, *, grid, block_id=None, **kw):
+        try:
+            return fn(q, k, v, heads, grid=grid, block_id=block_id, **kw)
+        except torch.OutOfMemoryError as e:
+            B, L = (int(s) for s in q.shape[:2])
+            D = int(q.shape[-1]) // max(int(heads), 1)
+            gib = q.numel() * q.element_size() / 2**30
+            where = f" in block {block_id}" if block_id is not None else ""
+            raise torch.OutOfMemoryError(
+                f"SALAD attention{where} ran out of GPU memory on {q.device} at batch {B}, {L:,} tokens "
+                f"(latent grid {'x'.join(str(int(g)) for g in grid)}), {heads} heads of {D}, {q.dtype}: q, k and v "
+                f"take {gib:.2f} GiB each and SALAD needs about as much again for tile-ordered K/V and its "
+                f"output. Use fewer frames or a lower resolution, a smaller batch, or free GPU memory "
+                f"(--lowvram / --reserve-vram). ({str(e).splitlines()[0][:300] if str(e) else 'out of memory'})"
+            ) from e
+    return wrapper
+
+
+@_name_oom
 def salad_self_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, *, grid: Sequence[int],
                          n_front: int = 0, n_back: int = 0, x: Optional[Tensor] = None,
                          proj: Optional[torch.nn.Module] = None, gate: Optional[torch.nn.Module] = None,
