@@ -1,20 +1,36 @@
-"""End-to-end Wan2.1-1.3B forward: dense vs SALAD, with ComfyUI's own Wan model code.
+"""End-to-end Wan 2.1 forward (1.3B or 14B): dense vs SALAD, with ComfyUI's own Wan model code, over a table
+of video sizes and batch sizes, plus where one SALAD layer spends its time.
 
-Full size: dim 1536, 30 blocks, 12 heads, 480p x 81 frames -> latent (1,16,21,60,104) -> 32,760 tokens,
-text context (1,512,4096), random bf16 weights.  SALAD is installed with the same object patches the
-ComfyUI node uses (nodes/patch.py SaladPatch), with gate + Proj weights on every block (random, so
-the linear branch really runs).  Times one forward (one CFG branch) with triton.testing.do_bench medians.
+The model is ComfyUI's ``comfy.ldm.wan.model.WanModel`` with random bf16 weights; SALAD is installed with the
+same object patches the ComfyUI node uses (nodes/patch.py SaladPatch), with random gate + Proj weights on every
+block (so the linear branch and Proj really run; ``--no-weights`` for sparse-only).  Each forward is one model
+call (batch 1 = one CFG branch, batch 2 = cond + uncond in one call).  Times are medians of
+``triton.testing.do_bench`` (1.3B) or of CUDA-event timed forwards (14B, where one forward takes seconds).
 
-GPU:  COMFYUI_DIR=... PYTHONUNBUFFERED=1 python benchmarks/bench_e2e.py --out DIR
-CPU:  python benchmarks/bench_e2e.py --smoke     (tiny model and video, torch backend; checks it runs)
+Per layer, at each size's shape (batch 1): SDPA vs the whole SALAD call, and the SALAD call taken apart by
+cumulative variants -- layout (K/V into tile order), + selection, + sparse kernel (= sparse-only SALAD), + linear
+branch and Proj/gate (= full layer) -- and the linear branch alone.
+
+Sizes (``--sizes``, comma list of names or ``WxHxF``):
+  480p 832x480x81, 720p 1280x720x81, sq480 480x480x81, sq624 624x624x81, portrait 480x832x81,
+  480p17/480p33/480p49/480p121 (832x480 at 17/33/49/121 frames).  sq480 is the ragged grid of issue 9 (latent
+  21x30x30, 18,900 tokens: 30 is not a multiple of the tile).
+
+Writes ``e2e-<date>-<model>-<card>.json`` and ``latest-e2e.json``
+(``{card, date, rows: [{model, height, width, frames, batch, sparsity, pattern, dense_ms, ms, speedup}], layers}``)
+into --out (``--append``: add to the rows of the latest-e2e.json already there, for a second model in one run).
+
+GPU:  COMFYUI_DIR=... PYTHONUNBUFFERED=1 python benchmarks/bench_e2e.py --model 1.3b --out DIR
+      COMFYUI_DIR=... python benchmarks/bench_e2e.py --model 14b --sizes 480p,720p --batches 1 --out DIR
+CPU:  python benchmarks/bench_e2e.py --smoke --out /tmp/e2e   (tiny model and video, torch backend; checks it runs)
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import json
-import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,161 +38,116 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+SIZES = {"480p": (832, 480, 81), "720p": (1280, 720, 81), "sq480": (480, 480, 81), "sq624": (624, 624, 81),
+         "portrait": (480, 832, 81), "480p17": (832, 480, 17), "480p33": (832, 480, 33),
+         "480p49": (832, 480, 49), "480p121": (832, 480, 121)}
+MODELS = {"1.3b": "wan21_t2v_1.3b", "14b": "wan21_t2v_14b"}
 
-def parse():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--smoke", action="store_true")
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=list(MODELS), default="1.3b")
+    ap.add_argument("--sizes", default="480p", help=f"comma list of {', '.join(SIZES)} or WxHxF")
+    ap.add_argument("--batches", default="1", help="comma list of batch sizes, e.g. 1,2")
     ap.add_argument("--sparsities", default="0.9,0.95")
     ap.add_argument("--patterns", default="topk")
-    ap.add_argument("--frames", type=int, default=81)
-    ap.add_argument("--height", type=int, default=480)
-    ap.add_argument("--width", type=int, default=832)
-    ap.add_argument("--rep-ms", type=int, default=3000)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--rep-ms", type=int, default=1500, help="do_bench time per config (1.3B)")
+    ap.add_argument("--iters", type=int, default=3, help="timed forwards per config when one takes > 1 s")
+    ap.add_argument("--no-layers", action="store_true", help="skip the per-layer breakdown")
     ap.add_argument("--no-weights", action="store_true", help="sparse-only (no gate/Proj)")
-    return ap.parse_args()
+    ap.add_argument("--append", action="store_true", help="merge into --out/latest-e2e.json")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    return ap.parse_args(argv)
 
 
-def main():
-    a = parse()
-    from comfy_harness import find_comfyui
-    comfy_dir = str(find_comfyui())
-    sys.path.insert(0, comfy_dir)
+def size_of(name: str):
+    if name in SIZES:
+        return SIZES[name]
+    w, h, f = (int(s) for s in name.lower().split("x"))
+    return w, h, f
+
+
+class Timer:
+    def __init__(self, dev, rep_ms, iters):
+        self.dev, self.rep_ms, self.iters = dev, rep_ms, iters
+
+    def __call__(self, fn):
+        import torch
+        if self.dev.type != "cuda":
+            fn()
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1000
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()                                   # warm-up (and compile for a new shape)
+        torch.cuda.synchronize()
+        first = (time.perf_counter() - t0) * 1000
+        if first < 1000:
+            from triton.testing import do_bench
+            return do_bench(fn, warmup=max(self.rep_ms // 6, 100), rep=self.rep_ms, return_mode="median")
+        times = []
+        for _ in range(self.iters):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e))
+        return statistics.median(times)
+
+
+def build_model(a, dev, dtype):
     import torch
-    if a.smoke or not torch.cuda.is_available():
-        import comfy.options
-        comfy.options.enable_args_parsing(False)
-        import comfy.cli_args
-        comfy.cli_args.args.cpu = True
     import comfy.ops
     import comfy.ldm.wan.model as wan
-
-    from _pack import register
-    register()
-    # nodes.patch is the ComfyUI-side patch logic; importing the package pulls in folder_paths etc.
-    from salad_pack.nodes.patch import PatchOptions, SaladPatch
-    from salad_pack.salad_core.weights import SaladWeights
-
-    dev = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    from make_fixtures import FULL_SIZE
     if a.smoke:
-        cfg = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2)
-        a.frames, a.height, a.width, a.rep_ms = 9, 64, 64, 200
+        cfg = dict(model_type="t2v", dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=16, out_dim=16)
     else:
-        cfg = dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
+        cfg = dict(FULL_SIZE[MODELS[a.model]])
     torch.manual_seed(0)
-    model = wan.WanModel(model_type="t2v", in_dim=16, out_dim=16, text_dim=4096, device=dev, dtype=dtype,
-                         operations=comfy.ops.disable_weight_init, **cfg)
+    model = wan.WanModel(text_dim=4096, device=dev, dtype=dtype, operations=comfy.ops.disable_weight_init, **cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name and name.endswith("weight"):
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02)
-    model.eval()
-    T = (a.frames - 1) // 4 + 1
-    x = torch.randn(1, 16, T, a.height // 8, a.width // 8, device=dev, dtype=dtype)
-    t = torch.full((1,), 500.0, device=dev)
-    ctx = torch.randn(1, 512, 4096, device=dev, dtype=dtype)
-    grid = (T, a.height // 16, a.width // 16)
-    L = grid[0] * grid[1] * grid[2]
+    return model.eval(), cfg
 
-    def forward():
-        with torch.inference_mode():
-            return model(x, t, ctx, transformer_options={})
 
-    originals = {"patch_embedding": model.patch_embedding.forward,
-                 "blocks": [b.self_attn.forward for b in model.blocks]}
+class Installer:
+    """Puts SALAD on the model's blocks the way the ComfyUI node does (SaladPatch object patches)."""
 
-    def install(sparsity, pattern, weights):
-        opts = PatchOptions(sparsity=sparsity, pattern=pattern, backend="auto")
-        state = SaladPatch(model, opts, weights)
-        model.patch_embedding.forward = state.make_patch_embedding_forward(originals["patch_embedding"])
-        for i, b in enumerate(model.blocks):
-            b.self_attn.forward = state.make_self_attn_forward(i, originals["blocks"][i])
+    def __init__(self, model):
+        self.model = model
+        self.orig_embed = model.patch_embedding.forward
+        self.orig_blocks = [b.self_attn.forward for b in model.blocks]
+
+    def install(self, sparsity, pattern, weights):
+        from salad_pack.nodes.patch import PatchOptions, SaladPatch
+        state = SaladPatch(self.model, PatchOptions(sparsity=sparsity, pattern=pattern, backend="auto"), weights)
+        self.model.patch_embedding.forward = state.make_patch_embedding_forward(self.orig_embed)
+        for i, b in enumerate(self.model.blocks):
+            b.self_attn.forward = state.make_self_attn_forward(i, self.orig_blocks[i])
         return state
 
-    def uninstall():
-        model.patch_embedding.forward = originals["patch_embedding"]
-        for i, b in enumerate(model.blocks):
-            b.self_attn.forward = originals["blocks"][i]
+    def uninstall(self):
+        self.model.patch_embedding.forward = self.orig_embed
+        for i, b in enumerate(self.model.blocks):
+            b.self_attn.forward = self.orig_blocks[i]
 
-    class _Holder:  # what the node passes: a ModelPatcher-like object whose .model is SaladWeights
-        def __init__(self, m):
-            self.model = m
 
-    weights = None
-    if not a.no_weights:
-        sw = SaladWeights.new(dim=cfg["dim"], heads=cfg["num_heads"], num_blocks=cfg["num_layers"],
-                              base_model="bench-random")
-        with torch.no_grad():
-            for p in sw.parameters():
-                p.normal_(0.0, 0.01)
-        weights = _Holder(sw.to(device=dev, dtype=dtype))
-
-    if dev.type == "cuda":
-        from triton.testing import do_bench
-
-        def timeit(fn):
-            return do_bench(fn, warmup=max(a.rep_ms // 6, 200), rep=a.rep_ms, return_mode="median")
-    else:
-        def timeit(fn):
-            fn()
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1000
-
-    def peak(fn):
-        if dev.type != "cuda":
-            return None
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**30
-
-    res = {"card": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
-           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "torch": torch.__version__, "model": cfg, "latent": list(x.shape), "tokens": L, "grid": grid,
-           "weights": "random gate+Proj on all blocks" if weights else "none (sparse-only)", "runs": []}
-    try:
-        import triton
-        res["triton"] = triton.__version__
-    except Exception:
-        pass
-
-    uninstall()
-    ref = forward().float()
-    dense_ms = timeit(forward)
-    res["dense_ms"] = dense_ms
-    res["dense_peak_gib"] = peak(forward)
-    print(f"[e2e] {res['card']}: dense forward {dense_ms:.1f} ms, L={L}", flush=True)
-
-    # correctness: sparsity 0 without Proj must equal dense (same model, same inputs)
-    state = install(0.0, "topk", None)
-    out0 = forward().float()
-    res["check_sparsity0_rel_err"] = float((out0 - ref).norm() / ref.norm())
-    assert sum(state.stats.sparse_calls.values()) == cfg["num_layers"], state.stats.summary()
-    print(f"[e2e] sparsity 0 vs dense: rel err {res['check_sparsity0_rel_err']:.2e}", flush=True)
-
-    for pattern in a.patterns.split(","):
-        for s in [float(v) for v in a.sparsities.split(",")]:
-            state = install(s, pattern, weights)
-            out = forward().float()
-            ms = timeit(forward)
-            run = dict(pattern=pattern, sparsity=s, ms=ms, speedup=dense_ms / ms, peak_gib=peak(forward),
-                       rel_diff_vs_dense=float((out - ref).norm() / ref.norm()),
-                       salad_calls=int(sum(state.stats.sparse_calls.values())))
-            res["runs"].append(run)
-            print(f"[e2e] SALAD {pattern} {s:.2f}: {ms:.1f} ms -> {dense_ms / ms:.2f}x  peak {run['peak_gib']} GiB",
-                  flush=True)
-    uninstall()
-
-    # one self-attention call at the layer shape: SDPA vs SALAD (selection + sparse + linear + Proj/gate +
-    # tile permutations), to see where the end-to-end time goes
-    from salad_pack.salad_core.attention import SaladConfig, salad_self_attention
+def layer_parts(cfg, grid, dev, dtype, sparsities, patterns, sw, timeit):
+    """One self-attention call at this grid (batch 1): SDPA vs SALAD, taken apart by cumulative variants."""
+    import torch
     import torch.nn.functional as F
+    from salad_pack.salad_core import attention as A
+    from salad_pack.salad_core.tiling import TileLayout
     H, D = cfg["num_heads"], cfg["dim"] // cfg["num_heads"]
+    L = grid[0] * grid[1] * grid[2]
     g = torch.Generator(device=dev).manual_seed(1)
     q, k, v = (torch.randn(1, L, H * D, device=dev, dtype=dtype, generator=g) for _ in range(3))
     xb = torch.randn(1, L, cfg["dim"], device=dev, dtype=dtype, generator=g)
@@ -185,32 +156,150 @@ def main():
         qh, kh, vh = (t.view(1, L, H, D).transpose(1, 2) for t in (q, k, v))
         return F.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2).reshape(1, L, H * D)
 
-    layer = {"sdpa_ms": timeit(sdpa)}
-    sw0 = weights.model if weights else None
-    for s in [float(v_) for v_ in a.sparsities.split(",")]:
-        for pattern in a.patterns.split(","):
-            conf = SaladConfig(sparsity=s, pattern=pattern)
-            with torch.inference_mode():
-                t_sparse = timeit(lambda: salad_self_attention(q, k, v, H, grid=grid, config=conf))
-                t_full = timeit(lambda: salad_self_attention(q, k, v, H, grid=grid, x=xb, config=conf,
-                                                             proj=sw0.proj_for(0) if sw0 else None,
-                                                             gate=sw0.gate_for(0) if sw0 else None))
-            layer[f"{pattern}_{s}"] = {"sparse_only_ms": t_sparse, "salad_ms": t_full,
-                                       "speedup_vs_sdpa": layer["sdpa_ms"] / t_full}
-    res["layer"] = layer
-    print(f"[e2e] one self-attention call: {json.dumps(layer)}", flush=True)
+    out = {"grid": list(grid), "tokens": L, "sdpa_ms": timeit(sdpa), "runs": []}
+    with torch.inference_mode():
+        for pattern in patterns:
+            for s in sparsities:
+                conf = A.SaladConfig(sparsity=s, pattern=pattern)
+                layout = TileLayout.get(grid, 0, 0, conf.tile, q.device)
 
-    out_dir = Path(a.out or os.environ.get("OUT") or ROOT / "benchmarks" / "results")
+                def lay():
+                    return A._to_heads_tiled(k, layout, 1, L, H, D), A._to_heads_tiled(v, layout, 1, L, H, D)
+
+                def lay_sel():
+                    kh, vh = lay()
+                    return A.select_blocks(A._heads_view(q, 1, L, H, D), kh, layout, conf, q_rowmap=layout.perm32)
+
+                t_layout = timeit(lay)
+                t_sel = timeit(lay_sel)
+                t_sparse = timeit(lambda: A.salad_self_attention(q, k, v, H, grid=grid, config=conf))
+                t_lin = timeit(lambda: A._linear_branch(q, k, v, 1, L, H, D, conf))
+                row = dict(pattern=pattern, sparsity=s, layout_ms=t_layout, selection_ms=t_sel - t_layout,
+                           sparse_kernel_ms=t_sparse - t_sel, sparse_only_ms=t_sparse, linear_branch_ms=t_lin,
+                           whole_op_ms=None, layer_ms=None)
+                if sw is not None:
+                    t_full = timeit(lambda: A.salad_self_attention(q, k, v, H, grid=grid, x=xb, config=conf,
+                                                                   proj=sw.proj_for(0), gate=sw.gate_for(0)))
+                    row.update(layer_ms=t_full, linear_proj_gate_ms=t_full - t_sparse,
+                               layer_speedup_vs_sdpa=out["sdpa_ms"] / t_full)
+                row["whole_op_ms"] = t_sparse + t_lin   # selection + sparse + linear branch, no Proj
+                row["whole_op_speedup_vs_sdpa"] = out["sdpa_ms"] / row["whole_op_ms"]
+                out["runs"].append(row)
+    del q, k, v, xb
+    return out
+
+
+def main(argv=None):
+    a = parse(argv)
+    from comfy_harness import find_comfyui
+    sys.path.insert(0, str(find_comfyui()))
+    import torch
+    if a.smoke or not torch.cuda.is_available():
+        import comfy.options
+        comfy.options.enable_args_parsing(False)
+        import comfy.cli_args
+        comfy.cli_args.args.cpu = True
+    from _pack import register
+    register()
+    from salad_pack.salad_core.weights import SaladWeights
+
+    dev = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    sizes = [s for s in a.sizes.split(",") if s]
+    if a.smoke:
+        sizes, a.rep_ms = ["64x64x9", "48x80x5"], 200
+    batches = [int(b) for b in a.batches.split(",")]
+    sparsities = [float(s) for s in a.sparsities.split(",")]
+    patterns = a.patterns.split(",")
+    model, cfg = build_model(a, dev, dtype)
+    inst = Installer(model)
+    timeit = Timer(dev, a.rep_ms, a.iters)
+
+    class _Holder:  # what the node passes: a ModelPatcher-like object whose .model is SaladWeights
+        def __init__(self, m):
+            self.model = m
+
+    weights = sw = None
+    if not a.no_weights:
+        sw = SaladWeights.new(dim=cfg["dim"], heads=cfg["num_heads"], num_blocks=cfg["num_layers"],
+                              base_model="bench-random")
+        with torch.no_grad():
+            for p in sw.parameters():
+                p.normal_(0.0, 0.01)
+        sw = sw.to(device=dev, dtype=dtype)
+        weights = _Holder(sw)
+
+    card = torch.cuda.get_device_name() if dev.type == "cuda" else (platform.processor() or "cpu")
+    res = {"card": card, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "torch": torch.__version__, "model": a.model if not a.smoke else "smoke", "config": cfg,
+           "weights": "random gate+Proj on all blocks" if weights else "none (sparse-only)", "rows": [],
+           "layers": []}
+    try:
+        import triton
+        res["triton"] = triton.__version__
+    except ImportError:
+        pass
+
+    for name in sizes:
+        W, Hh, Fr = size_of(name)
+        T = (Fr - 1) // 4 + 1
+        grid = (T, Hh // 16, W // 16)
+        for batch in batches:
+            x = torch.randn(batch, 16, T, Hh // 8, W // 8, device=dev, dtype=dtype)
+            t = torch.full((batch,), 500.0, device=dev)
+            ctx = torch.randn(batch, 512, 4096, device=dev, dtype=dtype)
+
+            def forward():
+                with torch.inference_mode():
+                    return model(x, t, ctx, transformer_options={})
+
+            inst.uninstall()
+            ref = forward().float()
+            dense_ms = timeit(forward)
+            print(f"[e2e] {card} {a.model} {W}x{Hh}x{Fr} (grid {grid}) batch {batch}: dense {dense_ms:.1f} ms",
+                  flush=True)
+            for pattern in patterns:
+                for s in sparsities:
+                    state = inst.install(s, pattern, weights)
+                    out = forward().float()
+                    calls = int(sum(state.stats.sparse_calls.values()))
+                    ms = timeit(forward)
+                    row = dict(model=res["model"], height=Hh, width=W, frames=Fr, batch=batch, tokens=grid[0] * grid[1] * grid[2],
+                               sparsity=s, pattern=pattern, dense_ms=dense_ms, ms=ms, speedup=dense_ms / ms,
+                               rel_diff_vs_dense=float((out - ref).norm() / ref.norm()))
+                    assert calls == cfg["num_layers"], f"SALAD ran on {calls} of {cfg['num_layers']} blocks"
+                    res["rows"].append(row)
+                    print(f"[e2e]   SALAD {pattern} {s:.2f}: {ms:.1f} ms -> {dense_ms / ms:.2f}x", flush=True)
+            inst.uninstall()
+            del x, ctx, ref
+        if not a.no_layers:
+            lp = layer_parts(cfg, grid, dev, dtype, sparsities, patterns, sw,
+                             Timer(dev, min(a.rep_ms, 400), a.iters))
+            lp.update(model=res["model"], height=Hh, width=W, frames=Fr)
+            res["layers"].append(lp)
+            print(f"[e2e]   layer: {json.dumps(lp)}", flush=True)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+    out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tag = "smoke" if a.smoke else res["card"].replace(" ", "-")
-    path = out_dir / f"e2e-{dt.date.today().isoformat()}-{tag}.json"
-    path.write_text(json.dumps(res, indent=2))
-    print(f"\n{'config':<22}{'ms':>10}{'speedup':>10}{'peak GiB':>10}")
-    print(f"{'dense (SDPA)':<22}{dense_ms:>10.1f}{1.0:>10.2f}{str(res['dense_peak_gib']):>10}")
-    for r in res["runs"]:
-        print(f"{'SALAD ' + r['pattern'] + ' ' + str(r['sparsity']):<22}{r['ms']:>10.1f}{r['speedup']:>10.2f}"
-              f"{str(r['peak_gib']):>10}")
+    tag = card.replace(" ", "_").lower()
+    path = out_dir / f"e2e-{dt.date.today().isoformat()}-{res['model']}-{tag}.json"
+    path.write_text(json.dumps(res, indent=1))
+    latest = out_dir / "latest-e2e.json"
+    merged = res
+    if a.append and latest.exists():
+        prev = json.loads(latest.read_text())
+        if prev.get("card") == card:
+            merged = dict(res, rows=prev["rows"] + res["rows"], layers=prev.get("layers", []) + res["layers"],
+                          model=f"{prev.get('model')}+{res['model']}")
+    latest.write_text(json.dumps(merged, indent=1))
+    print(f"\n{'size':<18}{'batch':>6}{'pattern':>8}{'sparsity':>9}{'dense ms':>10}{'ms':>10}{'speedup':>9}")
+    for r in res["rows"]:
+        print(f"{r['width']}x{r['height']}x{r['frames']:<8}{r['batch']:>6}{r['pattern']:>8}{r['sparsity']:>9}"
+              f"{r['dense_ms']:>10.1f}{r['ms']:>10.1f}{r['speedup']:>9.2f}")
     print(f"[e2e] wrote {path}")
+    return res
 
 
 if __name__ == "__main__":
