@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
+from typing import Any, Tuple
 
 import comfy.model_management as mm
 import folder_paths
 
 from ..salad_core.options import DEFAULT_PATTERN, DEFAULT_SPARSITY, PATTERNS
 from .loader import SALAD_WEIGHTS
-from .paths import FOLDER_NAME
 from .patch import PatchOptions, apply_salad, wan_model_info
+from .paths import FOLDER_NAME
 
 log = logging.getLogger("SALAD")
 
@@ -97,46 +99,21 @@ class SALADTrainWeights:
 
     def train(self, model, positive, negative, latent_image, seed, record_steps, cfg, sampler_name, scheduler,
               sparsity, pattern, samples_per_block, train_steps, learning_rate, filename_prefix):
-        import comfy.sample
-        import comfy.utils
-        import torch
-        from ..salad_core.trainer import SampleStore, capture
-        from ..salad_core.weights import SaladWeights
+        from ..salad_core.attention import SaladConfig
+        from ..salad_core.trainer import TrainConfig
 
         info = wan_model_info(model, "SALAD Train Weights")
-        latent = latent_image["samples"]
-        self._check_memory(model, info, latent, positive, negative, cfg, samples_per_block)
-        patched = apply_salad(model, PatchOptions(sparsity=sparsity, pattern=pattern))
-
-        latent = comfy.sample.fix_empty_latent_channels(patched, latent)
-        noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
-        every = max(1, record_steps // samples_per_block)
-        store = SampleStore(max_per_block=samples_per_block, dtype=torch.float16, device="cpu")
-        pbar = comfy.utils.ProgressBar(record_steps + train_steps * info["num_blocks"])
-        done = [0]
-
-        def on_step(step, x0, x, total_steps):
-            done[0] += 1
-            pbar.update_absolute(done[0])
-
-        with capture(store, every=every):
-            comfy.sample.sample(patched, noise, record_steps, cfg, sampler_name, scheduler, positive, negative,
-                                latent, denoise=1.0, noise_mask=latent_image.get("noise_mask"), callback=on_step,
-                                disable_pbar=True, seed=seed)
-        if len(store) == 0:
-            raise RuntimeError("SALAD Train Weights: no self-attention call was recorded; is this a Wan model and "
-                               "is the latent at least one 128-token block?")
-        # ComfyUI runs nodes under inference_mode; training needs autograd and normal tensors
-        with torch.inference_mode(False), torch.enable_grad():
-            for smp in store.samples:
-                for key in ("q", "k", "v", "x"):
-                    if smp.get(key) is not None:
-                        smp[key] = smp[key].clone()
-            weights = SaladWeights.new(dim=info["dim"], heads=info["heads"], num_blocks=info["num_blocks"],
-                                       base_model=info["base_model"], pattern=pattern, sparsity=sparsity,
-                                       created_by="ComfyUI SALAD Train Weights")
-            return self._train(weights, store, info, seed, record_steps, cfg, sampler_name, scheduler, sparsity,
-                               pattern, train_steps, learning_rate, filename_prefix, latent, pbar, done)
+        self._check_memory(model, info, latent_image["samples"], positive, negative, cfg, samples_per_block)
+        run = _RecordRun(seed, record_steps, cfg, sampler_name, scheduler)
+        progress = _Progress(record_steps, train_steps, info["num_blocks"])
+        options = PatchOptions(sparsity=sparsity, pattern=pattern)
+        store, latent = _record(model, positive, negative, latent_image, run, options, samples_per_block, progress)
+        attention = SaladConfig(sparsity=sparsity, pattern=pattern)
+        train = TrainConfig(steps=train_steps, lr=learning_rate, log_every=max(1, train_steps // 20),
+                            seed=seed % 2**31, tokens_per_step=4096)
+        result = _train_and_select(store, info, attention, train, progress,
+                                   source=f"recorded in ComfyUI, latent {tuple(latent.shape)}, {run}")
+        return self._output(result, sparsity, pattern, filename_prefix)
 
     @staticmethod
     def _check_memory(model, info, latent, positive, negative, cfg, samples_per_block):
@@ -144,6 +121,7 @@ class SALADTrainWeights:
         import math
 
         import psutil
+
         from ..salad_core.trainer import check_recording_memory
 
         if latent.ndim != 5:
@@ -164,30 +142,12 @@ class SALADTrainWeights:
         log.info("SALAD Train Weights: recordings need about %.2f GiB of RAM (%.1f GiB free to use)",
                  plan["need"] / 2**30, plan["usable"] / 2**30)
 
-    def _train(self, weights, store, info, seed, record_steps, cfg, sampler_name, scheduler, sparsity, pattern,
-               train_steps, learning_rate, filename_prefix, latent, pbar, done):
-        from ..salad_core.trainer import keep_improved_blocks, relative_error, train_salad, training_report
+    @staticmethod
+    def _output(result: dict, sparsity: float, pattern: str, filename_prefix: str) -> dict:
+        """Save the kept weights (if any), log the report and return both."""
+        from ..salad_core.trainer import training_report
         from ..salad_core.weights import save_salad_weights
 
-        train_set, holdout = store.split(0.25, seed=seed % 2**31)
-        device = mm.get_torch_device()
-        weights.to(device)
-
-        def on_train(d):
-            done[0] = record_steps + d["block"] * train_steps + d["step"]
-            pbar.update_absolute(min(done[0], record_steps + train_steps * info["num_blocks"]))
-
-        res = train_salad(train_set, weights, steps=train_steps, lr=learning_rate, sparsity=sparsity,
-                          pattern=pattern, log_every=max(1, train_steps // 20), callback=on_train,
-                          seed=seed % 2**31, tokens_per_step=4096, device=device,
-                          training_data=f"{len(train_set)} calls recorded in ComfyUI, latent {tuple(latent.shape)}, "
-                                        f"{record_steps} steps, {sampler_name}/{scheduler}, cfg {cfg}")
-        if len(holdout):
-            heldout = relative_error(holdout, weights, device=device)  # sparse-only and trained, per block
-        else:  # nothing could be held out: nothing can be shown to help
-            heldout = dict(sparse_only=0.0, salad=0.0, n=0, per_sample=[], sample_blocks=[], per_block={})
-        weights.to("cpu")
-        result = keep_improved_blocks(weights, heldout, trained_blocks=res["blocks"])
         path = None
         if result["weights"] is not None:
             path = save_salad_weights(result["weights"], _unique_path(filename_prefix))
@@ -201,3 +161,82 @@ class SALADTrainWeights:
             patcher = SALADWeightsLoader.wrap(result["weights"])
         # None = no weights: Apply SALAD Attention's optional salad_weights then runs sparse-only
         return {"ui": {"text": [report]}, "result": (patcher, report)}
+
+
+@dataclass(frozen=True)
+class _RecordRun:
+    """Sampling settings of the recording run."""
+
+    seed: int
+    steps: int
+    cfg: float
+    sampler_name: str
+    scheduler: str
+
+    def __str__(self) -> str:
+        return f"{self.steps} steps, {self.sampler_name}/{self.scheduler}, cfg {self.cfg}"
+
+
+class _Progress:
+    """One ComfyUI progress bar over the recording steps, then ``train_steps`` per block."""
+
+    def __init__(self, record_steps: int, train_steps: int, num_blocks: int) -> None:
+        import comfy.utils
+
+        self.record_steps, self.train_steps = record_steps, train_steps
+        self.total = record_steps + train_steps * num_blocks
+        self.bar = comfy.utils.ProgressBar(self.total)
+        self.done = 0
+
+    def sampling_step(self, step: int, x0: Any, x: Any, total_steps: int) -> None:
+        """comfy.sample callback: one recording step done."""
+        self.done += 1
+        self.bar.update_absolute(self.done)
+
+    def training_log(self, d: dict) -> None:
+        """train_salad callback: ``d["step"]`` steps of block ``d["block"]`` done."""
+        self.done = self.record_steps + d["block"] * self.train_steps + d["step"]
+        self.bar.update_absolute(min(self.done, self.total))
+
+
+def _record(model: Any, positive: list, negative: list, latent_image: dict, run: _RecordRun, options: PatchOptions,
+            samples_per_block: int, progress: _Progress) -> Tuple[Any, Any]:
+    """Sample once with sparse-only SALAD while recording ``samples_per_block`` calls of every block
+    (spread over the run).  Returns the SampleStore (fp16, CPU) and the latent that was sampled."""
+    import comfy.sample
+    import torch
+
+    from ..salad_core.trainer import SampleStore, capture
+
+    patched = apply_salad(model, options)
+    latent = comfy.sample.fix_empty_latent_channels(patched, latent_image["samples"])
+    noise = comfy.sample.prepare_noise(latent, run.seed, latent_image.get("batch_index"))
+    store = SampleStore(max_per_block=samples_per_block, dtype=torch.float16, device="cpu")
+    with capture(store, every=max(1, run.steps // samples_per_block)):
+        comfy.sample.sample(patched, noise, run.steps, run.cfg, run.sampler_name, run.scheduler, positive, negative,
+                            latent, denoise=1.0, noise_mask=latent_image.get("noise_mask"),
+                            callback=progress.sampling_step, disable_pbar=True, seed=run.seed)
+    if len(store) == 0:
+        raise RuntimeError("SALAD Train Weights: no self-attention call was recorded; is this a Wan model and "
+                           "is the latent at least one 128-token block?")
+    return store, latent
+
+
+def _train_and_select(store: Any, info: dict, attention: Any, train: Any, progress: _Progress, source: str) -> dict:
+    """New zero-init weights for the model, trained and kept per block by salad_core (on ComfyUI's device)."""
+    import torch
+
+    from ..salad_core.trainer import train_and_select
+    from ..salad_core.weights import SaladWeights
+
+    # ComfyUI runs nodes under inference_mode; training needs autograd and normal tensors
+    with torch.inference_mode(False), torch.enable_grad():
+        for smp in store.samples:
+            for key in ("q", "k", "v", "x"):
+                if smp.get(key) is not None:
+                    smp[key] = smp[key].clone()
+        weights = SaladWeights.new(dim=info["dim"], heads=info["heads"], num_blocks=info["num_blocks"],
+                                   base_model=info["base_model"], pattern=attention.pattern,
+                                   sparsity=attention.sparsity, created_by="ComfyUI SALAD Train Weights")
+        return train_and_select(store, weights, train, attention, holdout=0.25, device=mm.get_torch_device(),
+                                callback=progress.training_log, source=source)

@@ -21,12 +21,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import functools
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 
 from . import attention as _attn
 from .attention import SaladConfig, dense_reference_attention, mix_branches, salad_branches
@@ -228,111 +232,208 @@ def _setup(samples, weights: SaladWeights, config, sparsity, pattern, device, wh
     return config, samples, device
 
 
-def _salad_out(xm: Optional[Tensor], o_s: Tensor, o_l: Tensor, proj, gate) -> Tensor:
+def _salad_out(xm: Optional[Tensor], o_s: Tensor, o_l: Tensor, proj: nn.Module, gate: nn.Module) -> Tensor:
     """o_sparse + G(xm) * proj(o_linear) in fp32, from one sample's precomputed features."""
     G = torch.sigmoid(gate(xm)).reshape(-1, 1, 1) if xm is not None else None
     return mix_branches(o_s, o_l, proj, G, out_dtype=torch.float32)
 
 
-def train_salad(samples, weights: SaladWeights, steps: int = 300, lr: float = 1e-3,
-                sparsity: Optional[float] = None, pattern: Optional[str] = None, log_every: int = 50,
-                callback: Optional[Callable[[dict], None]] = None, *, config: Optional[SaladConfig] = None,
-                seed: Optional[int] = 0, weight_decay: float = 0.0, grad_clip: float = 1.0,
-                warmup: Optional[int] = None, batch_size: int = 1, tokens_per_step: Optional[int] = None,
-                device=None, training_data: Optional[str] = None) -> dict:
-    """Distil proj + gate of every block that has samples toward dense attention.
+@dataclass(frozen=True)
+class TrainConfig:
+    """How :func:`train_salad` optimises each block (its own AdamW on fp32 copies of proj and gate).
 
-    samples: SampleStore or list of sample dicts (see :class:`SampleStore`).
-    steps: optimisation steps *per block*.  sparsity / pattern: attention settings to train for
-    (default: the weights' metadata; ``config`` may give the full :class:`SaladConfig`).
-    batch_size: samples averaged per step.  tokens_per_step: random token subset per step (None =
-    all tokens; the loss is per-token so subsampling is unbiased).  seed: makes sampling
-    deterministic (None = nondeterministic).  callback(dict) is called every ``log_every``
-    steps with block, step, loss, lr.
-
-    Updates ``weights`` in place (same dtype/device as before) and its metadata
-    (training_steps += steps, training_data, pattern, sparsity).  Returns
-    ``{"history": {block: [(step, loss), ...]}, "final_loss": {block: loss}, "blocks": [...],
-    "config": SaladConfig}``.
+    steps: optimisation steps *per block*.  lr, weight_decay: AdamW.  grad_clip: gradient-norm
+    clipping (0 or None: off).  warmup: linear warm-up steps before the cosine decay to 0 (None:
+    steps // 20, at least 1).  batch_size: samples averaged per step.  tokens_per_step: random
+    token subset per sample and step (None: all tokens; the loss is per token, so subsampling is
+    unbiased).  log_every: steps between history entries and callback calls.  seed: makes the
+    sampling deterministic (None: nondeterministic).
     """
-    steps = int(steps)
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    config, samples, device = _setup(samples, weights, config, sparsity, pattern, device, "train_salad")
+
+    steps: int = 300
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: Optional[float] = 1.0
+    warmup: Optional[int] = None
+    batch_size: int = 1
+    tokens_per_step: Optional[int] = None
+    log_every: int = 50
+    seed: Optional[int] = 0
+
+    def __post_init__(self) -> None:
+        steps = int(self.steps)
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        object.__setattr__(self, "steps", steps)
+
+    @property
+    def warmup_steps(self) -> int:
+        return max(1, self.steps // 20) if self.warmup is None else max(0, int(self.warmup))
+
+    def lr_factor(self, step: int) -> float:
+        """Learning-rate multiplier at ``step`` in [0, steps): linear warm-up, then cosine decay."""
+        warmup = self.warmup_steps
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, self.steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+
+    def generator(self) -> torch.Generator:
+        """The random source of sample and token picks (seeded unless ``seed`` is None)."""
+        gen = torch.Generator()
+        if self.seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(int(self.seed))
+        return gen
+
+    @classmethod
+    def of(cls, train: Optional["TrainConfig"], overrides: dict) -> "TrainConfig":
+        """``train`` (default: TrainConfig()) with ``overrides`` (field names) replaced."""
+        if train is not None and not isinstance(train, TrainConfig):
+            raise TypeError(f"train must be a TrainConfig, got {type(train).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown training setting(s) {', '.join(unknown)}; "
+                            f"TrainConfig has {', '.join(sorted(names))}")
+        return dataclasses.replace(train if train is not None else cls(), **overrides)
+
+
+#: callback(step, mean loss since the last call, learning rate) of :func:`train_block`
+StepLog = Callable[[int, float, float], None]
+
+
+def _group_by_block(samples: List[dict], weights: SaladWeights) -> Dict[int, List[dict]]:
+    """Samples per block id; every block must be covered by ``weights``."""
     by_block: Dict[int, List[dict]] = {}
     for s in samples:
         b = _resolve_block(s, weights)
         if not weights.has_block(b):
             raise ValueError(f"sample for block {b} but the weights cover {format_block_spec(weights.block_ids)}")
         by_block.setdefault(b, []).append(s)
-    gen = torch.Generator().manual_seed(int(seed)) if seed is not None else torch.Generator()
-    if seed is None:
-        gen.seed()
-    warmup = max(1, steps // 20) if warmup is None else max(0, int(warmup))
-    history: Dict[int, list] = {}
-    final: Dict[int, float] = {}
+    return by_block
 
-    def lr_at(step: int) -> float:  # step in [0, steps)
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * t))
 
-    for b in sorted(by_block):
-        feats = [_features(s, config, device) for s in by_block[b]]
-        proj_dst, gate_dst = weights.proj_for(b), weights.gate_for(b)
-        proj = copy.deepcopy(proj_dst).to(device=device, dtype=torch.float32)
-        gate = copy.deepcopy(gate_dst).to(device=device, dtype=torch.float32)
-        params = list(proj.parameters()) + list(gate.parameters())
-        for p in params:
-            p.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-        hist, run = [], []
-        for step in range(steps):
-            pick = torch.randint(len(feats), (batch_size,), generator=gen).tolist()
-            loss = 0.0
-            for i in pick:
-                f = feats[i]
-                o_s, o_l, tgt = f["o_s"], f["o_l"], f["tgt"]
-                if tokens_per_step is not None and tokens_per_step < o_s.shape[1]:
-                    sel = torch.randint(o_s.shape[1], (int(tokens_per_step),), generator=gen).to(device)
-                    o_s, o_l, tgt = o_s[:, sel], o_l[:, sel], tgt[:, sel]
-                out = _salad_out(f["xm"], o_s, o_l, proj, gate)
-                loss = loss + ((out - tgt) ** 2).sum() / (tgt ** 2).sum().clamp_min(1e-12)
-            loss = loss / len(pick)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip and grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            opt.step()
-            sched.step()
-            lv = float(loss.detach())
-            run.append(lv)
-            if (step + 1) % max(1, int(log_every)) == 0 or step == steps - 1:
-                avg = sum(run) / len(run)
-                run = []
-                hist.append((step + 1, avg))
-                if callback is not None:
-                    callback(dict(block=b, step=step + 1, steps=steps, loss=avg, lr=sched.get_last_lr()[0]))
-        with torch.no_grad():
-            for dst, src in ((proj_dst, proj), (gate_dst, gate)):
-                for pd, ps in zip(dst.parameters(), src.parameters()):
-                    pd.copy_(ps.to(device=pd.device, dtype=pd.dtype))
-        history[b] = hist
-        final[b] = hist[-1][1]
-        del feats
+def _fp32_copies(weights: SaladWeights, block: int, device) -> Tuple[nn.Module, nn.Module]:
+    """fp32 copies of one block's proj and gate on ``device`` (the weights stay untouched)."""
+    proj = copy.deepcopy(weights.proj_for(block)).to(device=device, dtype=torch.float32)
+    gate = copy.deepcopy(weights.gate_for(block)).to(device=device, dtype=torch.float32)
+    return proj, gate
 
+
+@torch.no_grad()
+def _copy_parameters(pairs: Iterable[Tuple[nn.Module, nn.Module]]) -> None:
+    """Copy every (destination, source) module's parameters, cast to the destination's device and dtype."""
+    for dst, src in pairs:
+        for pd, ps in zip(dst.parameters(), src.parameters()):
+            pd.copy_(ps.to(device=pd.device, dtype=pd.dtype))
+
+
+def _step_loss(feats: List[dict], train: TrainConfig, gen: torch.Generator, device, proj: nn.Module,
+               gate: nn.Module) -> Tensor:
+    """One step's loss: mean relative squared error to dense attention over ``batch_size`` random samples
+    (each on ``tokens_per_step`` random tokens when set)."""
+    pick = torch.randint(len(feats), (train.batch_size,), generator=gen).tolist()
+    loss = 0.0
+    for i in pick:
+        f = feats[i]
+        o_s, o_l, tgt = f["o_s"], f["o_l"], f["tgt"]
+        if train.tokens_per_step is not None and train.tokens_per_step < o_s.shape[1]:
+            sel = torch.randint(o_s.shape[1], (int(train.tokens_per_step),), generator=gen).to(device)
+            o_s, o_l, tgt = o_s[:, sel], o_l[:, sel], tgt[:, sel]
+        out = _salad_out(f["xm"], o_s, o_l, proj, gate)
+        loss = loss + ((out - tgt) ** 2).sum() / (tgt ** 2).sum().clamp_min(1e-12)
+    return loss / len(pick)
+
+
+def _optimiser_step(loss: Tensor, opt: torch.optim.Optimizer, sched, params: List[nn.Parameter],
+                    grad_clip: Optional[float]) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip and grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    sched.step()
+
+
+def train_block(feats: List[dict], proj: nn.Module, gate: nn.Module, train: TrainConfig, gen: torch.Generator,
+                device, log: Optional[StepLog] = None) -> List[Tuple[int, float]]:
+    """Optimise one block's fp32 ``proj`` and ``gate`` in place on its precomputed features (see
+    :func:`_features`).  Returns the history ``[(step, mean loss), ...]``, one entry per ``log_every`` steps
+    and one at the last step; ``log`` is called with each entry and the learning rate."""
+    params = list(proj.parameters()) + list(gate.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, train.lr_factor)
+    every = max(1, int(train.log_every))
+    hist: List[Tuple[int, float]] = []
+    run: List[float] = []
+    for step in range(train.steps):
+        loss = _step_loss(feats, train, gen, device, proj, gate)
+        _optimiser_step(loss, opt, sched, params, train.grad_clip)
+        run.append(float(loss.detach()))
+        if (step + 1) % every == 0 or step == train.steps - 1:
+            avg = sum(run) / len(run)
+            run = []
+            hist.append((step + 1, avg))
+            if log is not None:
+                log(step + 1, avg, sched.get_last_lr()[0])
+    return hist
+
+
+def _record_training(weights: SaladWeights, train: TrainConfig, config: SaladConfig, samples: List[dict],
+                     blocks: Iterable[int], training_data: Optional[str]) -> None:
+    """Update the weights' metadata: training_steps += steps, training_data, pattern, sparsity."""
     md = weights.metadata
-    md["training_steps"] = str(int(md.get("training_steps", "0") or 0) + steps)
+    md["training_steps"] = str(int(md.get("training_steps", "0") or 0) + train.steps)
     if training_data is None:
         grids = sorted({tuple(s["grid"]) for s in samples})
-        training_data = (f"{len(samples)} captured samples, blocks {format_block_spec(by_block)}, "
+        training_data = (f"{len(samples)} captured samples, blocks {format_block_spec(blocks)}, "
                          f"grids {', '.join('x'.join(map(str, g)) for g in grids[:8])}")
     md["training_data"] = str(training_data)
     md["pattern"] = config.pattern
     md["sparsity"] = str(config.sparsity)
-    return dict(history=history, final_loss=final, blocks=sorted(by_block), config=config)
+
+
+def train_salad(samples, weights: SaladWeights, train: Optional[TrainConfig] = None, *,
+                config: Optional[SaladConfig] = None, sparsity: Optional[float] = None, pattern: Optional[str] = None,
+                callback: Optional[Callable[[dict], None]] = None, device=None, training_data: Optional[str] = None,
+                **train_settings) -> dict:
+    """Distil proj + gate of every block that has samples toward dense attention.
+
+    samples: SampleStore or list of sample dicts (see :class:`SampleStore`).  train: the
+    :class:`TrainConfig`; ``train_settings`` (its field names: steps, lr, seed, batch_size, ...)
+    override single fields.  sparsity / pattern: attention settings to train for (default: the
+    weights' metadata; ``config`` may give the full :class:`SaladConfig`).  callback(dict) is
+    called every ``log_every`` steps with block, step, steps, loss, lr.
+
+    Blocks are trained one after another (:func:`train_block`), each from its own fp32 copies,
+    written back into ``weights`` (same dtype/device as before).  Updates the metadata
+    (training_steps += steps, training_data, pattern, sparsity).  Returns ``{"history": {block:
+    [(step, loss), ...]}, "final_loss": {block: loss}, "blocks": [...], "config": SaladConfig}``.
+    """
+    train = TrainConfig.of(train, train_settings)
+    config, samples, device = _setup(samples, weights, config, sparsity, pattern, device, "train_salad")
+    by_block = _group_by_block(samples, weights)
+    gen = train.generator()
+    history: Dict[int, List[Tuple[int, float]]] = {}
+    for b in sorted(by_block):
+        feats = [_features(s, config, device) for s in by_block[b]]
+        proj, gate = _fp32_copies(weights, b, device)
+        log = None if callback is None else functools.partial(_callback_dict, callback, b, train.steps)
+        history[b] = train_block(feats, proj, gate, train, gen, device, log)
+        _copy_parameters(((weights.proj_for(b), proj), (weights.gate_for(b), gate)))
+        del feats
+    _record_training(weights, train, config, samples, by_block, training_data)
+    return dict(history=history, final_loss={b: h[-1][1] for b, h in history.items()}, blocks=sorted(by_block),
+                config=config)
+
+
+def _callback_dict(callback: Callable[[dict], None], block: int, steps: int, step: int, loss: float,
+                   lr: float) -> None:
+    callback(dict(block=block, step=step, steps=steps, loss=loss, lr=lr))
 
 
 @torch.no_grad()
@@ -347,9 +448,7 @@ def relative_error(samples, weights: SaladWeights, config: Optional[SaladConfig]
         b = _resolve_block(s, weights)
         f = _features(s, config, device)
         if weights.has_block(b):
-            proj = copy.deepcopy(weights.proj_for(b)).to(device=device, dtype=torch.float32)
-            gate = copy.deepcopy(weights.gate_for(b)).to(device=device, dtype=torch.float32)
-            out = _salad_out(f["xm"], f["o_s"], f["o_l"], proj, gate)
+            out = _salad_out(f["xm"], f["o_s"], f["o_l"], *_fp32_copies(weights, b, device))
         else:  # a block the weights do not cover runs sparse-only (as at inference)
             out = f["o_s"]
         tn = f["tgt"].norm().clamp_min(1e-12)
@@ -383,11 +482,8 @@ def subset_weights(weights: SaladWeights, keep: Iterable[int]) -> SaladWeights:
     p0 = next(iter(weights.parameters()), None)
     if p0 is not None:
         out.to(device=p0.device, dtype=p0.dtype)
-    with torch.no_grad():
-        for b in keep:
-            for dst, src in ((out.proj_for(b), weights.proj_for(b)), (out.gate_for(b), weights.gate_for(b))):
-                for pd, ps in zip(dst.parameters(), src.parameters()):
-                    pd.copy_(ps)
+    for b in keep:
+        _copy_parameters(((out.proj_for(b), weights.proj_for(b)), (out.gate_for(b), weights.gate_for(b))))
     return out
 
 
@@ -436,6 +532,27 @@ def keep_improved_blocks(weights: SaladWeights, heldout: dict, trained_blocks: O
                 before=before, after=after, trained_after=heldout["salad"], n=n,
                 num_trained=len(trained), min_gain=float(min_gain))
 
+
+
+def train_and_select(store: SampleStore, weights: SaladWeights, train: TrainConfig, config: SaladConfig, *,
+                     holdout: float = 0.25, device=None, callback: Optional[Callable[[dict], None]] = None,
+                     source: Optional[str] = None) -> dict:
+    """The whole SALAD Train Weights run after recording: hold out a ``holdout`` share of each
+    block's calls (seeded by ``train.seed``), train on the rest (:func:`train_salad` on ``device``),
+    measure sparse-only and trained held-out error (:func:`relative_error`) and keep only the blocks
+    that improved (:func:`keep_improved_blocks`, whose dict is returned, plus ``training``: the
+    :func:`train_salad` result).  ``weights`` end on the CPU.  source: where the calls come from,
+    for the ``training_data`` metadata ("<n> calls <source>")."""
+    train_set, held = store.split(holdout, seed=0 if train.seed is None else train.seed)
+    weights.to(device)
+    res = train_salad(train_set, weights, train, config=config, callback=callback, device=device,
+                      training_data=None if source is None else f"{len(train_set)} calls {source}")
+    if len(held):
+        heldout = relative_error(held, weights, device=device)  # sparse-only and trained, per block
+    else:  # nothing could be held out: nothing can be shown to help
+        heldout = dict(sparse_only=0.0, salad=0.0, n=0, per_sample=[], sample_blocks=[], per_block={})
+    weights.to("cpu")
+    return dict(keep_improved_blocks(weights, heldout, trained_blocks=res["blocks"]), training=res)
 
 def change_words(before: float, after: float) -> str:
     """'better by 12.3%' / 'worse by 4.5%' / 'no change' (never a negative percentage)."""
