@@ -7,7 +7,7 @@ from ..salad_core.options import (BACKENDS, COMPENSATIONS, DEFAULT_BACKEND, DEFA
                                   DEFAULT_SPARSITY, PATTERNS, clip)
 from .blocks import parse_block_list
 from .loader import SALAD_WEIGHTS
-from .patch import PatchOptions, apply_salad, wan_model_info
+from .patch import PatchOptions, apply_salad, model_info
 
 
 
@@ -23,11 +23,11 @@ def _number(name, value):
 
 
 class SALADApplyAttention:
-    DESCRIPTION = ("Makes a Wan 2.1 / 2.2 model's self-attention sparse (SALAD: block-sparse attention over 3-D "
-                   "video tiles plus a gated linear-attention branch). Returns a patched copy; the input model "
-                   "is left as it was. Without SALAD weights it runs sparse attention only. Two of these nodes "
-                   "in series: the later one wins for the blocks it covers (its weights and settings); blocks "
-                   "it leaves dense (dense_blocks) keep the earlier node's SALAD.")
+    DESCRIPTION = ("Makes a Wan 2.1 / 2.2 or LTX-Video model's self-attention sparse (SALAD: block-sparse "
+                   "attention over 3-D video tiles plus a gated linear-attention branch). Returns a patched copy; "
+                   "the input model is left as it was. Without SALAD weights it runs sparse attention only. Two of "
+                   "these nodes in series: the later one wins for the blocks it covers (its weights and settings); "
+                   "blocks it leaves dense (dense_blocks) keep the earlier node's SALAD.")
     CATEGORY = "model/patch/SALAD"
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The model with SALAD attention. Connect it where the original model went (KSampler).",)
@@ -37,8 +37,8 @@ class SALADApplyAttention:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "A Wan 2.1 / 2.2 model (T2V, I2V, 5B, 14B high- or low-noise); "
-                                               "LoRA'd and GGUF models work."}),
+                "model": ("MODEL", {"tooltip": "A Wan 2.1 / 2.2 model (T2V, I2V, 5B, 14B high- or low-noise) or an "
+                                               "LTX-Video model; LoRA'd and GGUF models work."}),
                 "sparsity": ("FLOAT", {"default": DEFAULT_SPARSITY, "min": 0.0, "max": 0.99, "step": 0.01,
                                        "display": "slider",
                                        "tooltip": "Share of key blocks each query block skips. 0.9 = 90% skipped. "
@@ -115,7 +115,7 @@ class SALADApplyAttention:
             if not triton_available(dev):
                 raise RuntimeError(f"Apply SALAD Attention: backend 'triton' needs an NVIDIA GPU with Triton; "
                                    f"this ComfyUI runs on {dev}. Choose 'auto' or 'torch'.")
-        num_blocks = wan_model_info(model, "Apply SALAD Attention")["num_blocks"]
+        num_blocks = model_info(model, "Apply SALAD Attention")["num_blocks"]
         try:
             dense = parse_block_list(dense_blocks, num_blocks)
         except ValueError as e:

@@ -1,11 +1,18 @@
-"""Patch a ComfyUI Wan model so its self-attention runs SALAD attention.
+"""Patch a ComfyUI video model so its self-attention runs SALAD attention.
+
+The patching is family-blind: what depends on the model (how to recognise it, its blocks and
+heads, the key of each block's self-attention forward, how its token grid is recorded and where its
+extra tokens sit) comes from its adapter in ``nodes/families`` (Wan, LTX-Video).
 
 How (no ComfyUI file is edited, the user's model object is never touched):
-  * ``model.clone()``; everything below is an object patch or callback on the clone, applied by
-    ComfyUI when the clone is loaded and removed when another model runs.
-  * ``diffusion_model.patch_embedding.forward`` records the latent token grid of each forward
-    (ComfyUI >= 0.5 also passes ``transformer_options["grid_sizes"]``, which wins when present).
-  * ``diffusion_model.blocks.{i}.self_attn.forward`` for every block we own: for the duration of
+  * ``model.clone()``; everything below is an object patch, wrapper or callback on the clone, applied
+    by ComfyUI when the clone is loaded and removed when another model runs.
+  * the family's recorder reports the latent token grid of each forward (Wan: an object patch on
+    ``diffusion_model.patch_embedding.forward``, with ComfyUI >= 0.5's
+    ``transformer_options["grid_sizes"]`` winning when present; LTX-Video: a DIFFUSION_MODEL wrapper).
+  * the family's self-attention forward of every block we own (Wan:
+    ``diffusion_model.blocks.{i}.self_attn.forward``; LTX-Video:
+    ``diffusion_model.transformer_blocks.{i}.attn1.forward``): for the duration of
     that call it puts our function on top of ``transformer_options["optimized_attention_override"]``
     (keeping the previous override, if any, for calls we decline) and remembers the block index and
     the block input x (for the gate).  Cross-attention runs after the self-attention call has
@@ -26,13 +33,17 @@ How (no ComfyUI file is edited, the user's model object is never touched):
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence, Type
 
 import torch
 
 from ..salad_core.options import DEFAULT_BACKEND, DEFAULT_COMPENSATION, DEFAULT_PATTERN, DEFAULT_SPARSITY
+from .families import FAMILIES, ModelFamily, WanFamily, family_for, supported
+from .families.wan import grid_recording_forward
 
 log = logging.getLogger("SALAD")
 
@@ -69,52 +80,64 @@ class RunStats:
 class SaladPatch:
     """State shared by the object patches of one patched clone."""
 
-    def __init__(self, diffusion_model, opts: PatchOptions, weights=None, sigma_start=None, sigma_end=None):
+    def __init__(self, diffusion_model: torch.nn.Module, opts: PatchOptions, weights: Any = None,
+                 sigma_start: Optional[float] = None, sigma_end: Optional[float] = None,
+                 family: Optional[ModelFamily] = None):
         from ..salad_core.attention import SaladConfig  # lazy: keeps import of the pack light
         self.opts = opts
         self.weights = weights            # a ComfyUI ModelPatcher whose .model is SaladWeights, or None
         self.config = SaladConfig(sparsity=opts.sparsity, pattern=opts.pattern, backend=opts.backend,
                                   compensation=opts.compensation)
-        self.has_ref_conv = getattr(diffusion_model, "ref_conv", None) is not None
+        self.family = family if family is not None else family_for(diffusion_model)
+        if self.family is None:
+            raise ValueError(f"SALAD: {type(diffusion_model).__name__} is not a model SALAD supports "
+                             f"({supported()})")
         self.sigma_start = sigma_start
         self.sigma_end = sigma_end
-        self._grid = None
+        self._seen = None                 # what the family's recorder saw in this forward (its token grid)
         self._fresh_forward = True
         self._sigma_cache = (None, None)
         self.stats = RunStats()
 
-    # -- object patches ----------------------------------------------------------------------
-    def make_patch_embedding_forward(self, prev_forward):
-        def forward(x, *args, **kwargs):
-            out = prev_forward(x, *args, **kwargs)
-            if self._fresh_forward and out.ndim == 5:
-                self._grid = tuple(int(s) for s in out.shape[2:])
-                self._fresh_forward = False
-            return out
-        return forward
+    # -- the family's recorder reports here --------------------------------------------------
+    def record(self, seen: Any, first_of_forward: bool = True) -> None:
+        """Keep ``seen`` (the family's description of this forward's token grid) for the attention
+        calls that follow.  ``first_of_forward``: only the first report after a self-attention call
+        counts (Wan's patch_embedding may also embed other latents within one forward)."""
+        if self._fresh_forward or not first_of_forward:
+            self._seen = seen
+            self._fresh_forward = False
 
-    def make_self_attn_forward(self, block: int, prev_forward):
+    # -- object patches ----------------------------------------------------------------------
+    def make_patch_embedding_forward(self, prev_forward: Callable) -> Callable:
+        """Wan's grid recorder (kept for callers that wire a WanModel by hand: the fine-tuner, bench_e2e)."""
+        return grid_recording_forward(self, prev_forward)
+
+    def make_self_attn_forward(self, block: int, prev_forward: Callable) -> Callable:
         """The self-attention forward of ``block``.  Built on the pre-SALAD forward: when
         ``prev_forward`` is an earlier SALAD node's forward, that one is replaced (later node wins)."""
         base = getattr(prev_forward, "_salad_base", prev_forward)
+        pos = _options_position(base, self.family.options_position)
 
-        def forward(x, freqs, *args, **kwargs):
-            args = list(args)
+        def forward(x, *args, **kwargs):
             if "transformer_options" in kwargs:
                 to = kwargs["transformer_options"]
-            elif args and isinstance(args[0], dict):
-                to = args[0]
+            elif len(args) > pos and isinstance(args[pos], dict):
+                to = args[pos]
             else:
                 to = None
             if to is None:
                 to = {}
-                kwargs["transformer_options"] = to
-            self._fresh_forward = True       # the next patch_embedding call starts a new forward
+                if len(args) > pos:
+                    args = (*args[:pos], to, *args[pos + 1:])
+                else:
+                    kwargs["transformer_options"] = to
+            self._fresh_forward = True       # the next grid report starts a new forward
             had = "optimized_attention_override" in to
             previous = to.get("optimized_attention_override")
             if getattr(previous, "_salad_override", False):
                 # a later SALAD node (wrapped around another node's patch around us) owns this call
-                return base(x, freqs, *args, **kwargs)
+                return base(x, *args, **kwargs)
 
             def override(func, q, k, v, heads, *a, **kw):
                 return self.attention(func, previous, block, x, q, k, v, heads, *a, **kw)
@@ -122,7 +145,7 @@ class SaladPatch:
 
             to["optimized_attention_override"] = override
             try:
-                return base(x, freqs, *args, **kwargs)
+                return base(x, *args, **kwargs)
             finally:
                 if had:
                     to["optimized_attention_override"] = previous
@@ -152,12 +175,6 @@ class SaladPatch:
         s = self._sigma_cache[1]
         return self.sigma_end <= s <= self.sigma_start
 
-    def grid_for(self, transformer_options):
-        g = transformer_options.get("grid_sizes") if transformer_options else None
-        if g is not None:
-            return tuple(int(s) for s in g)
-        return self._grid
-
     def attention(self, func, previous, block, x, q, k, v, heads, *a, **kw):
         to = kw.get("transformer_options") or {}
         mask = kw.get("mask", a[0] if a else None)
@@ -173,14 +190,10 @@ class SaladPatch:
             return self._decline("short", func, previous, q, k, v, heads, *a, **kw)
         if not self._in_sigma_window(to):
             return self._decline("outside_percent", func, previous, q, k, v, heads, *a, **kw)
-        grid = self.grid_for(to)
-        if grid is None:
-            return self._decline("no_grid", func, previous, q, k, v, heads, *a, **kw)
-        n_video = grid[0] * grid[1] * grid[2]
-        extra = L - n_video
-        if extra < 0:
-            return self._decline("grid_mismatch", func, previous, q, k, v, heads, *a, **kw)
-        n_front, n_back = (extra, 0) if self.has_ref_conv else (0, extra)
+        layout = self.family.token_layout(L, self._seen, to)
+        if isinstance(layout, str):
+            return self._decline(layout, func, previous, q, k, v, heads, *a, **kw)
+        grid, n_front, n_back = layout
 
         proj = gate = None
         if self.weights is not None:
@@ -202,7 +215,7 @@ class SaladPatch:
             else:
                 log.debug(msg)
         self.stats = RunStats()
-        self._grid = None
+        self._seen = None
         self._fresh_forward = True
         self._sigma_cache = (None, None)
 
@@ -222,18 +235,38 @@ def _salad_call():
     return _SALAD_CALL
 
 
-def wan_model_info(model, node_name: str) -> dict:
-    """dim / heads / block count of a ComfyUI Wan ModelPatcher; a clear error for anything else."""
+def _options_position(forward: Callable, default: int) -> int:
+    """Index of ``transformer_options`` among ``forward``'s positional arguments after ``x``, read from
+    its signature (ComfyUI versions differ: LTX-Video's attn1 gained ``k_pe`` before it); ``default``
+    (the family's) when the signature does not name it."""
+    try:
+        params = list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):
+        return default
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return names.index("transformer_options") - 1 if "transformer_options" in names[1:] else default
+
+
+def model_family(model: Any, node_name: str,
+                 families: Sequence[Type[ModelFamily]] = FAMILIES) -> ModelFamily:
+    """The family adapter of a ComfyUI ModelPatcher's diffusion model; a clear error for anything else."""
     dm = model.get_model_object("diffusion_model")
-    blocks = getattr(dm, "blocks", None)
-    if blocks is None or not hasattr(dm, "patch_embedding") or not all(hasattr(b, "self_attn") for b in blocks):
-        raise ValueError(f"{node_name}: model input is a {type(dm).__name__}; SALAD supports Wan 2.1 / 2.2 video "
-                         f"models (WanModel and its variants)")
-    dim = int(getattr(dm, "dim", 0) or blocks[0].self_attn.dim)
-    heads = int(getattr(dm, "num_heads", 0) or blocks[0].self_attn.num_heads)
-    model_type = getattr(model.model, "model_type", None)
-    base = f"wan-{type(model.model).__name__.lower()}-dim{dim}-{len(blocks)}blocks"
-    return dict(dim=dim, heads=heads, num_blocks=len(blocks), base_model=base, model_type=str(model_type))
+    family = family_for(dm, families)
+    if family is None:
+        raise ValueError(f"{node_name}: model input is a {type(dm).__name__}; SALAD supports {supported(families)} "
+                         f"video models")
+    return family
+
+
+def model_info(model: Any, node_name: str, families: Sequence[Type[ModelFamily]] = FAMILIES) -> dict:
+    """family / dim / heads / block count / base_model / model_type of a ComfyUI ModelPatcher of any
+    supported family; a clear error for anything else."""
+    return model_family(model, node_name, families).info(model).as_dict()
+
+
+def wan_model_info(model: Any, node_name: str) -> dict:
+    """:func:`model_info` for nodes that work on Wan only (training and fine-tuning wire Wan's forward)."""
+    return model_info(model, node_name, (WanFamily,))
 
 
 def compute_dtype(model):
@@ -276,13 +309,15 @@ def apply_salad(model, opts: PatchOptions, weights_patcher=None):
     """Return a patched clone of the ComfyUI ModelPatcher ``model``."""
     import comfy.patcher_extension as pe
 
-    info = wan_model_info(model, "Apply SALAD Attention")
+    family = model_family(model, "Apply SALAD Attention")
+    info = family.info(model)
     m = model.clone()
     dm = m.get_model_object("diffusion_model")
-    num_blocks, dim, heads = info["num_blocks"], info["dim"], info["heads"]
+    num_blocks, dim, heads = info.num_blocks, info.dim, info.heads
     if weights_patcher is not None:
         try:
-            weights_patcher.model.check_compatible(model_family="wan", dim=dim, heads=heads, num_blocks=num_blocks)
+            weights_patcher.model.check_compatible(model_family=family.name, dim=dim, heads=heads,
+                                                   num_blocks=num_blocks)
         except ValueError as e:
             raise ValueError(f"Apply SALAD Attention: salad_weights do not fit this model: {e}") from None
         weights_patcher = weights_in_compute_dtype(weights_patcher, model)
@@ -293,13 +328,12 @@ def apply_salad(model, opts: PatchOptions, weights_patcher=None):
         sigma_start = float(ms.percent_to_sigma(opts.start_percent))
         sigma_end = float(ms.percent_to_sigma(opts.end_percent))
 
-    state = SaladPatch(dm, opts, weights_patcher, sigma_start, sigma_end)
-    key = "diffusion_model.patch_embedding.forward"
-    m.add_object_patch(key, state.make_patch_embedding_forward(m.get_model_object(key)))
+    state = SaladPatch(dm, opts, weights_patcher, sigma_start, sigma_end, family=family)
+    family.install_recorder(m, state, KEY)
     owned = [i for i in range(num_blocks) if i not in opts.dense_blocks]
     replaced = 0
     for i in owned:
-        key = f"diffusion_model.blocks.{i}.self_attn.forward"
+        key = family.self_attn_key(i)
         prev = m.get_model_object(key)
         replaced += hasattr(prev, "_salad_state")
         m.add_object_patch(key, state.make_self_attn_forward(i, prev))
@@ -310,8 +344,8 @@ def apply_salad(model, opts: PatchOptions, weights_patcher=None):
         m.remove_additional_models(KEY)
     m.add_callback_with_key(pe.CallbacksMP.ON_CLEANUP, KEY, state.on_cleanup)
     if opts.verbose:
-        log.info("SALAD: patched %d of %d blocks (sparsity %.2f, pattern %s, backend %s, weights %s)%s",
-                 len(owned), num_blocks, opts.sparsity, opts.pattern, opts.backend,
+        log.info("SALAD: patched %d of %d %s blocks (sparsity %.2f, pattern %s, backend %s, weights %s)%s",
+                 len(owned), num_blocks, family.name, opts.sparsity, opts.pattern, opts.backend,
                  "yes" if weights_patcher is not None else "none: sparse-only",
                  f"; replaces an earlier SALAD node on {replaced} blocks" if replaced else "")
     return m
@@ -329,7 +363,7 @@ def _weights_in_use(m, state, owned, num_blocks):
     for i in range(num_blocks):
         if i in owned:
             continue
-        f = m.object_patches.get(f"diffusion_model.blocks.{i}.self_attn.forward")
+        f = m.object_patches.get(state.family.self_attn_key(i))
         st = getattr(f, "_salad_state", None)
         if st is not None:
             if st.weights is not None:

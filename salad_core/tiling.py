@@ -1,7 +1,8 @@
-"""Token re-ordering for block-sparse attention on Wan's 3-D token grid.
+"""Token re-ordering for block-sparse attention on a video DiT's 3-D token grid.
 
-Wan flattens the patchified latent in raster order: frame-major, then row, then column, over the
-token grid ``(F, Hh, Ww) = (T_latent, ceil(H_latent / 2), ceil(W_latent / 2))``.  In raster order a
+Video DiTs (Wan, LTX-Video) flatten the patchified latent in raster order: frame-major, then row,
+then column, over the token grid ``(F, Hh, Ww)`` (Wan: ``(T_latent, ceil(H_latent / 2),
+ceil(W_latent / 2))``).  In raster order a
 run of 128 consecutive tokens is a thin sliver of one or two rows, so a 128-token attention block
 has a poor 3-D locality.  :class:`TileLayout` re-orders the tokens *tile by tile*: the grid is cut
 into 3-D tiles of ``tile = (tf, th, tw)`` tokens, tiles are visited in raster order of the tile
@@ -43,8 +44,10 @@ def _as_triple(name: str, value: Sequence[int]) -> Tuple[int, int, int]:
     return t  # type: ignore[return-value]
 
 
-def grid_from_latent_shape(t: int, h: int, w: int, patch: Sequence[int] = (1, 2, 2)) -> Tuple[int, int, int]:
-    """Token grid of a Wan latent of shape (..., t, h, w) with patch size ``patch`` (Wan: 1x2x2)."""
+def grid_from_latent_shape(t: int, h: int, w: int, patch: Sequence[int]) -> Tuple[int, int, int]:
+    """Token grid of a latent of shape (..., t, h, w) cut into patches of ``patch`` = (pt, ph, pw) cells
+    (ceil division).  The patch size belongs to the model family (nodes/families: Wan 1x2x2, LTX-Video
+    1x1x1)."""
     pt, ph, pw = _as_triple("patch", patch)
     return (-(-int(t) // pt), -(-int(h) // ph), -(-int(w) // pw))
 

@@ -8,6 +8,9 @@ Variants (all with head_dim 128, as ComfyUI derives heads = dim // 128):
   wan21_i2v_tiny   same, in_dim 36 + img_emb (CLIP-vision projection)  -> WAN21_I2V
   wan22_5b_tiny    dim 256, 2 blocks, in/out 48 channels               -> WAN22_T2V (the 5B family)
   wan21_t2v_tiny_3blk  dim 384 (3 heads), 3 blocks                     -> for "wrong model size" tests
+
+Second family (ComfyUI's LTXVModel; its detection fixes 32 heads, head_dim = to_k rows / 32):
+  ltxv_tiny        32 heads x 16 = 512 wide, 2 blocks, 128 latent channels, T5 width 4096 -> LTXV
 """
 from __future__ import annotations
 
@@ -21,6 +24,18 @@ VARIANTS = {
     "wan21_i2v_tiny": dict(model_type="i2v", dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=36, out_dim=16),
     "wan22_5b_tiny": dict(model_type="t2v", dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=48, out_dim=48),
     "wan21_t2v_tiny_3blk": dict(model_type="t2v", dim=384, ffn_dim=512, num_heads=3, num_layers=3, in_dim=16, out_dim=16),
+}
+
+
+LTXV_VARIANTS = {
+    "ltxv_tiny": dict(in_channels=128, num_attention_heads=32, attention_head_dim=16, cross_attention_dim=512,
+                      caption_channels=4096, num_layers=2),
+}
+LTXV_FULL_SIZE = {  # the real LTX-Video shapes (0.9.x 2B and 13B), for GPU benchmarks (random weights)
+    "ltxv_2b": dict(in_channels=128, num_attention_heads=32, attention_head_dim=64, cross_attention_dim=2048,
+                    caption_channels=4096, num_layers=28),
+    "ltxv_13b": dict(in_channels=128, num_attention_heads=32, attention_head_dim=128, cross_attention_dim=4096,
+                     caption_channels=4096, num_layers=48),
 }
 
 
@@ -51,6 +66,21 @@ def random_state_dict(comfyui_dir: str, cfg: dict, seed: int = 0, device="cpu", 
     comfy, wan = _import_comfy(comfyui_dir)
     model = wan.WanModel(text_dim=4096, operations=comfy.ops.disable_weight_init, device="meta",
                          dtype=torch.float32, **cfg)
+    return _random_like(model, seed, device, dtype)
+
+
+def random_ltxv_state_dict(comfyui_dir: str, cfg: dict, seed: int = 0, device="cpu", dtype=None):
+    """As :func:`random_state_dict`, for ComfyUI's LTXVModel (the LTX-Video family) with config ``cfg``."""
+    import torch
+    comfy, _wan = _import_comfy(comfyui_dir)
+    import comfy.ldm.lightricks.model as ltx
+    model = ltx.LTXVModel(operations=comfy.ops.disable_weight_init, device="meta", dtype=torch.float32, **cfg)
+    return _random_like(model, seed, device, dtype)
+
+
+def _random_like(model, seed: int, device, dtype):
+    """Seeded random tensors with the keys and shapes of ``model``'s state dict (see random_state_dict)."""
+    import torch
     gen = torch.Generator(device=device).manual_seed(seed)
     sd = {}
     for name, t in model.state_dict().items():
@@ -68,6 +98,8 @@ def random_state_dict(comfyui_dir: str, cfg: dict, seed: int = 0, device="cpu", 
 
 
 def build_state_dict(comfyui_dir: str, variant: str, seed: int = 0):
+    if variant in LTXV_VARIANTS:
+        return random_ltxv_state_dict(comfyui_dir, LTXV_VARIANTS[variant], seed)
     return random_state_dict(comfyui_dir, VARIANTS[variant], seed)
 
 

@@ -195,3 +195,15 @@ class SALADTest_CoreStyleSparseOverride:
 
 
 NODE_CLASS_MAPPINGS["SALADTest_CoreStyleSparseOverride"] = SALADTest_CoreStyleSparseOverride
+
+
+class SALADTest_MaskedConditioning(SALADTest_Conditioning):
+    """Conditioning as a T5 text encoder hands it to LTX-Video (and Mochi): the embeddings plus an
+    all-ones ``attention_mask`` (B, tokens), which LTXVModel.forward requires."""
+
+    def make(self, seed, tokens, dim):
+        emb = super().make(seed, tokens, dim)[0][0][0]
+        return ([[emb, {"attention_mask": torch.ones(emb.shape[0], tokens, dtype=torch.long)}]],)
+
+
+NODE_CLASS_MAPPINGS["SALADTest_MaskedConditioning"] = SALADTest_MaskedConditioning
