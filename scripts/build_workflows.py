@@ -38,7 +38,7 @@ def note(nid, pos, text):
 
 
 WORKFLOWS = {
-    "wan21_t2v_1.3b_salad": [
+    "Wan 2.1 T2V 1.3B with SALAD": [
         note(100, [-420, -260], "SALAD: sparse + linear attention for Wan.\n\n1. Apply SALAD Attention sits "
              "between the model loader and KSampler. sparsity 0.9 skips 90% of the attention blocks (2.0x per model "
              "call at 480p/81 frames on an H100).\n2. Without SALAD weights it runs sparse attention only. "
@@ -62,7 +62,7 @@ WORKFLOWS = {
                                               "lossless": False, "quality": 90, "method": "default"},
           {"images": (11, 0)}),
     ],
-    "wan22_14b_t2v_salad_high_low": [
+    "Wan 2.2 T2V 14B high and low noise with SALAD": [
         note(100, [-420, -300], "Wan 2.2 14B: one Apply SALAD Attention on each of the high-noise and low-noise "
              "experts. Both samplers share the same latent; the high-noise model runs steps 0-10, the low-noise "
              "model steps 10-20. Set the sparsity of each expert separately (e.g. keep the high-noise expert at "
@@ -95,7 +95,7 @@ WORKFLOWS = {
                                                  "lossless": False, "quality": 90, "method": "default"},
           {"images": (14, 0)}),
     ],
-    "wan21_i2v_480p_salad": [
+    "Wan 2.1 I2V 480p with SALAD": [
         note(100, [-420, -260], "Wan 2.1 image-to-video with SALAD. Only the video self-attention is made "
              "sparse; the image and text cross-attention stay dense."),
         N(1, "UNETLoader", [-420, 0], {"unet_name": "wan2.1_i2v_480p_14B_fp16.safetensors", "weight_dtype": "default"}),
@@ -120,7 +120,7 @@ WORKFLOWS = {
                                               "lossless": False, "quality": 90, "method": "default"},
           {"images": (13, 0)}),
     ],
-    "wan21_t2v_1.3b_salad_train": [
+    "Train SALAD weights (Wan 2.1 T2V 1.3B)": [
         note(100, [-420, -260], "Make SALAD weights for your model: SALAD Train Weights samples once with sparse-only "
              "SALAD while recording every block's attention inputs, then trains each block's linear-branch "
              "projection and gate toward dense attention. The file lands in ComfyUI/models/salad as "
@@ -141,7 +141,7 @@ WORKFLOWS = {
           {"model": (3, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)}),
         N(8, "PreviewAny", [840, 0], {}, {"source": (7, 1)}, title="Training report"),
     ],
-    "testbed_t2v_salad": [
+    "SALAD vs dense on the CPU testbed model": [
         note(100, [-420, -260], "SALAD on our testbed model (runs on a CPU in about a minute): a small Wan 2.1 "
              "(8 M parameters) trained on procedural videos of coloured shapes, with its calibrated SALAD weights. "
              "Copy testbed/models/salad_testbed_wan21.safetensors into ComfyUI/models/diffusion_models and "

@@ -17,7 +17,7 @@ Usage (from the repository root, after scripts/setup_env.sh; needs Debian's ``ch
 CJK font such as ``fonts-wqy-zenhei`` for the Chinese negative prompts)::
 
     .venv/bin/python scripts/capture_thumbnails.py            # writes workflows/*.jpg
-    .venv/bin/python scripts/capture_thumbnails.py --out /tmp/thumbs --only wan21_t2v_1.3b_salad
+    .venv/bin/python scripts/capture_thumbnails.py --out /tmp/thumbs --only "Wan 2.1 T2V 1.3B with SALAD"
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Demo: run workflows/testbed_t2v_salad.json headless in a real ComfyUI (CPU is enough).
+"""Demo: run "workflows/SALAD vs dense on the CPU testbed model.json" headless in a real ComfyUI (CPU is enough).
 
 The model is our testbed Wan 2.1 (testbed/models/salad_testbed_wan21.safetensors, ComfyUI's own
 WanModel trained on procedural videos) with its calibrated SALAD weights; both are linked into the
@@ -25,7 +25,7 @@ from workflow_convert import ui_to_api  # noqa: E402
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--workflow", default=str(ROOT / "workflows" / "testbed_t2v_salad.json"))
+    ap.add_argument("--workflow", default=str(ROOT / "workflows" / "SALAD vs dense on the CPU testbed model.json"))
     ap.add_argument("--out", default=str(ROOT / "demo_output"), help="ComfyUI base directory for the demo")
     a = ap.parse_args(argv)
 

@@ -253,3 +253,27 @@ def test_thumbnails_regenerate_cleanly(frontend, tmp_path):
         assert shipped.is_file(), f"{shipped.name} missing: run scripts/capture_thumbnails.py"
         assert Image.open(shipped).size == (cap.THUMB_W, cap.THUMB_H), (
             f"{shipped.name} is not a current thumbnail: run scripts/capture_thumbnails.py")
+
+
+def test_template_browser_titles_and_files(frontend):
+    """What the template browser offers for our pack, fetched the way the frontend fetches it: the list
+    from /workflow_templates (titles are the file names), then ``<name>.jpg`` for the card and
+    ``<name>.json`` on click, both through ``api.apiURL`` with the name as is (spaces and brackets)."""
+    from comfy_harness import PACK_DIR_NAME
+    got = frontend["browser"].eval(f"""(async () => {{
+        const api = window.app.api, mod = {json.dumps(PACK_DIR_NAME)};
+        const names = (await api.getWorkflowTemplates())[mod] || [];
+        const out = [];
+        for (const name of names) {{
+            const jpg = await fetch(api.apiURL(`/workflow_templates/${{mod}}/${{name}}.jpg`));
+            const wf = await fetch(api.apiURL(`/workflow_templates/${{mod}}/${{name}}.json`));
+            out.push({{name, jpg: [jpg.status, jpg.headers.get('content-type')],
+                       nodes: wf.ok ? (await wf.json()).nodes.length : wf.status}});
+        }}
+        return out; }})()""")
+    by_name = {g["name"]: g for g in got}
+    assert sorted(by_name) == sorted(p.stem for p in TEMPLATES), got
+    for p in TEMPLATES:
+        g = by_name[p.stem]
+        assert g["jpg"] == [200, "image/jpeg"], (p.name, g)
+        assert g["nodes"] == len(json.loads(p.read_text())["nodes"]), (p.name, g)

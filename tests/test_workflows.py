@@ -9,7 +9,13 @@ from workflow_convert import ui_to_api
 
 ROOT = Path(__file__).resolve().parents[1]
 UI_FILES = sorted((ROOT / "workflows").rglob("*.json"))
+TEMPLATES = sorted((ROOT / "workflows").glob("*.json"))     # workflows/dev/ is not offered as a template
 TWINS = ROOT / "tests" / "workflow_twins"
+# ComfyUI lists a pack's templates by file name (app/custom_node_manager.py) and the frontend (1.32.9 up to
+# 1.58.1) shows that name as the template's title and, with - and _ as spaces, as its description.
+TITLES = ["Wan 2.1 T2V 1.3B with SALAD", "Wan 2.1 I2V 480p with SALAD",
+          "Wan 2.2 T2V 14B high and low noise with SALAD", "Train SALAD weights (Wan 2.1 T2V 1.3B)",
+          "SALAD vs dense on the CPU testbed model"]
 
 
 def _twin(ui_path: Path) -> Path:
@@ -20,7 +26,7 @@ def _twin(ui_path: Path) -> Path:
 def test_every_workflow_has_a_twin():
     assert len(UI_FILES) >= 4
     names = {p.relative_to(ROOT / "workflows").as_posix() for p in UI_FILES}
-    assert {"wan21_t2v_1.3b_salad.json", "wan22_14b_t2v_salad_high_low.json", "wan21_i2v_480p_salad.json"} <= names
+    assert {f"{t}.json" for t in TITLES} <= names
     for p in UI_FILES:
         assert _twin(p).is_file(), f"{p.name} has no API twin"
 
@@ -73,4 +79,14 @@ def test_demo_workflow_runs(comfy_server):
 def test_comfyui_lists_our_workflows_as_templates(comfy_server):
     templates = comfy_server.get("/workflow_templates")
     assert PACK_DIR_NAME in templates, templates
-    assert {"wan21_t2v_1.3b_salad", "wan22_14b_t2v_salad_high_low", "wan21_i2v_480p_salad"} <= set(templates[PACK_DIR_NAME])
+    assert sorted(templates[PACK_DIR_NAME]) == sorted(p.stem for p in TEMPLATES), templates
+
+
+def test_template_names_are_human_titles():
+    """The file name is the title a user reads in the template browser: words, not a slug."""
+    assert set(TITLES) <= {p.stem for p in TEMPLATES}
+    for p in TEMPLATES:
+        t = p.stem
+        assert "_" not in t and " " in t and "SALAD" in t and t[0].isupper(), f"{p.name}: not a readable title"
+        assert len(t) <= 60, f"{p.name}: title longer than a template card shows"
+        assert p.with_suffix(".jpg").is_file(), f"{p.name}: no thumbnail (scripts/capture_thumbnails.py)"
