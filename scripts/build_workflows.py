@@ -16,8 +16,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 from comfy_harness import ComfyServer  # noqa: E402
 from workflow_convert import FRONTEND_WIDGETS, _extra_widgets, _has_control, _input_specs, _is_widget  # noqa: E402
 
-NEG = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
-       "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，"
+NEG = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，"
+       "整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
+       "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，"
+       "形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，"
        "背景人很多，倒着走")
 POS = "A red fox trotting through fresh snow in a birch forest at sunrise, cinematic, shallow depth of field"
 TESTBED_CAPTION = "a red square moves right"
@@ -43,7 +45,8 @@ WORKFLOWS = {
              "between the model loader and KSampler. sparsity 0.9 skips 90% of the attention blocks (2.0x per model "
              "call at 480p/81 frames on an H100).\n2. Without SALAD weights it runs sparse attention only. "
              "With a trained weight file in ComfyUI/models/salad (SALAD Train Weights writes "
-             "<prefix>_00001.safetensors), unmute 'SALAD Weights Loader' (Ctrl+M) and pick the file.\n3. Raise start_percent (e.g. 0.1) to keep the first steps dense."),
+             "<prefix>_00001.safetensors), unmute 'SALAD Weights Loader' (Ctrl+M) and pick the file.\n"
+             "3. Raise start_percent (e.g. 0.1) to keep the first steps dense."),
         N(1, "UNETLoader", [-420, 0], {"unet_name": "wan2.1_t2v_1.3B_fp16.safetensors", "weight_dtype": "default"}),
         N(2, "CLIPLoader", [-420, 160], {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
                                          "device": "default"}),
@@ -125,8 +128,8 @@ WORKFLOWS = {
              "SALAD while recording every block's attention inputs, then trains each block's linear-branch "
              "projection and gate toward dense attention. The file lands in ComfyUI/models/salad as "
              "<filename_prefix>_00001.safetensors (only blocks that got better are kept; no file when none did); "
-             "the 'Training report' node shows the held-out error vs dense attention before and after. Keep the latent small (here 33 "
-             "frames at 480x272): recorded activations stay in CPU memory."),
+             "the 'Training report' node shows the held-out error vs dense attention before and after. "
+             "Keep the latent small (here 33 frames at 480x272): recorded activations stay in CPU memory."),
         N(1, "UNETLoader", [-420, 0], {"unet_name": "wan2.1_t2v_1.3B_fp16.safetensors", "weight_dtype": "default"}),
         N(2, "CLIPLoader", [-420, 160], {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
                                          "device": "default"}),
@@ -262,8 +265,8 @@ def build(spec: list, info: dict) -> tuple[dict, dict]:
                 typ = info[by_id[src]["type"]]["output"][slot]
                 ui_links.append([link_id, src, slot, n["id"], len(inputs), typ])
                 out_links.setdefault((src, slot), []).append(link_id)
-                entry = {"name": name, "type": typ if not _is_widget(ispec) else ispec[0] if isinstance(ispec[0], str) else "COMBO", "link": link_id}
-                inputs.append(entry)
+                in_type = typ if not _is_widget(ispec) else ispec[0] if isinstance(ispec[0], str) else "COMBO"
+                inputs.append({"name": name, "type": in_type, "link": link_id})
                 if by_id[src].get("mode", 0) not in (2, 4):      # muted / bypassed sources drop out
                     api_inputs[name] = [str(src), slot]
             elif not _is_widget(ispec):

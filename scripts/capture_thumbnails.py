@@ -99,7 +99,8 @@ def capture(browser: fd.Browser, workflow: dict, width: int = THUMB_W, height: i
     """Load ``workflow`` in the open frontend, fit it, and return (JPEG bytes, layout info)."""
     from PIL import Image
     fd.load_workflow(browser, workflow)
-    info = browser.eval(f"{FIT_JS}({json.dumps({'W': browser.width, 'H': browser.height, 'margin': MARGIN, 'css': HIDE_CHROME_CSS})})")
+    args = {'W': browser.width, 'H': browser.height, 'margin': MARGIN, 'css': HIDE_CHROME_CSS}
+    info = browser.eval(f"{FIT_JS}({json.dumps(args)})")
     png = browser.screenshot("png")
     img = Image.open(io.BytesIO(png)).convert("RGB")
     info["screenshot"] = list(img.size)

@@ -304,7 +304,8 @@ def open_frontend(browser: Browser, server, required_types=(), timeout: float = 
     except TimeoutError as e:
         state = browser.eval("JSON.stringify({url: location.href, ready: document.readyState,"
                              " app: !!window.app, graph: !!(window.app && window.app.graph),"
-                             " types: window.LiteGraph ? Object.keys(window.LiteGraph.registered_node_types).length : -1})")
+                             " types: window.LiteGraph"
+                             " ? Object.keys(window.LiteGraph.registered_node_types).length : -1})")
         raise TimeoutError(f"{e}\npage state: {state}\nconsole:\n" +
                            "\n".join(map(str, browser.console[-30:]))) from None
     # the app sets itself up asynchronously after the node defs arrive; give it a moment to settle
@@ -326,10 +327,12 @@ LOAD_JS = r"""
     widgets: (n.widgets || []).map(w => ({name: w.name, type: w.type, value: w.value,
                                           in_options: (w.options && Array.isArray(w.options.values))
                                                       ? w.options.values.includes(w.value) : null,
-                                          serialize: !(w.options && w.options.serialize === false) && w.serialize !== false})),
+                                          serialize: !(w.options && w.options.serialize === false)
+                                                     && w.serialize !== false})),
     serialized: n.serialize().widgets_values ?? null,
   }));
-  return {nodes, link_count: Object.keys(app.graph.links instanceof Map ? Object.fromEntries(app.graph.links) : app.graph.links || {}).length};
+  const links = app.graph.links instanceof Map ? Object.fromEntries(app.graph.links) : app.graph.links || {};
+  return {nodes, link_count: Object.keys(links).length};
 })
 """
 

@@ -204,7 +204,8 @@ def test_frontend_prompt_matches_api_twin(frontend, wf_path):
         if a is None or b is None:
             diffs.append(f"node {nid}: only in {'the twin' if a is None else 'the frontend prompt'}")
         elif not _same(a, b):
-            diffs.append(f"node {nid} ({b['class_type']}): frontend {json.dumps(a)[:400]}\n    twin     {json.dumps(b)[:400]}")
+            diffs.append(f"node {nid} ({b['class_type']}): frontend {json.dumps(a)[:400]}\n"
+                         f"    twin     {json.dumps(b)[:400]}")
     assert not diffs, "app.graphToPrompt() differs from the API twin:\n" + "\n".join(diffs)
 
 

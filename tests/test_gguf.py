@@ -15,7 +15,6 @@ import uuid
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from comfy_harness import TESTS, ComfyServer, execution_error, output_files, status_str
