@@ -56,7 +56,7 @@ class PatchOptions:
     pattern: str = DEFAULT_PATTERN
     start_percent: float = 0.0
     end_percent: float = 1.0
-    dense_blocks: frozenset = frozenset()
+    dense_blocks: frozenset[int] = frozenset()
     backend: str = DEFAULT_BACKEND
     min_tokens: int = 0
     verbose: bool = False
@@ -65,10 +65,10 @@ class PatchOptions:
 
 @dataclass
 class RunStats:
-    sparse_calls: Counter = field(default_factory=Counter)      # block -> calls run with SALAD
-    declined: Counter = field(default_factory=Counter)          # reason -> calls handed on
+    sparse_calls: Counter[int] = field(default_factory=Counter)  # block -> calls run with SALAD
+    declined: Counter[str] = field(default_factory=Counter)     # reason -> calls handed on
     kv_mismatch_seen: int = 0                                   # calls with len(q) != len(k): never ours
-    shapes: set = field(default_factory=set)
+    shapes: set[tuple] = field(default_factory=set)
 
     def summary(self) -> str:
         blocks = ",".join(f"{b}:{n}" for b, n in sorted(self.sparse_calls.items()))
@@ -139,7 +139,8 @@ class SaladPatch:
                 # a later SALAD node (wrapped around another node's patch around us) owns this call
                 return base(x, *args, **kwargs)
 
-            def override(func, q, k, v, heads, *a, **kw):
+            def override(func: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                         *a: Any, **kw: Any) -> torch.Tensor:
                 return self.attention(func, previous, block, x, q, k, v, heads, *a, **kw)
             override._salad_override = True
 
@@ -156,13 +157,14 @@ class SaladPatch:
         return forward
 
     # -- the attention override --------------------------------------------------------------
-    def _decline(self, reason, func, previous, q, k, v, heads, *a, **kw):
+    def _decline(self, reason: str, func: Callable, previous: Optional[Callable], q: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor, heads: int, *a: Any, **kw: Any) -> torch.Tensor:
         self.stats.declined[reason] += 1
         if previous is not None:
             return previous(func, q, k, v, heads, *a, **kw)
         return func(q, k, v, heads, *a, **kw)
 
-    def _in_sigma_window(self, transformer_options) -> bool:
+    def _in_sigma_window(self, transformer_options: Optional[dict]) -> bool:
         if self.sigma_start is None:
             return True
         sigmas = transformer_options.get("sigmas") if transformer_options else None
@@ -175,7 +177,8 @@ class SaladPatch:
         s = self._sigma_cache[1]
         return self.sigma_end <= s <= self.sigma_start
 
-    def attention(self, func, previous, block, x, q, k, v, heads, *a, **kw):
+    def attention(self, func: Callable, previous: Optional[Callable], block: int, x: Optional[torch.Tensor],
+                  q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *a: Any, **kw: Any) -> torch.Tensor:
         to = kw.get("transformer_options") or {}
         mask = kw.get("mask", a[0] if a else None)
         if kw.get("skip_reshape") or kw.get("skip_output_reshape"):
@@ -207,7 +210,7 @@ class SaladPatch:
         return out
 
     # -- callbacks ---------------------------------------------------------------------------
-    def on_cleanup(self, *args, **kwargs):
+    def on_cleanup(self, *args: Any, **kwargs: Any) -> None:
         if self.stats.sparse_calls or self.stats.declined:
             msg = self.stats.summary()
             if self.opts.verbose:
@@ -220,10 +223,10 @@ class SaladPatch:
         self._sigma_cache = (None, None)
 
 
-_SALAD_CALL = None
+_SALAD_CALL: Optional[Callable] = None
 
 
-def _salad_call():
+def _salad_call() -> Callable:
     """salad_self_attention, kept out of torch.compile graphs (TorchCompileModel traces through
     ComfyUI's attention wrapper into this override; the Triton kernels and the data-dependent block
     lists run eagerly, the rest of the model stays compiled)."""
@@ -269,14 +272,14 @@ def wan_model_info(model: Any, node_name: str) -> dict:
     return model_info(model, node_name, (WanFamily,))
 
 
-def compute_dtype(model):
+def compute_dtype(model: Any) -> torch.dtype:
     """The dtype a ComfyUI model computes in: the manual-cast dtype for fp8 / low-precision weights,
     else its weight dtype."""
     base = model.model
     return getattr(base, "manual_cast_dtype", None) or base.get_dtype()
 
 
-def weights_in_compute_dtype(weights_patcher, model):
+def weights_in_compute_dtype(weights_patcher: Any, model: Any) -> Any:
     """The SALAD weights as ComfyUI should hold them for ``model``: in the model's compute dtype, so
     they take no more GPU memory than needed, and in pinned CPU memory when the model runs on a CUDA
     device, so that a block whose weights ComfyUI left offloaded (partial / low-VRAM / no-VRAM loads)
@@ -305,7 +308,7 @@ def weights_in_compute_dtype(weights_patcher, model):
                                             offload_device=weights_patcher.offload_device)
 
 
-def apply_salad(model, opts: PatchOptions, weights_patcher=None):
+def apply_salad(model: Any, opts: PatchOptions, weights_patcher: Any = None) -> Any:
     """Return a patched clone of the ComfyUI ModelPatcher ``model``."""
     import comfy.patcher_extension as pe
 
@@ -351,7 +354,7 @@ def apply_salad(model, opts: PatchOptions, weights_patcher=None):
     return m
 
 
-def _weights_in_use(m, state, owned, num_blocks):
+def _weights_in_use(m: Any, state: SaladPatch, owned: Sequence[int], num_blocks: int) -> list:
     """The SALAD weight patchers ``m`` needs after ``state`` took the blocks ``owned``: this node's,
     plus those of earlier SALAD nodes that still own a block this node leaves dense.  When such a block
     holds another node's patch (which may wrap an earlier SALAD forward we cannot see), all earlier

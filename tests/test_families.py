@@ -78,6 +78,21 @@ def test_family_detection_and_head_layout(ltxv, tiny_models, comfy_inprocess):
         wan_model_info(ltxv, "SALAD Train Weights")        # training wires Wan's forward: Wan only
 
 
+def test_audio_video_ltx_blocks_are_not_claimed(comfy_inprocess):
+    """Newer ComfyUI's LTX-2 audio-video model subclasses LTXVModel with blocks that also run an audio
+    stream (audio_attn1 ...): the LTX-Video adapter does not claim it (its token rule is video only)."""
+    import comfy.ldm.lightricks.model as ltx
+    import comfy.ops
+    from make_fixtures import LTXV_VARIANTS
+    from salad_pack.nodes.families import LTXVFamily, family_for
+    dm = ltx.LTXVModel(operations=comfy.ops.disable_weight_init, device="meta", dtype=torch.float32,
+                       **LTXV_VARIANTS[LTXV])
+    assert isinstance(family_for(dm), LTXVFamily)
+    for b in dm.transformer_blocks:
+        b.audio_attn1 = torch.nn.Identity()
+    assert family_for(dm) is None
+
+
 def test_token_layout_rules(ltxv, tiny_models, comfy_inprocess):
     """Where each family's extra tokens go, and what is declined."""
     from salad_pack.nodes.families import LTXVFamily, WanFamily
@@ -217,3 +232,17 @@ def test_ltxv_graph_in_real_comfyui(ltxv_server, ltxv_path):
     s9 = _latent(server, _run_ok(server, _ltxv_prompt(unet, {"sparsity": 0.9}, prefix=_uniq("ltxv_s9"))))
     assert _parse_counter(_stats_after(server, mark)[-1][0]) == {0: STEPS, 1: STEPS}
     assert s9.isfinite().all() and (s9 - dense).norm() / dense.norm() > 1e-3
+
+
+def test_gpu_timing_script_runs_tiny(comfy_inprocess, tmp_path):
+    """benchmarks/bench_family.py (the GPU timing of this family) runs end to end at its --tiny size."""
+    import importlib.util
+    from comfy_harness import ROOT
+    spec = importlib.util.spec_from_file_location("bench_family", ROOT / "benchmarks" / "bench_family.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = bench.main(["--tiny", "--out", str(tmp_path / "family.json")])
+    row = res["sizes"][0]
+    assert res["family"]["family"] == "ltxv" and row["tokens"] == TOKENS
+    assert row["check_sparsity0_rel_err"] < 1e-5 and row["runs"][0]["salad_calls_one_forward"] == 2
+    assert (tmp_path / "family.json").is_file()

@@ -36,7 +36,10 @@ class LTXVFamily(ModelFamily):
         blocks = getattr(diffusion_model, "transformer_blocks", None)
         return (blocks is not None and hasattr(diffusion_model, "patchifier")
                 and hasattr(diffusion_model, "patchify_proj") and len(blocks) > 0
-                and all(hasattr(b, "attn1") and hasattr(b, "attn2") for b in blocks))
+                and all(hasattr(b, "attn1") and hasattr(b, "attn2") for b in blocks)
+                # LTX-2's audio-video blocks (newer ComfyUI's LTXAVModel) run video and audio streams
+                # through one forward: not this adapter's token rule, so not claimed
+                and not any(hasattr(b, "audio_attn1") for b in blocks))
 
     def blocks(self) -> Sequence[torch.nn.Module]:
         return self.dm.transformer_blocks
