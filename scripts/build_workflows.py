@@ -26,6 +26,7 @@ TESTBED_CAPTION = "a red square moves right"
 TESTBED_STEPS = 10      # 2 x 10 model calls: the demo stays under 2 minutes on a 2-core CPU
 TESTBED_SEED = 0
 TESTBED_START = 0.2     # first 20% of the steps dense: the layout forms without tile seams
+FINETUNE_TITLE = "Fine-tune SALAD weights (Wan 2.1 T2V 1.3B)"
 SALAD = dict(sparsity=0.9, pattern="topk", start_percent=0.0, end_percent=1.0, dense_blocks="", backend="auto",
              min_tokens=0, verbose=False)
 
@@ -143,6 +144,33 @@ WORKFLOWS = {
                                              "filename_prefix": "salad_wan2.1_t2v_1.3b"},
           {"model": (3, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)}),
         N(8, "PreviewAny", [840, 0], {}, {"source": (7, 1)}, title="Training report"),
+    ],
+    FINETUNE_TITLE: [
+        note(100, [-420, -300], "Fine-tune SALAD on your own clips: Wan stays frozen; each block's linear-branch "
+             "projection and gate learn with the flow-matching loss, SALAD active.\n\n"
+             "1. Data: for each clip, upload it in 'Training clip', write its caption, Run. A pair file lands in "
+             "output/salad_training/<data_folder> ('Pair saved to').\n"
+             "2. Train: select SALAD Fine-tune and 'Weights file', unmute them (Ctrl+M), Run. It checkpoints and "
+             "resumes; the weights go to models/salad (name in 'Weights file')."),
+        N(1, "CLIPLoader", [-420, 0], {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
+                                       "device": "default"}),
+        N(2, "VAELoader", [-420, 160], {"vae_name": "wan_2.1_vae.safetensors"}),
+        N(3, "LoadVideo", [-420, 280], {"file": "my_clip_001.mp4"}, title="Training clip"),
+        N(4, "GetVideoComponents", [0, 280], {}, {"video": (3, 0)}),
+        N(5, "ImageFromBatch", [0, 420], {"batch_index": 0, "length": 81}, {"image": (4, 0)},
+          title="First 81 frames"),
+        N(6, "ImageScale", [0, 560], {"upscale_method": "lanczos", "width": 832, "height": 480, "crop": "center"},
+          {"image": (5, 0)}),
+        N(7, "VAEEncode", [420, 280], {}, {"pixels": (6, 0), "vae": (2, 0)}),
+        N(8, "CLIPTextEncode", [0, 0], {"text": POS}, {"clip": (1, 0)}, title="Caption of this clip"),
+        N(9, "SALADSaveTrainingPair", [420, 0], {"data_folder": "my_set", "filename_prefix": "pair"},
+          {"latent": (7, 0), "conditioning": (8, 0)}),
+        N(10, "PreviewAny", [840, 0], {}, {"source": (9, 0)}, title="Pair saved to"),
+        N(11, "UNETLoader", [-420, 700], {"unet_name": "wan2.1_t2v_1.3B_fp16.safetensors", "weight_dtype": "default"}),
+        N(12, "ModelSamplingSD3", [0, 700], {"shift": 8.0}, {"model": (11, 0)}),
+        N(13, "SALADFinetune", [420, 700], {"data_folder": "my_set", "filename_prefix": "salad_wan2.1_t2v_1.3b_ft"},
+          {"model": (12, 0)}, mode=2),
+        N(14, "PreviewAny", [840, 700], {}, {"source": (13, 1)}, mode=2, title="Weights file"),
     ],
     "SALAD vs dense on the CPU testbed model": [
         note(100, [-420, -260], "SALAD on our testbed model (runs on a CPU in about a minute): a small Wan 2.1 "

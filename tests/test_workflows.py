@@ -15,7 +15,7 @@ TWINS = ROOT / "tests" / "workflow_twins"
 # 1.58.1) shows that name as the template's title and, with - and _ as spaces, as its description.
 TITLES = ["Wan 2.1 T2V 1.3B with SALAD", "Wan 2.1 I2V 480p with SALAD",
           "Wan 2.2 T2V 14B high and low noise with SALAD", "Train SALAD weights (Wan 2.1 T2V 1.3B)",
-          "SALAD vs dense on the CPU testbed model"]
+          "Fine-tune SALAD weights (Wan 2.1 T2V 1.3B)", "SALAD vs dense on the CPU testbed model"]
 
 
 def _twin(ui_path: Path) -> Path:
@@ -64,10 +64,10 @@ def test_twins_validate_in_comfyui(comfy_server):
         for node_id, err in errors.items():
             for x in err["errors"]:
                 missing_file = x["type"] == "value_not_in_list" or (
-                    x["type"] == "custom_validation_failed" and x["extra_info"].get("input_name") == "image")
+                    x["type"] == "custom_validation_failed" and x["extra_info"].get("input_name") in ("image", "file"))
                 assert missing_file, (ui_path.name, node_id, err)
             bad_inputs = {x["extra_info"]["input_name"] for x in err["errors"]}
-            assert bad_inputs <= {"unet_name", "clip_name", "vae_name", "image", "weights_name"}, bad_inputs
+            assert bad_inputs <= {"unet_name", "clip_name", "vae_name", "image", "file", "weights_name"}, bad_inputs
 
 
 def test_demo_workflow_runs(comfy_server):
@@ -90,3 +90,29 @@ def test_template_names_are_human_titles():
         assert "_" not in t and " " in t and "SALAD" in t and t[0].isupper(), f"{p.name}: not a readable title"
         assert len(t) <= 60, f"{p.name}: title longer than a template card shows"
         assert p.with_suffix(".jpg").is_file(), f"{p.name}: no thumbnail (scripts/capture_thumbnails.py)"
+
+
+def test_finetune_workflow_builds_data_then_trains(comfy_server):
+    """The fine-tune template: Run as opened saves a training pair (VAE-encoded clip + caption) and does not
+    train; unmuting the two fine-tune nodes trains on the same data folder."""
+    ui = json.loads((ROOT / "workflows" / "Fine-tune SALAD weights (Wan 2.1 T2V 1.3B).json").read_text())
+    info = comfy_server.get("/object_info")
+    api = ui_to_api(ui, info)
+    by_type = {v["class_type"]: (k, v) for k, v in api.items()}
+    assert "SALADFinetune" not in by_type, "the fine-tune node must start muted"
+    _, pair = by_type["SALADSaveTrainingPair"]
+    assert api[pair["inputs"]["latent"][0]]["class_type"] == "VAEEncode"
+    assert api[pair["inputs"]["conditioning"][0]]["class_type"] == "CLIPTextEncode"
+    unmuted = dict(ui, nodes=[dict(n, mode=0) for n in ui["nodes"]])
+    api = ui_to_api(unmuted, info)
+    ft = next(v for v in api.values() if v["class_type"] == "SALADFinetune")
+    assert ft["inputs"]["data_folder"] == pair["inputs"]["data_folder"]
+    assert api[ft["inputs"]["model"][0]]["class_type"] == "ModelSamplingSD3"
+    preview = [v for v in api.values() if v["class_type"] == "PreviewAny" and v["inputs"]["source"][0] in
+               {k for k, v in api.items() if v["class_type"] == "SALADFinetune"}]
+    assert preview and preview[0]["inputs"]["source"][1] == info["SALADFinetune"]["output_name"].index("filename")
+    # unmuted, the whole graph validates up to the files this machine lacks
+    with pytest.raises(PromptRejected) as e:
+        comfy_server.queue(api)
+    bad = {x["extra_info"]["input_name"] for err in e.value.body["node_errors"].values() for x in err["errors"]}
+    assert bad <= {"unet_name", "clip_name", "vae_name", "file"}, e.value.body

@@ -12,6 +12,8 @@ FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
 # widgets the frontend adds to some core nodes beyond /object_info: not saved in widgets_values, sent with Run
 # as an empty string
 FRONTEND_WIDGETS = {"PreviewAny": ("preview",)}
+# combo options that make the frontend add its upload button widget after the file combo
+UPLOAD_OPTIONS = ("image_upload", "animated_image_upload", "video_upload")
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 _MISSING = object()
 
@@ -29,9 +31,10 @@ def _has_control(name: str, spec) -> bool:
 
 def _extra_widgets(name: str, spec) -> int:
     """Frontend-only widget values saved after this input's value: the control-after-generate mode of seeds,
-    the 'upload' button value of image inputs."""
+    the 'upload' button value of image and video file inputs (LoadImage, LoadVideo)."""
     opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-    return int(_has_control(name, spec) and spec[0] == "INT") + int(bool(opts.get("image_upload")))
+    upload = any(opts.get(k) for k in UPLOAD_OPTIONS)
+    return int(_has_control(name, spec) and spec[0] == "INT") + int(upload)
 
 
 def _input_specs(info: dict) -> list[tuple[str, list]]:
