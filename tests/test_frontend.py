@@ -36,6 +36,7 @@ from pathlib import Path
 import pytest
 
 import frontend_driver as fd
+from workflow_convert import FRONTEND_WIDGETS
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((ROOT / "workflows").rglob("*.json"))
@@ -201,6 +202,11 @@ def test_frontend_prompt_matches_api_twin(frontend, wf_path):
     diffs = []
     for nid in sorted(set(prompt) | set(twin), key=str):
         a, b = prompt.get(nid), twin.get(nid)
+        if a is not None and b is not None:
+            # frontend-only widgets of core nodes (PreviewAny's preview): 1.32.9 sends "", newer ones nothing
+            for name in FRONTEND_WIDGETS.get(b["class_type"], ()):
+                if name not in a["inputs"] and b["inputs"].get(name) == "":
+                    b = dict(b, inputs={k: v for k, v in b["inputs"].items() if k != name})
         if a is None or b is None:
             diffs.append(f"node {nid}: only in {'the twin' if a is None else 'the frontend prompt'}")
         elif not _same(a, b):
