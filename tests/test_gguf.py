@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from comfy_harness import TESTS, ComfyServer, execution_error, output_files, status_str
 from graphs import t2v_prompt
 from salad_pack.salad_core.weights import SaladWeights, save_salad_weights
+from test_salad_in_comfy import random_weights
 
 try:
     import gguf
@@ -70,6 +71,7 @@ def gguf_server(tiny_models, tmp_path_factory):
     (server.diffusion_dir / tiny_models["wan21_t2v_tiny"].name).symlink_to(tiny_models["wan21_t2v_tiny"])
     save_salad_weights(SaladWeights.new(dim=256, heads=2, num_blocks=2, base_model="wan21_t2v_tiny"),
                        server.salad_dir / "zero_tiny.safetensors")
+    save_salad_weights(random_weights(3), server.salad_dir / "random_tiny.safetensors")
     server.start()
     try:
         yield server
@@ -118,15 +120,30 @@ def test_gguf_model_stays_quantised_and_matches_fp16(gguf_server, gguf_dense):
     assert 0 < _rel(dense, fp16) < 0.02, _rel(dense, fp16)
 
 
-def test_salad_on_gguf_runs_sparse_on_every_block(gguf_server, gguf_dense):
-    dense, _ = gguf_dense
+@pytest.fixture(scope="module")
+def gguf_sparse(gguf_server):
     mark = len(gguf_server.log())
     out = _run_latent(gguf_server, _gguf_prompt(salad={"sparsity": 0.9, "pattern": "topk"}))
-    log = gguf_server.log()[mark:]
+    return out, gguf_server.log()[mark:]
+
+
+def test_salad_on_gguf_runs_sparse_on_every_block(gguf_dense, gguf_sparse):
+    dense, _ = gguf_dense
+    out, log = gguf_sparse
     assert out.isfinite().all()
     assert _rel(out, dense) > 1e-3, "90% sparse attention on the GGUF model gave the dense result"
     stats = re.findall(r"SALAD stats: sparse_calls=\{([^}]*)\}", log)
     assert stats and stats[-1] == f"0:{STEPS},1:{STEPS}", log[-2000:]
+
+
+def test_salad_weights_on_gguf_run_the_linear_branch(gguf_server, gguf_sparse):
+    """Weights with non-zero Proj/gate on the GGUF model (converted to its compute dtype, whatever the
+    quantised storage is): the linear branch adds to the sparse output."""
+    sparse, _ = gguf_sparse
+    out = _run_latent(gguf_server, _gguf_prompt(salad={"sparsity": 0.9, "pattern": "topk"},
+                                                weights_name="random_tiny.safetensors"))
+    assert out.isfinite().all()
+    assert _rel(out, sparse) > 1e-4, "SALAD weights changed nothing on the GGUF model"
 
 
 def test_salad_at_zero_sparsity_reproduces_gguf_dense(gguf_server, gguf_dense):
