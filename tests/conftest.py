@@ -1,17 +1,27 @@
+"""The one test bootstrap (sys.path and the salad_pack package, see _pack.bootstrap), the seed of
+every test (seeds.py), and the ComfyUI fixtures."""
 import os
 import sys
-from pathlib import Path
 
 import pytest
 
-TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))
+# pytest puts this folder (tests/) on sys.path before it imports conftest
+from _pack import bootstrap
+from seeds import replay_seed, seed_all, stable_seed
 
-from _pack import register  # noqa: E402
-
-register()
+bootstrap()
 
 TINY = ["wan21_t2v_tiny", "wan21_i2v_tiny", "wan22_5b_tiny", "wan21_t2v_tiny_3blk"]
+
+
+@pytest.fixture(autouse=True)
+def _test_seed(request) -> int:
+    """Every test starts from seeded global generators (torch, random, numpy) and prints the seed:
+    a fixed one per test id (the same on every run, whatever ran before), or SALAD_TEST_SEED to
+    replay.  Tests that want fresh random inputs each run draw their own (seeds.fresh_seed, or
+    test_kernels' ``seed`` fixture) and print that too."""
+    s = replay_seed()
+    return seed_all(stable_seed(request.node.nodeid) if s is None else s, request.node.name)
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +44,7 @@ def comfy_server(tmp_path_factory, tiny_models):
     from comfy_harness import ComfyServer
     base = tmp_path_factory.mktemp("comfy_base")
     server = ComfyServer(base_dir=base)
-    for name, p in tiny_models.items():
+    for p in tiny_models.values():
         (server.diffusion_dir / p.name).symlink_to(p)
     server.start()
     try:

@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_quality as bq  # benchmarks/ is on sys.path (tests/_pack.py bootstrap)
+import sol_attn_peer as sp
 
-import bench_quality as bq  # noqa: E402
-import sol_attn_peer as sp  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---- metrics ---------------------------------------------------------------------------------

@@ -19,19 +19,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from _pack import bootstrap
 
-TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
-if str(TESTS) not in sys.path:
-    sys.path.insert(0, str(TESTS))
-from _pack import register  # noqa: E402
-
-register()
+bootstrap()  # conftest did this under pytest; the gloo workers this file spawns import it without conftest
 
 from salad_pack.salad_core.attention import SaladConfig, salad_self_attention  # noqa: E402
 from salad_pack.salad_core.finetune import (FinetuneConfig, FinetuneError, NonFiniteLossError,  # noqa: E402
                                             PairFolder, finetune, load_checkpoint, save_pair)
 from salad_pack.salad_core.weights import SaladWeights, load_salad_weights  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DIM, HEADS, NBLK, CTX = 64, 2, 2, 32
 

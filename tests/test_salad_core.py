@@ -2,21 +2,14 @@
 from __future__ import annotations
 
 import math
-import os
 import struct
-import sys
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from seeds import fresh_seed
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _pack import register  # noqa: E402
-
-register()
-
-from salad_pack.salad_core import (  # noqa: E402
+from salad_pack.salad_core import (
     SaladConfig,
     SaladWeights,
     SaladWeightsError,
@@ -29,14 +22,13 @@ from salad_pack.salad_core import (  # noqa: E402
     salad_self_attention,
     save_salad_weights,
 )
-from salad_pack.salad_core import weights as weights_mod  # noqa: E402
-from salad_pack.salad_core.trainer import SampleStore, capture, relative_error, train_salad  # noqa: E402
+from salad_pack.salad_core import weights as weights_mod
+from salad_pack.salad_core.trainer import SampleStore, capture, relative_error, train_salad
 
 
 def _seed():
-    s = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(s)
-    return s
+    """Fresh random inputs each run; the seed is printed (SALAD_TEST_SEED=<seed> replays it)."""
+    return fresh_seed()
 
 
 def _qkv(B, L, H, D, dtype=torch.float32):

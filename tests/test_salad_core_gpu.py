@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import torch
+from _pack import bootstrap
+from seeds import fresh_seed
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _pack import register  # noqa: E402
-
-register()
+bootstrap()  # conftest did this under pytest; this file also runs as a script (README)
 
 from salad_pack.salad_core import (  # noqa: E402
     SaladConfig,
@@ -38,7 +36,7 @@ def _rel(a, b):
 
 def _inputs(B, grid, H, D, nf=0, nb=0, dtype=torch.bfloat16):
     L = nf + grid[0] * grid[1] * grid[2] + nb
-    g = torch.Generator(device="cuda").manual_seed(int(time.time_ns() % (2 ** 31)))
+    g = torch.Generator(device="cuda").manual_seed(fresh_seed("gpu inputs"))
     q, k, v = (torch.randn(B, L, H * D, device="cuda", dtype=dtype, generator=g) for _ in range(3))
     x = torch.randn(B, L, H * D, device="cuda", dtype=dtype, generator=g)
     return q, k, v, x

@@ -1,5 +1,4 @@
 """SALAD testbed on the CPU: procedural data, PCA codec, caption encoder, adherence detector."""
-import sys
 
 import pytest
 import torch
@@ -58,9 +57,7 @@ def test_codec_psnr_on_held_out_clips(codec, clips):
     assert got >= float(codec.meta["psnr"]) - 1.0, (got, codec.meta["psnr"])
 
 
-def test_wan21_constants_match_comfy(comfyui_dir, codec):
-    if str(comfyui_dir) not in sys.path:
-        sys.path.insert(0, str(comfyui_dir))
+def test_wan21_constants_match_comfy(comfy_inprocess, codec):
     from comfy.latent_formats import Wan21
     fmt = Wan21()
     assert torch.equal(fmt.latents_mean.flatten(), torch.tensor(codec_mod.WAN21_MEAN))

@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _pack import register  # noqa: E402
-
-register()
-
-from salad_pack.salad_core import SaladConfig, SaladWeights, load_salad_weights, save_salad_weights  # noqa: E402
-from salad_pack.salad_core.trainer import (  # noqa: E402
+from salad_pack.salad_core import SaladConfig, SaladWeights, load_salad_weights, save_salad_weights
+from salad_pack.salad_core.trainer import (
     GiB,
     SampleStore,
     change_words,
@@ -27,7 +20,7 @@ from salad_pack.salad_core.trainer import (  # noqa: E402
     train_salad,
     training_report,
 )
-from test_salad_core import _structured_sample  # noqa: E402
+from test_salad_core import _structured_sample
 
 CFG = SaladConfig(sparsity=0.9, pattern="window", backend="torch")
 
