@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 from ..salad_core.options import (BACKENDS, COMPENSATIONS, DEFAULT_BACKEND, DEFAULT_COMPENSATION, DEFAULT_PATTERN,
                                   DEFAULT_SPARSITY, PATTERNS, clip)
@@ -9,9 +10,12 @@ from .blocks import parse_block_list
 from .loader import SALAD_WEIGHTS
 from .patch import PatchOptions, apply_salad, model_info
 
+if TYPE_CHECKING:
+    from comfy.model_patcher import ModelPatcher
 
 
-def _number(name, value):
+
+def _number(name: str, value: Any) -> float:
     """A finite float for a FLOAT input; NaN / inf / text (possible through the API) are named."""
     try:
         v = float(value)
@@ -34,7 +38,7 @@ class SALADApplyAttention:
     FUNCTION = "apply"
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict[str, dict[str, tuple]]:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "A Wan 2.1 / 2.2 model (T2V, I2V, 5B, 14B high- or low-noise) or an "
@@ -83,8 +87,9 @@ class SALADApplyAttention:
             },
         }
 
-    def apply(self, model, sparsity, pattern, start_percent, end_percent, dense_blocks, backend,
-              salad_weights=None, min_tokens=0, verbose=False, compensation="none"):
+    def apply(self, model: ModelPatcher, sparsity: float, pattern: str, start_percent: float, end_percent: float,
+              dense_blocks: str, backend: str, salad_weights: ModelPatcher | None = None, min_tokens: int = 0,
+              verbose: bool = False, compensation: str = "none") -> tuple[ModelPatcher]:
         sparsity = _number("sparsity", sparsity)
         start_percent = _number("start_percent", start_percent)
         end_percent = _number("end_percent", end_percent)

@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import TYPE_CHECKING
 
 import comfy.model_management as mm
 import comfy.model_patcher
 import folder_paths
 
 from .paths import FOLDER_NAME
+
+if TYPE_CHECKING:
+    from ..salad_core.weights import SaladWeights
 
 SALAD_WEIGHTS = "SALAD_WEIGHTS"
 
@@ -24,7 +28,7 @@ class SALADWeightsLoader:
     FUNCTION = "load"
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict[str, dict[str, tuple]]:
         return {"required": {
             "weights_name": (list_weight_files(), {
                 "tooltip": "A .safetensors file in ComfyUI/models/salad made by the SALAD trainer "
@@ -32,7 +36,7 @@ class SALADWeightsLoader:
         }}
 
     @classmethod
-    def IS_CHANGED(cls, weights_name):
+    def IS_CHANGED(cls, weights_name: str) -> str:
         """Re-run the loader when the file on disk changed (overwritten with other weights, or with
         garbage): its identity, size, mtime and a hash of its first 64 KiB (the header)."""
         path = _resolve(weights_name)
@@ -48,7 +52,7 @@ class SALADWeightsLoader:
         except OSError as e:
             return f"error:{path}:{e}"
 
-    def load(self, weights_name):
+    def load(self, weights_name: str) -> tuple[comfy.model_patcher.ModelPatcher]:
         from ..salad_core.weights import SaladWeightsError, clip, load_salad_weights
         path = _resolve(weights_name)
         if path is None:
@@ -61,18 +65,18 @@ class SALADWeightsLoader:
         return (self.wrap(weights),)
 
     @staticmethod
-    def wrap(weights):
+    def wrap(weights: SaladWeights) -> comfy.model_patcher.ModelPatcher:
         """Give the weights their own ModelPatcher so ComfyUI loads/offloads them with the model."""
         return comfy.model_patcher.ModelPatcher(weights, load_device=mm.get_torch_device(),
                                                 offload_device=mm.unet_offload_device())
 
 
-def _is_regular(st) -> bool:
+def _is_regular(st: os.stat_result) -> bool:
     import stat
     return stat.S_ISREG(st.st_mode)
 
 
-def list_weight_files():
+def list_weight_files() -> list[str]:
     """models/salad/*.safetensors that are regular files (a named pipe or a link to a device is not listed)."""
     out = []
     for name in folder_paths.get_filename_list(FOLDER_NAME):
@@ -85,7 +89,7 @@ def list_weight_files():
     return out
 
 
-def _resolve(weights_name):
+def _resolve(weights_name: str) -> str | None:
     """The full path of ``weights_name`` in the salad folders, also when it is not a regular file
     (ComfyUI's get_full_path skips those, which made a pipe read as 'not in models/salad'); the
     loader then refuses it by its real cause.  Names that leave the folder are not resolved."""

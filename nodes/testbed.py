@@ -6,7 +6,12 @@ text context.  All of it is deterministic and runs on the CPU.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from ..testbed.codec import PatchPCACodec
 
 CATEGORY = "SALAD/testbed"
 # class name suffix -> display name suffix ("SALADTestbedCaption" is shown as "SALAD Testbed Caption")
@@ -14,7 +19,7 @@ NODES = {"Caption": "Caption", "EmptyLatent": "Empty Latent", "Decode": "Decode"
          "ProceduralVideo": "Procedural Video"}
 
 
-def _codec():
+def _codec() -> PatchPCACodec:
     from ..testbed.codec import load_codec
     return load_codec()
 
@@ -29,7 +34,7 @@ class SALADTestbedCaption:
     FUNCTION = "encode"
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict[str, dict[str, tuple]]:
         return {"required": {"caption": ("STRING", {
             "multiline": True, "default": "a red square moves left, the camera pans right",
             "tooltip": "Clauses separated by ',' or 'and', each 'a [spinning] <colour> <shape> <motion> "
@@ -37,7 +42,7 @@ class SALADTestbedCaption:
                        "cyan magenta white; shapes: square circle triangle; motions: moves left|right|up|down, "
                        "bounces, stays, circles. Other words are ignored; empty = unconditional."})}}
 
-    def encode(self, caption):
+    def encode(self, caption: str) -> tuple[list]:
         from ..testbed.text import caption_context
         return ([[caption_context([caption]), {}]],)
 
@@ -50,7 +55,7 @@ class SALADTestbedEmptyLatent:
     FUNCTION = "generate"
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict[str, dict[str, tuple]]:
         c = _codec()
         return {"required": {
             "frames": ("INT", {"default": 16 * c.ft, "min": c.ft, "max": 4096, "step": c.ft,
@@ -63,7 +68,7 @@ class SALADTestbedEmptyLatent:
                                    "tooltip": "Number of videos in the batch."}),
         }}
 
-    def generate(self, frames, size, batch_size):
+    def generate(self, frames: int, size: int, batch_size: int) -> tuple[dict[str, torch.Tensor]]:
         c = _codec()
         if frames % c.ft or size % c.fs:
             raise ValueError(f"SALAD Testbed Empty Latent: frames must be a multiple of {c.ft} and size of {c.fs}")
@@ -78,10 +83,10 @@ class SALADTestbedDecode:
     FUNCTION = "decode"
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict[str, dict[str, tuple]]:
         return {"required": {"samples": ("LATENT", {"tooltip": "A 16-channel testbed latent (B, 16, T, h, w)."})}}
 
-    def decode(self, samples):
+    def decode(self, samples: dict[str, torch.Tensor]) -> tuple[torch.Tensor]:
         x = samples["samples"]
         if x.ndim != 5 or x.shape[1] != 16:
             raise ValueError(f"SALAD Testbed Decode: expected a (B, 16, T, h, w) latent, got {tuple(x.shape)}")
@@ -97,12 +102,12 @@ class SALADTestbedEncode:
     FUNCTION = "encode"
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict[str, dict[str, tuple]]:
         return {"required": {"pixels": ("IMAGE", {
             "tooltip": "The frames of one video, in order; the frame count must be a multiple of the codec's "
                        "ft and height/width multiples of its fs."})}}
 
-    def encode(self, pixels):
+    def encode(self, pixels: torch.Tensor) -> tuple[dict[str, torch.Tensor]]:
         c = _codec()
         n, h, w, _ = pixels.shape
         if n % c.ft or h % c.fs or w % c.fs:
@@ -120,7 +125,7 @@ class SALADTestbedProceduralVideo:
     FUNCTION = "render"
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict[str, dict[str, tuple]]:
         return {"required": {
             "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 63 - 1,
                              "tooltip": "Picks the clip (objects, motions, background); same seed, same clip."}),
@@ -130,7 +135,7 @@ class SALADTestbedProceduralVideo:
                              "tooltip": "Width = height in pixels."}),
         }}
 
-    def render(self, seed, frames, size):
+    def render(self, seed: int, frames: int, size: int) -> tuple[torch.Tensor, str]:
         from ..testbed.data import render, sample_specs
         spec = sample_specs(seed, 1)[0]
         return (render([spec], frames, size)[0], spec.caption)

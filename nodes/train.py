@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Tuple
+from typing import TYPE_CHECKING, Any
 
 import comfy.model_management as mm
 import folder_paths
@@ -22,6 +22,13 @@ from ..salad_core.options import DEFAULT_PATTERN, DEFAULT_SPARSITY, PATTERNS
 from .loader import SALAD_WEIGHTS
 from .patch import PatchOptions, apply_salad, wan_model_info
 from .paths import FOLDER_NAME
+
+if TYPE_CHECKING:
+    import torch
+    from comfy.model_patcher import ModelPatcher
+
+    from ..salad_core.attention import SaladConfig
+    from ..salad_core.trainer import SampleStore, TrainConfig
 
 log = logging.getLogger("SALAD")
 
@@ -57,7 +64,7 @@ class SALADTrainWeights:
     OUTPUT_NODE = True
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict[str, dict[str, tuple]]:
         import comfy.samplers  # imported here: it pulls in torchsde, which the pack itself never needs
         return {"required": {
             "model": ("MODEL", {"tooltip": "The Wan model to make weights for (the same one you will apply "
@@ -97,8 +104,9 @@ class SALADTrainWeights:
                                            "tooltip": "Saved as models/salad/<prefix>_NNNNN.safetensors."}),
         }}
 
-    def train(self, model, positive, negative, latent_image, seed, record_steps, cfg, sampler_name, scheduler,
-              sparsity, pattern, samples_per_block, train_steps, learning_rate, filename_prefix):
+    def train(self, model: ModelPatcher, positive: list, negative: list, latent_image: dict, seed: int,
+              record_steps: int, cfg: float, sampler_name: str, scheduler: str, sparsity: float, pattern: str,
+              samples_per_block: int, train_steps: int, learning_rate: float, filename_prefix: str) -> dict:
         from ..salad_core.attention import SaladConfig
         from ..salad_core.trainer import TrainConfig
 
@@ -116,7 +124,8 @@ class SALADTrainWeights:
         return self._output(result, sparsity, pattern, filename_prefix)
 
     @staticmethod
-    def _check_memory(model, info, latent, positive, negative, cfg, samples_per_block):
+    def _check_memory(model: ModelPatcher, info: dict, latent: torch.Tensor, positive: list, negative: list,
+                      cfg: float, samples_per_block: int) -> None:
         """Refuse before sampling when the recordings would not fit in free RAM (they stay on the CPU)."""
         import math
 
@@ -199,8 +208,8 @@ class _Progress:
         self.bar.update_absolute(min(self.done, self.total))
 
 
-def _record(model: Any, positive: list, negative: list, latent_image: dict, run: _RecordRun, options: PatchOptions,
-            samples_per_block: int, progress: _Progress) -> Tuple[Any, Any]:
+def _record(model: ModelPatcher, positive: list, negative: list, latent_image: dict, run: _RecordRun,
+            options: PatchOptions, samples_per_block: int, progress: _Progress) -> tuple[SampleStore, torch.Tensor]:
     """Sample once with sparse-only SALAD while recording ``samples_per_block`` calls of every block
     (spread over the run).  Returns the SampleStore (fp16, CPU) and the latent that was sampled."""
     import comfy.sample
@@ -222,7 +231,8 @@ def _record(model: Any, positive: list, negative: list, latent_image: dict, run:
     return store, latent
 
 
-def _train_and_select(store: Any, info: dict, attention: Any, train: Any, progress: _Progress, source: str) -> dict:
+def _train_and_select(store: SampleStore, info: dict, attention: SaladConfig, train: TrainConfig,
+                      progress: _Progress, source: str) -> dict:
     """New zero-init weights for the model, trained and kept per block by salad_core (on ComfyUI's device)."""
     import torch
 
