@@ -2,7 +2,15 @@
 comfy-kitchen's sol_attn.  One process; JSON results + a printed table.
 
 GPU:   PYTHONUNBUFFERED=1 python benchmarks/bench_kernels.py --out benchmarks/results [--sweep]
-CPU:   python benchmarks/bench_kernels.py --smoke        (tiny shapes, TRITON_INTERPRET=1)
+       PYTHONUNBUFFERED=1 python benchmarks/bench_kernels.py --quick --out $OUT     (< 3 min)
+CPU:   python benchmarks/bench_kernels.py --smoke [--quick]   (tiny shapes, TRITON_INTERPRET=1)
+
+Besides the detailed JSON, --out DIR gets latest-kernels.json: {card, date, rows: [{shape, B, H, L, D,
+sparsity, what, ms, sdpa_ms, ratio}]} with what = "whole" (select + sparse + linear branch, vs SDPA),
+"sparse" (the block-sparse kernel alone, vs SDPA) or "layer" (salad_core's inference call with
+gate + Proj at d = H*D, tokens in raster order, vs SDPA on the same (B, L, H*D) tensors); ratio =
+sdpa_ms / ms.  Kernel configs come from the checked-in table (kernels/_triton_ops.CONFIGS);
+--sweep times candidates per call and reports the fastest without changing the table.
 
 Timings: triton.testing.do_bench medians, random bf16 inputs.  Our kernels are fed permuted
 (B,H,L,D) views of (B,L,H,D) buffers (the caller's layout); SDPA and Flex get contiguous
@@ -29,18 +37,29 @@ def _parse():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU via TRITON_INTERPRET=1")
     ap.add_argument("--out", default=None,
                     help="result dir (default: $OUT if set, else benchmarks/results; smoke: a temp dir)")
-    ap.add_argument("--sweep", action="store_true", help="sweep kernel configs before timing")
-    ap.add_argument("--shapes", default="all", help="comma list of shape names or 'all'")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time candidate kernel configs (passed per call; the checked-in table is not changed)")
+    ap.add_argument("--shapes", default="all",
+                    help="comma list of shape names (wan1.3b_480p, ragged_21x30x30, wan14b_480p, wan14b_720p) or "
+                         "'all' (wan1.3b_480p, wan14b_720p)")
     ap.add_argument("--sparsities", default="0.9,0.95")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--profile", action="store_true", help="torch.profiler kernel breakdown per shape")
-    ap.add_argument("--lin-only", action="store_true", help="with --sweep: sweep only the linear-branch configs")
-    ap.add_argument("--rep", type=float, default=60.0, help="do_bench rep (ms)")
+    ap.add_argument("--quick", action="store_true",
+                    help="< 3 min on an H100/H200: whole op, sparse only and full layer vs SDPA at Wan-1.3B 480p, "
+                         "the ragged 21x30x30 grid and Wan-14B 480p, sparsity 0.9/0.95, no Flex/backward/sweep")
+    ap.add_argument("--rep", type=float, default=None, help="do_bench rep (ms; default 60, --quick 25)")
     ap.add_argument("--d64", action="store_true", help="also check/time head_dim 64")
     ap.add_argument("--no-bwd", action="store_true")
     ap.add_argument("--kitchen", default=str(ROOT / ".whl" / "ck"), help="dir holding an unpacked comfy_kitchen")
     ap.add_argument("--budget-s", type=float, default=480.0, help="skip remaining work after this many seconds")
-    return ap.parse_args()
+    args = ap.parse_args()
+    if args.rep is None:
+        args.rep = 25.0 if args.quick else 60.0
+    if args.quick:
+        args.no_bwd = args.no_flex = True
+        args.sweep = False
+    return args
 
 
 ARGS = _parse()
@@ -60,7 +79,7 @@ from salad_pack.kernels import reference as R  # noqa: E402
 T0 = time.time()
 DEV = torch.device("cuda" if (torch.cuda.is_available() and not ARGS.smoke) else "cpu")
 DT = torch.bfloat16 if DEV.type == "cuda" else torch.float16
-RESULTS: dict = {"errors": []}
+RESULTS: dict = {"errors": [], "rows": []}
 BK = "triton" if ARGS.smoke else "auto"  # smoke: Triton kernels through the CPU interpreter
 
 
@@ -181,113 +200,77 @@ def kitchen_setup():
 
 # ----------------------------------------------------------------------------------------------
 
-FWD_CANDIDATES = [dict(BLOCK_N=64, num_warps=4, num_stages=2, tma=True), dict(BLOCK_N=64, num_warps=4, num_stages=3, tma=True),
-                  dict(BLOCK_N=128, num_warps=8, num_stages=2, tma=True), dict(BLOCK_N=128, num_warps=8, num_stages=3, tma=True),
-                  dict(BLOCK_N=64, num_warps=8, num_stages=2, tma=True), dict(BLOCK_N=64, num_warps=4, num_stages=2, tma=False)]
-DQ_CANDIDATES = [dict(BLOCK_N=64, num_warps=8, num_stages=4, tma=False), dict(BLOCK_N=64, num_warps=8, num_stages=4, tma=True),
-                 dict(BLOCK_N=64, num_warps=4, num_stages=2, tma=True), dict(BLOCK_N=64, num_warps=8, num_stages=2, tma=True),
-                 dict(BLOCK_N=128, num_warps=8, num_stages=2, tma=True)]
-DKDV_CANDIDATES = [dict(BLOCK_N=128, BLOCK_M=64, num_warps=8, num_stages=3, tma=False),
-                   dict(BLOCK_N=128, BLOCK_M=64, num_warps=8, num_stages=3, tma=True),
-                   dict(BLOCK_N=128, BLOCK_M=64, num_warps=8, num_stages=2, tma=True),
-                   dict(BLOCK_N=64, BLOCK_M=64, num_warps=4, num_stages=2, tma=True),
-                   dict(BLOCK_N=128, BLOCK_M=32, num_warps=8, num_stages=3, tma=True)]
+# Candidate configs for --sweep: (num_warps, num_stages, kernel keyword arguments).  Each is passed to
+# the kernels per call (TritonOptions.configs); the checked-in table (kernels/_triton_ops.CONFIGS)
+# is never changed here.  The fastest candidate is reported; adopting it means editing the table.
+FWD_CANDIDATES = [(4, 2, dict(BLOCK_N=64, USE_TMA=True)), (4, 3, dict(BLOCK_N=64, USE_TMA=True)),
+                  (8, 2, dict(BLOCK_N=128, USE_TMA=True)), (8, 3, dict(BLOCK_N=128, USE_TMA=True)),
+                  (8, 2, dict(BLOCK_N=64, USE_TMA=True)), (4, 2, dict(BLOCK_N=64, USE_TMA=False))]
+DQ_CANDIDATES = [(8, 4, dict(BLOCK_N=64, USE_TMA=False)), (8, 4, dict(BLOCK_N=64, USE_TMA=True)),
+                 (4, 2, dict(BLOCK_N=64, USE_TMA=True)), (8, 2, dict(BLOCK_N=64, USE_TMA=True)),
+                 (8, 2, dict(BLOCK_N=128, USE_TMA=True))]
+DKDV_CANDIDATES = [(8, 3, dict(BLOCK_N=128, BLOCK_M=64, USE_TMA=False)),
+                   (8, 3, dict(BLOCK_N=128, BLOCK_M=64, USE_TMA=True)),
+                   (8, 2, dict(BLOCK_N=128, BLOCK_M=64, USE_TMA=True)),
+                   (4, 2, dict(BLOCK_N=64, BLOCK_M=64, USE_TMA=True)),
+                   (8, 3, dict(BLOCK_N=128, BLOCK_M=32, USE_TMA=True))]
+LIN_STATE_CANDIDATES = [(8, 3, dict(BLOCK_N=64, PROGRAMS=528)), (8, 3, dict(BLOCK_N=64, PROGRAMS=1056)),
+                        (8, 3, dict(BLOCK_N=128, PROGRAMS=528)), (4, 3, dict(BLOCK_N=64, PROGRAMS=1056)),
+                        (8, 3, dict(BLOCK_N=128, PROGRAMS=1056))]
+LIN_APPLY_CANDIDATES = [(8, 3, dict(BLOCK_M=64, PROGRAMS=528)), (4, 3, dict(BLOCK_M=64, PROGRAMS=1056)),
+                        (8, 3, dict(BLOCK_M=128, PROGRAMS=1056)), (4, 3, dict(BLOCK_M=64, PROGRAMS=2112)),
+                        (8, 3, dict(BLOCK_M=128, PROGRAMS=2112)), (4, 3, dict(BLOCK_M=32, PROGRAMS=2112))]
 
 
-def sweep_fwd(name, shape, sparsity=0.9):
-    """Sweep forward configs (pointer and TMA loads) on one shape; install the best one for that
-    shape's length class (FWD_CFG or FWD_CFG_LONG) and pick fused/unfused linear epilogue."""
+def cfg_dict(c):
+    """A triton.Config as JSON."""
+    return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+def sweep_configs(kind, candidates, fn, D, dtype, L):
+    """Time fn(opts) under each candidate config for kernel `kind` (passed per call), next to the
+    table's own entry; returns rows and the fastest."""
+    import triton
+    from salad_pack.kernels import _triton_ops as ops
+    table = ops.config_for(kind, D, dtype, L)
+    rows, best = [], None
+    for nw, ns, kw in candidates:
+        if over_budget():
+            break
+        c = triton.Config(dict(kw), num_warps=nw, num_stages=ns)
+        opts = K.TritonOptions(configs={kind: c})
+        ms = guard(f"sweep {kind} {cfg_dict(c)}", lambda: bench(lambda: fn(opts)))
+        rows.append(dict(cfg_dict(c), ms=ms))
+        log(f"sweep {kind} {cfg_dict(c)}: {ms}")
+        if ms is not None and (best is None or ms < best["ms"]):
+            best = rows[-1]
+    return {"table": cfg_dict(table), "candidates": rows, "fastest": best}
+
+
+def sweep(name, shape, sparsity=0.9):
+    """Forward, backward and linear-branch configs on one shape (each candidate explicit per call)."""
     from salad_pack.kernels import _triton_ops as ops
     B, H, L, D = shape
     blk = K.DEFAULT_BLOCK
+    scale = 1 / math.sqrt(D)
     (_, _, _), (q, k, v) = make_inputs(B, H, L, D)
     idx, cnt = sel(q, k, sparsity, block=blk)
-    long_ = L >= ops.LONG_L
-    out = {"fwd": [], "lin": []}
-    best = None
-    for tma in (None,):
-        for c in ([] if ARGS.lin_only else FWD_CANDIDATES):
-            if over_budget():
-                break
-            cfg = dict(c)
-            (ops.FWD_CFG_LONG if long_ else ops.FWD_CFG)[D] = cfg
-            ms = guard(f"sweep fwd {cfg}", lambda: bench(lambda: bsa(q, k, v, idx, cnt, block=blk)))
-            out["fwd"].append(dict(cfg, ms=ms))
-            log(f"sweep {name} fwd {cfg}: {ms}")
-            if ms is not None and (best is None or ms < best[0]):
-                best = (ms, cfg)
-    if best:
-        (ops.FWD_CFG_LONG if long_ else ops.FWD_CFG)[D] = best[1]
-    if not long_ and not ARGS.no_bwd and not ARGS.lin_only:
-        out["bwd"] = sweep_bwd(q, k, v, idx, cnt, D)
-    if not long_:
-        out["lin_cfg"] = sweep_lin(q, k, v)
-    for fuse in (True, False):
-        ops.FUSE_LINEAR_EPILOGUE = fuse
-        ms = guard("sweep fuse", lambda: bench(lambda: sla(q, k, v, idx, cnt, block=blk)))
-        out["lin"].append({"fuse": fuse, "ms": ms})
-        log(f"sweep {name} sparse+linear fuse={fuse}: {ms}")
-    ms_f = [r["ms"] for r in out["lin"]]
-    ops.FUSE_LINEAR_EPILOGUE = (None not in ms_f) and ms_f[0] <= ms_f[1]
-    out["chosen"] = {"fwd": best[1] if best else None, "fuse": ops.FUSE_LINEAR_EPILOGUE}
-    return out
-
-
-def _sweep_lin_pass(name, keys, candidates, fn):
-    """Time fn under each LIN_CFG candidate (values for keys); keep the fastest in LIN_CFG."""
-    from salad_pack.kernels import _triton_ops as ops
-    rows, best = [], None
-    for vals in candidates:
-        cfg = dict(zip(keys, vals))
-        ops.LIN_CFG.update(cfg)
-        ms = guard(f"sweep {name}", lambda: bench(fn))
-        rows.append(dict(cfg, ms=ms))
-        log(f"sweep lin {name} {' '.join(map(str, vals))}: {ms}")
-        if ms is not None and (best is None or ms < best[0]):
-            best = (ms, cfg)
-    if best:
-        ops.LIN_CFG.update(best[1])
-    return rows
-
-
-def sweep_lin(q, k, v):
-    """Linear branch: state pass (BLOCK_N, programs) and apply pass (rows per step, warps, programs)."""
-    from salad_pack.kernels import _triton_ops as ops
-    res = {"state": _sweep_lin_pass(
-        "state", ("BLOCK_N", "num_warps", "target_programs"),
-        ((64, 8, 528), (64, 8, 1056), (128, 8, 528), (64, 4, 1056), (128, 8, 1056)),
-        lambda: ops.linear_state(k, v))}
+    out = {"fwd": sweep_configs("fwd", FWD_CANDIDATES, lambda o: bsa(q, k, v, idx, cnt, block=blk, triton_options=o),
+                                D, q.dtype, L)}
+    if not ARGS.no_bwd:
+        o, lse, _ = ops._sparse_fwd(q, k, v, idx, cnt, blk, scale)
+        do = torch.randn_like(o)
+        for kind, cands in (("bwd_dq", DQ_CANDIDATES), ("bwd_dkdv", DKDV_CANDIDATES)):
+            out[kind] = sweep_configs(kind, cands, lambda opts: ops._sparse_bwd(q, k, v, o, lse, do, idx, cnt, blk,
+                                                                               scale, opts=opts), D, q.dtype, L)
+    out["lin_state"] = sweep_configs("lin_state", LIN_STATE_CANDIDATES, lambda o: ops.linear_state(k, v, o),
+                                     D, q.dtype, L)
     S, z = ops.linear_state(k, v)
     SH, SLO, LP = ops._lin_operands(S, q.dtype)
-    res["apply"] = _sweep_lin_pass(
-        "apply", ("APPLY_BM", "apply_warps", "apply_target_programs"),
-        ((64, 8, 528), (64, 4, 1056), (128, 8, 1056), (64, 4, 2112), (128, 8, 2112), (32, 4, 2112)),
-        lambda: ops._linear_apply(q, SH, SLO, LP, z, 1e-5))
-    res["chosen"] = dict(ops.LIN_CFG)
-    return res
-
-
-def sweep_bwd(q, k, v, idx, cnt, D):
-    from salad_pack.kernels import _triton_ops as ops
-    blk = K.DEFAULT_BLOCK
-    scale = 1 / math.sqrt(D)
-    o, lse, _ = ops._sparse_fwd(q, k, v, idx, cnt, blk, scale)
-    do = torch.randn_like(o)
-    res = {"dq": [], "dkdv": []}
-    for key, cands, table in (("dq", DQ_CANDIDATES, "BWD_DQ_CFG"), ("dkdv", DKDV_CANDIDATES, "BWD_DKDV_CFG")):
-        best = None
-        for c in cands:
-            if over_budget():
-                break
-            getattr(ops, table)[D] = dict(c)
-            ms = guard(f"sweep {key} {c}", lambda: bench(lambda: ops._sparse_bwd(q, k, v, o, lse, do, idx, cnt, blk, scale)))
-            res[key].append(dict(c, bwd_total_ms=ms))
-            log(f"sweep bwd {key} {c}: {ms}")
-            if ms is not None and (best is None or ms < best[0]):
-                best = (ms, dict(c))
-        if best:
-            getattr(ops, table)[D] = best[1]
-    return res
+    out["lin_apply"] = sweep_configs("lin_apply", LIN_APPLY_CANDIDATES,
+                                     lambda o: ops._linear_apply(q, SH, SLO, LP, z, 1e-5, opts=o), D, q.dtype, L)
+    log("sweep", name, {kind: (r["table"], r["fastest"]) for kind, r in out.items()})
+    return out
 
 
 def profile_ops(shape, sparsity=0.9):
@@ -343,7 +326,37 @@ def d64_check():
     return out
 
 
-def run_shape(name, shape, sparsities, fx, fmask, ck):
+def layer_times(shape, grid, sparsities):
+    """salad_core's inference call for one Wan self-attention (q, k, v and the gate input x in
+    (B, L, H*D) raster order; tile gather/scatter in the kernel, linear branch, gate and a d x d
+    Proj at d = H*D) at each sparsity, and SDPA on the same tensors (head split and merge included)."""
+    from salad_pack.salad_core.attention import SaladConfig, salad_self_attention
+    from salad_pack.salad_core.weights import SaladWeights
+    B, H, L, D = shape
+    q3, k3, v3, x = (torch.randn(B, L, H * D, device=DEV, dtype=DT) for _ in range(4))
+    w = SaladWeights.new(H * D, H, 1).to(device=DEV, dtype=DT)
+    torch.nn.init.normal_(w.proj_for(0).weight, std=0.02)   # zero-init Proj would be a no-op mix
+
+    def sdpa():
+        heads = (t.view(B, L, H, D).transpose(1, 2) for t in (q3, k3, v3))
+        return F.scaled_dot_product_attention(*heads).transpose(1, 2).reshape(B, L, H * D)
+
+    out = {"sdpa_layer_ms": guard("sdpa layer", lambda: bench(sdpa))}
+    with torch.no_grad():
+        for sp in sparsities:
+            cfg = SaladConfig(sparsity=sp, pattern="topk", backend=BK)
+            out[sp] = guard(f"layer {sp}", lambda: bench(lambda: salad_self_attention(
+                q3, k3, v3, H, grid=grid, x=x, proj=w.proj_for(0), gate=w.gate_for(0), config=cfg)))
+    return out
+
+
+def summary_row(name, shape, sp, what, ms, sdpa_ms):
+    B, H, L, D = shape
+    return {"shape": name, "B": B, "H": H, "L": L, "D": D, "sparsity": sp, "what": what,
+            "ms": ms, "sdpa_ms": sdpa_ms, "ratio": (sdpa_ms / ms) if ms and sdpa_ms else None}
+
+
+def run_shape(name, shape, grid, sparsities, fx, fmask, ck):
     B, H, L, D = shape
     blk = K.DEFAULT_BLOCK
     nq = K.num_blocks(L, blk)
@@ -353,7 +366,8 @@ def run_shape(name, shape, sparsities, fx, fmask, ck):
     flops_dense = 4.0 * B * H * L * L * D
     # ---- dense SDPA
     res["sdpa_fwd_ms"] = guard("sdpa fwd", lambda: bench(lambda: F.scaled_dot_product_attention(qc, kc, vc)))
-    res["sdpa_fwd_peak_mb"] = guard("sdpa mem", lambda: peak_mb(lambda: F.scaled_dot_product_attention(qc, kc, vc)))
+    if not ARGS.quick:
+        res["sdpa_fwd_peak_mb"] = guard("sdpa mem", lambda: peak_mb(lambda: F.scaled_dot_product_attention(qc, kc, vc)))
     log(name, "sdpa fwd", res["sdpa_fwd_ms"])
     if not ARGS.no_bwd:
         def sdpa_bwd_setup():
@@ -364,7 +378,9 @@ def run_shape(name, shape, sparsities, fx, fmask, ck):
             return ms
         res["sdpa_bwd_ms"] = guard("sdpa bwd", sdpa_bwd_setup)
         log(name, "sdpa bwd", res["sdpa_bwd_ms"])
-    # ---- our pieces that do not depend on sparsity
+    # ---- the full layer (salad_core) and our pieces that do not depend on sparsity
+    layers = guard("layer", lambda: layer_times(shape, grid, sparsities), {}) or {}
+    res["sdpa_layer_ms"] = layers.get("sdpa_layer_ms")
     res["linear_ms"] = guard("linear", lambda: bench(lambda: lin(q, k, v)))
     res["pool_qk_ms"] = guard("pool", lambda: bench(lambda: (pool(q), pool(k))))
     ol = guard("linear out", lambda: lin(q, k, v))
@@ -379,19 +395,24 @@ def run_shape(name, shape, sparsities, fx, fmask, ck):
         kk = K.keep_count(nq, sp)
         r["keep"] = kk
         r["density"] = kk / nq
-        r["select_ms"] = guard("select", lambda: bench(lambda: sel(q, k, sp)))
-        r["select_torch_pool_ms"] = guard("select torch", lambda: bench(
-            lambda: K.lut_from_scores(R.pool_blocks_ref(q) @ R.pool_blocks_ref(k).transpose(-1, -2), kk)))
         idx, cnt = sel(q, k, sp)
         r["sparse_fwd_ms"] = guard("sparse fwd", lambda: bench(lambda: bsa(q, k, v, idx, cnt)))
-        r["sparse_fwd_contig_ms"] = guard("sparse fwd contig",
-                                          lambda: bench(lambda: bsa(qc, kc, vc, idx, cnt)))
-        r["sparse_linear_fwd_ms"] = guard("sparse+lin", lambda: bench(lambda: sla(q, k, v, idx, cnt)))
         r["whole_fwd_ms"] = guard("whole", lambda: bench(lambda: sla(q, k, v, *sel(q, k, sp))))
-        r["select_sparse_fwd_ms"] = guard("sel+sparse", lambda: bench(
-            lambda: bsa(q, k, v, *sel(q, k, sp))))
-        r["whole_fwd_peak_mb"] = guard("whole mem", lambda: peak_mb(
-            lambda: sla(q, k, v, *sel(q, k, sp))))
+        r["layer_ms"] = layers.get(sp)
+        if not ARGS.quick:
+            r["select_ms"] = guard("select", lambda: bench(lambda: sel(q, k, sp)))
+            r["select_torch_pool_ms"] = guard("select torch", lambda: bench(
+                lambda: K.lut_from_scores(R.pool_blocks_ref(q) @ R.pool_blocks_ref(k).transpose(-1, -2), kk)))
+            r["sparse_fwd_contig_ms"] = guard("sparse fwd contig",
+                                              lambda: bench(lambda: bsa(qc, kc, vc, idx, cnt)))
+            r["sparse_linear_fwd_ms"] = guard("sparse+lin", lambda: bench(lambda: sla(q, k, v, idx, cnt)))
+            r["select_sparse_fwd_ms"] = guard("sel+sparse", lambda: bench(
+                lambda: bsa(q, k, v, *sel(q, k, sp))))
+            r["whole_fwd_peak_mb"] = guard("whole mem", lambda: peak_mb(
+                lambda: sla(q, k, v, *sel(q, k, sp))))
+        for what, key, ref in (("whole", "whole_fwd_ms", "sdpa_fwd_ms"), ("sparse", "sparse_fwd_ms", "sdpa_fwd_ms"),
+                               ("layer", "layer_ms", "sdpa_layer_ms")):
+            RESULTS["rows"].append(summary_row(name, shape, sp, what, r.get(key), res.get(ref)))
         if r["sparse_fwd_ms"]:
             r["sparse_tflops_on_kept"] = flops_dense * r["density"] / r["sparse_fwd_ms"] * 1e-9
         # correctness at the real shape
@@ -495,21 +516,32 @@ def table(res):
     return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows)
 
 
+SHAPES = {  # name: ((B, H, L, D), latent grid (frames, rows, cols) of the layer call)
+    "wan1.3b_480p": ((1, 12, 32760, 128), (21, 30, 52)),
+    "ragged_21x30x30": ((1, 12, 18900, 128), (21, 30, 30)),   # 30 rows/cols: ragged tiles and tail block
+    "wan14b_480p": ((1, 40, 32760, 128), (21, 30, 52)),
+    "wan14b_720p": ((1, 40, 75600, 128), (21, 45, 80)),
+}
+QUICK = ("wan1.3b_480p", "ragged_21x30x30", "wan14b_480p")
+FULL = ("wan1.3b_480p", "wan14b_720p")
+
+
 def main():
     from salad_pack.kernels import _triton_ops as ops
     if ARGS.smoke:
-        shapes = {"smoke": (1, 2, 300, 64)}
-        K.DEFAULT_BLOCK = K.DEFAULT_BLOCK  # API default stays 128; smoke uses L=300 -> 3 blocks
+        shapes = {"smoke": ((1, 2, 300, 64), (3, 10, 10))}   # 3 blocks of 128, ragged tail
     else:
-        shapes = {"wan1.3b_480p": (1, 12, 32760, 128), "wan14b_720p": (1, 40, 75600, 128)}
-        if ARGS.shapes != "all":
-            shapes = {k_: v_ for k_, v_ in shapes.items() if k_ in ARGS.shapes.split(",")}
+        names = QUICK if ARGS.quick else (FULL if ARGS.shapes == "all" else ARGS.shapes.split(","))
+        unknown = [n for n in names if n not in SHAPES]
+        if unknown:
+            raise SystemExit(f"--shapes: unknown {unknown}; known: {', '.join(SHAPES)}")
+        shapes = {n: SHAPES[n] for n in names}
     sps = [float(s) for s in ARGS.sparsities.split(",")]
     RESULTS["meta"] = {
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "card": torch.cuda.get_device_name() if DEV.type == "cuda" else f"cpu ({platform.processor() or 'cpu'}) interpreter",
         "torch": torch.__version__, "python": platform.python_version(),
-        "dtype": str(DT), "smoke": ARGS.smoke,
+        "dtype": str(DT), "smoke": ARGS.smoke, "quick": ARGS.quick,
     }
     try:
         import triton
@@ -521,30 +553,38 @@ def main():
     fx = fmask = None
     if not ARGS.no_flex and DEV.type == "cuda":
         fx, fmask = guard("flex setup", flex_setup, (None, None))
-    ck, why = kitchen_setup()
+    ck, why = kitchen_setup() if not ARGS.quick else (None, "skipped (--quick)")
     RESULTS["kitchen"] = "available" if ck is not None else why
     RESULTS["shapes"] = {}
-    for name, shp in shapes.items():
+    for name, (shp, grid) in shapes.items():
         if over_budget():
             log("budget reached; skipping shape", name)
             RESULTS["errors"].append(f"skipped {name}: time budget")
             continue
-        if ARGS.sweep and DEV.type == "cuda":
-            RESULTS["sweep"][name] = guard("sweep", lambda: sweep_fwd(name, shp), {})
-        RESULTS["shapes"][name] = guard(name, lambda: run_shape(name, shp, sps, fx, fmask, ck), {})
-        RESULTS["shapes"][name]["fuse_linear_epilogue"] = ops.FUSE_LINEAR_EPILOGUE
+        if ARGS.sweep:
+            RESULTS["sweep"][name] = guard("sweep", lambda: sweep(name, shp), {})
+        RESULTS["shapes"][name] = guard(name, lambda: run_shape(name, shp, grid, sps, fx, fmask, ck), {})
         if ARGS.profile and DEV.type == "cuda" and not over_budget():
             RESULTS["shapes"][name]["profile"] = guard("profile", lambda: profile_ops(shp), {})
         _write()
-    RESULTS["configs"] = {"fwd": ops.FWD_CFG, "fwd_long": ops.FWD_CFG_LONG, "bwd_dq": ops.BWD_DQ_CFG,
-                          "bwd_dkdv": ops.BWD_DKDV_CFG, "lin": ops.LIN_CFG}
+    RESULTS["configs"] = {str(key): cfg_dict(c) for key, c in ops.CONFIGS.items()}
     if ARGS.d64 and DEV.type == "cuda" and not over_budget():
         RESULTS["d64_check"] = guard("d64", d64_check, {})
     RESULTS["elapsed_s"] = time.time() - T0
     _write()
     print(table(RESULTS["shapes"]))
+    print(summary_table(RESULTS["rows"]))
     if RESULTS["errors"]:
         print("errors:", *RESULTS["errors"], sep="\n  ")
+
+
+def summary_table(rows):
+    f = lambda x: "-" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x))  # noqa: E731
+    lines = [f"{'shape':18s} {'sparsity':>8s} {'what':7s} {'ms':>9s} {'SDPA ms':>9s} {'x SDPA':>7s}"]
+    for r in rows:
+        lines.append(f"{r['shape']:18s} {r['sparsity']:8.2f} {r['what']:7s} {f(r['ms']):>9s} {f(r['sdpa_ms']):>9s} "
+                     f"{f(r['ratio']):>7s}")
+    return "\n".join(lines)
 
 
 def _write():
@@ -557,8 +597,11 @@ def _write():
     out.mkdir(parents=True, exist_ok=True)
     tag = "smoke-cpu" if ARGS.smoke else (RESULTS["meta"]["card"].replace(" ", "_").lower())
     day = RESULTS["meta"]["date_utc"][:10]
-    p = out / f"{day}-kernels-{tag}.json"
-    p.write_text(json.dumps(RESULTS, indent=1, default=str))
+    kind = "kernels-quick" if ARGS.quick else "kernels"
+    (out / f"{day}-{kind}-{tag}.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+    if ARGS.out or ARGS.smoke:
+        latest = {"card": RESULTS["meta"]["card"], "date": RESULTS["meta"]["date_utc"], "rows": RESULTS["rows"]}
+        (out / "latest-kernels.json").write_text(json.dumps(latest, indent=1))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import reference as _ref
+from .options import DEFAULT_OPTIONS, TritonOptions
 from .reference import (  # noqa: F401  (re-exported)
     DEFAULT_BLOCK,
     PAD_IDX,
@@ -43,7 +44,7 @@ __all__ = [
     "select_window", "block_sparse_attention", "block_sparse_attention_rowmap", "linear_attention",
     "sparse_linear_attention",
     "triton_available", "attention_ref", "masked_attention_ref", "block_mask_dense",
-    "compensated_attention_ref",
+    "compensated_attention_ref", "TritonOptions",
 ]
 
 _TRITON_OK: Optional[bool] = None
@@ -112,11 +113,12 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def pool_blocks(x: Tensor, block: int = DEFAULT_BLOCK, backend: str = "auto",
-                rowmap: Optional[Tensor] = None) -> Tensor:
+                rowmap: Optional[Tensor] = None, triton_options: TritonOptions = DEFAULT_OPTIONS) -> Tensor:
     """(B,H,L,D) -> (B,H,nb,D) fp32 mean over the valid tokens of each block.
-    rowmap (L,) int: pool x's rows in that order (block j = rows rowmap[j*block:(j+1)*block])."""
+    rowmap (L,) int: pool x's rows in that order (block j = rows rowmap[j*block:(j+1)*block]).
+    triton_options: explicit Triton settings (tests, benchmarks; see options.TritonOptions)."""
     if _pick(x, backend, block):
-        return _ops().pool_blocks(x, block, rowmap)
+        return _ops().pool_blocks(x, block, rowmap, triton_options)
     if rowmap is not None:
         x = x.index_select(2, rowmap.to(device=x.device, dtype=torch.long))
     return _ref.pool_blocks_ref(x, block)
@@ -124,7 +126,8 @@ def pool_blocks(x: Tensor, block: int = DEFAULT_BLOCK, backend: str = "auto",
 
 def select_topk(q: Tensor, k: Tensor, sparsity: float, block: int = DEFAULT_BLOCK,
                 always_kept: Optional[Tensor] = None, backend: str = "auto",
-                q_rowmap: Optional[Tensor] = None, k_pooled: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                q_rowmap: Optional[Tensor] = None, k_pooled: Optional[Tensor] = None,
+                triton_options: TritonOptions = DEFAULT_OPTIONS) -> Tuple[Tensor, Tensor]:
     """Top-k key blocks per query block by pooled q.k score (keep_count(nk, sparsity) of them);
     own block and `always_kept` forced.  Returns idx int32 (B,H,nq,kmax) sorted ascending, -1
     padded after cnt; cnt int32 (B,H,nq).  kmax = min(nk, max(k, 1 + len(always_kept))).
@@ -134,8 +137,8 @@ def select_topk(q: Tensor, k: Tensor, sparsity: float, block: int = DEFAULT_BLOC
     with torch.no_grad():
         if _pick(q, backend, block):
             ops = _ops()
-            pq = ops.pool_blocks(q, block, q_rowmap)
-            pk = ops.pool_blocks(k, block) if k_pooled is None else k_pooled
+            pq = ops.pool_blocks(q, block, q_rowmap, triton_options)
+            pk = ops.pool_blocks(k, block, opts=triton_options) if k_pooled is None else k_pooled
             scores = torch.matmul(pq, pk.transpose(-1, -2))
             return ops.topk_lut(scores, keep_count(pk.shape[2], sparsity), always_kept)
         if q_rowmap is not None:
@@ -162,8 +165,8 @@ def _grad_needed(*ts) -> bool:
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor,
                            block: int = DEFAULT_BLOCK, scale: Optional[float] = None,
                            backend: str = "auto", out_layout: str = "bhld", compensate: bool = False,
-                           k_mean: Optional[Tensor] = None,
-                           v_mean: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                           k_mean: Optional[Tensor] = None, v_mean: Optional[Tensor] = None,
+                           triton_options: TritonOptions = DEFAULT_OPTIONS) -> Tuple[Tensor, Tensor]:
     """Softmax attention of each query block over its listed key blocks only.
     Returns (o (B,H,L,D) q.dtype, lse (B,H,L) fp32).  Differentiable in q, k, v.
     out_layout "bhld": o is contiguous; "blhd": o is a (B,H,L,D) view of a contiguous (B,L,H,D)
@@ -172,19 +175,17 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Te
     logit scale*q.kbar + log(n_tokens)) to the same softmax (reference.block_sparse_attention_ref);
     k_mean / v_mean (B,H,nk,D): precomputed block means (default: pooled here).  The Triton path has
     a forward kernel only: when q, k, v (or the means) need gradients, the torch reference runs
-    instead (autograd through the means to every key and value)."""
+    instead (autograd through the means to every key and value).
+    triton_options: explicit Triton settings (tests, benchmarks; see options.TritonOptions)."""
     _check_qkv(q, k, v)
-    if compensate:
-        if _pick(q, backend, block) and not _grad_needed(q, k, v, k_mean, v_mean):
-            o, lse = _ops().block_sparse_attention_fwd(q, k, v, idx, cnt, block, scale, out_layout,
-                                                      comp=(k_mean, v_mean))
-            return o, lse
-        o, lse = _ref.block_sparse_attention_ref(q, k, v, idx, cnt, block, scale, compensate=True,
-                                                 k_mean=k_mean, v_mean=v_mean)
-        return _as_layout(o, out_layout), lse
     if _pick(q, backend, block):
-        return _ops().block_sparse_attention(q, k, v, idx, cnt, block, scale, out_layout)
-    o, lse = _ref.block_sparse_attention_ref(q, k, v, idx, cnt, block, scale)
+        if not compensate:
+            return _ops().block_sparse_attention(q, k, v, idx, cnt, block, scale, out_layout, triton_options)
+        if not _grad_needed(q, k, v, k_mean, v_mean):
+            return _ops().block_sparse_attention_fwd(q, k, v, idx, cnt, block, scale, out_layout,
+                                                     comp=(k_mean, v_mean), opts=triton_options)
+    o, lse = _ref.block_sparse_attention_ref(q, k, v, idx, cnt, block, scale, compensate=compensate,
+                                             k_mean=k_mean, v_mean=v_mean)
     return _as_layout(o, out_layout), lse
 
 
@@ -192,7 +193,8 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Te
 def block_sparse_attention_rowmap(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, rowmap: Tensor,
                                   block: int = DEFAULT_BLOCK, scale: Optional[float] = None,
                                   bias: Optional[Tensor] = None, backend: str = "auto", compensate: bool = False,
-                                  k_mean: Optional[Tensor] = None, v_mean: Optional[Tensor] = None) -> Tensor:
+                                  k_mean: Optional[Tensor] = None, v_mean: Optional[Tensor] = None,
+                                  triton_options: TritonOptions = DEFAULT_OPTIONS) -> Tensor:
     """Inference form of block_sparse_attention (no autograd) for callers whose tokens are not in
     tile order: k and v are in tile order, q is in the caller's order, and tile position r is
     caller row rowmap[r] (L,) for both the q read and the output write.  bias (B, H*D), if given,
@@ -204,7 +206,8 @@ def block_sparse_attention_rowmap(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, 
     B, H, L, D = q.shape
     if _pick(q, backend, block):
         return _ops().block_sparse_attention_rowmap(q, k, v, idx, cnt, block, scale, rowmap, bias,
-                                                    comp=(k_mean, v_mean) if compensate else None)
+                                                    comp=(k_mean, v_mean) if compensate else None,
+                                                    opts=triton_options)
     rm = rowmap.to(device=q.device, dtype=torch.long)
     o_t, _ = _ref.block_sparse_attention_ref(q.index_select(2, rm), k, v, idx, cnt, block, scale,
                                              compensate=compensate, k_mean=k_mean, v_mean=v_mean)
@@ -216,22 +219,22 @@ def block_sparse_attention_rowmap(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, 
 
 
 def linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float = 1e-5, backend: str = "auto",
-                     out_layout: str = "bhld") -> Tensor:
+                     out_layout: str = "bhld", triton_options: TritonOptions = DEFAULT_OPTIONS) -> Tensor:
     """Non-causal ReLU linear attention; output (B,H,L,D) in q.dtype (layout as in
     block_sparse_attention). Differentiable."""
     _check_qkv(q, k, v)
     if _pick(q, backend):
-        return _ops().linear_attention(q, k, v, eps, out_layout)
+        return _ops().linear_attention(q, k, v, eps, out_layout, triton_options)
     return _as_layout(_ref.linear_attention_ref(q, k, v, eps), out_layout)
 
 
 def sparse_linear_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor,
                             block: int = DEFAULT_BLOCK, scale: Optional[float] = None, eps: float = 1e-5,
-                            backend: str = "auto", out_layout: str = "bhld") -> Tuple[Tensor, Tensor]:
+                            backend: str = "auto", out_layout: str = "bhld",
+                            triton_options: TritonOptions = DEFAULT_OPTIONS) -> Tuple[Tensor, Tensor]:
     """Returns (o_sparse, o_linear), both (B,H,L,D) in q.dtype (layout as in
-    block_sparse_attention). Differentiable."""
-    _check_qkv(q, k, v)
-    if _pick(q, backend, block):
-        return _ops().sparse_linear_attention(q, k, v, idx, cnt, block, scale, eps, out_layout)
-    o_s, _ = _ref.block_sparse_attention_ref(q, k, v, idx, cnt, block, scale)
-    return _as_layout(o_s, out_layout), _as_layout(_ref.linear_attention_ref(q, k, v, eps), out_layout)
+    block_sparse_attention): block_sparse_attention and linear_attention on the same q, k, v (what
+    SALAD's two branches run). Differentiable."""
+    o_s, _ = block_sparse_attention(q, k, v, idx, cnt, block, scale, backend, out_layout,
+                                    triton_options=triton_options)
+    return o_s, linear_attention(q, k, v, eps, backend, out_layout, triton_options)

@@ -1,491 +1,256 @@
 """Triton kernels (imported lazily by kernels._triton_ops; imports triton at module load).
 
-Conventions: tensors are addressed with explicit (b, h, l) strides and unit stride on D, so
-permuted (B,L,H,D) buffers work without copies.  Block lists: idx (B,H,nq,kmax) int32 with
-arbitrary strides (stride 0 allowed), cnt (B,H,nq) int32.  exp2 domain with log2(e) folded into
-the softmax scale.  Grid axis 0 = block within a head (fastest), axis 1 = b*H + h, so one head's
-K/V stay L2-resident while its query blocks run.
+Conventions
+- (B, H, L, D) tensors are addressed through a strides tuple (sb, sh, sl) and unit stride on D, so
+  permuted (B,L,H,D) buffers work without copies.  Where a kernel has USE_TMA, the same argument is a
+  host TMA descriptor over the 4-D (B, H, L, D) view instead (block [1, 1, rows, D]; rows past L
+  are zero-filled by the TMA unit).
+- Block lists: IDX (B,H,nq,kmax) int32 and CNT (B,H,nq) int32 with arbitrary strides (stride 0
+  allowed), passed as one tuple lut_str = (idx b, h, m, k strides, cnt b, h, m strides).
+- Softmax in the exp2 domain with log2(e) folded into qk_scale; LSE buffers are natural-log
+  (B*H, L) fp32 contiguous.
+- Grid axis 0 = block within a head (fastest), axis 1 = b*H + h, so one head's K/V stay
+  L2-resident while its query blocks run.
+- Centroid compensation (COMPENSATE): every key block a query block does not list adds one
+  pseudo-token, key KM[bh, j] / value VM[bh, j] (fp32 block means, (B*H, NK, D) contiguous) with
+  logit scale * q.kbar_j + log(n_j) (n_j valid keys of block j); see reference.py.
 """
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634          # host side: folded into qk_scale
+_LOG2E = tl.constexpr(LOG2E)        # kernel side
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+# ----------------------------------------------------------------------------------------------
+# shared pieces (inlined by the compiler)
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _query_rows(L, BLOCK_M: tl.constexpr):
+    """Query block program_id(0): its index, its BLOCK_M row offsets and their valid-row mask."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    return pid_m, offs_m, offs_m < L
 
 
 @triton.jit
-def _pool_kernel(X, OUT, ROWMAP, sxb, sxh, sxl, H, L, NB,
-                 BLOCK: tl.constexpr, D: tl.constexpr, GATHER: tl.constexpr):
-    pid_n = tl.program_id(0)
+def _program_head(H):
+    """This program's head: (pid_bh, b, h) from grid axis 1 = b*H + h."""
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_l = pid_n * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, D)
-    base = X + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh
-    rows = offs_l
-    if GATHER:  # pool block pid_n of the row order ROWMAP (tile position -> row of X)
-        rows = tl.load(ROWMAP + offs_l, mask=offs_l < L, other=0)
-    x = tl.load(base + rows[:, None].to(tl.int64) * sxl + offs_d[None, :],
-                mask=offs_l[:, None] < L, other=0.0).to(tl.float32)
-    n_valid = tl.minimum(L - pid_n * BLOCK, BLOCK).to(tl.float32)
-    s = tl.sum(x, axis=0) / n_valid
-    tl.store(OUT + (pid_bh.to(tl.int64) * NB + pid_n) * D + offs_d, s)
+    return pid_bh, pid_bh // H, pid_bh % H
 
 
 @triton.jit
-def _linear_q_side(q, SH, SLO, ZL, pid_bh, eps, D: tl.constexpr, LP: tl.constexpr):
-    """relu(q) S / (relu(q).z + eps) for one tile.  LP: S is given as hi + lo parts in q's 16-bit
-    dtype (two tensor-core dots, ~fp32 accuracy); else S is fp32 (fp32 dot)."""
+def _head(X, strides, b, h):
+    """Pointer to row 0 of head (b, h) of a (B, H, L, D) tensor with strides (sb, sh, sl)."""
+    return X + b.to(tl.int64) * strides[0] + h.to(tl.int64) * strides[1]
+
+
+@triton.jit
+def _two_heads(X, Y, x_str, y_str, H):
+    """This program's head (pid_bh) and the pointers to row 0 of its rows in X and in Y."""
+    pid_bh, b, h = _program_head(H)
+    return pid_bh, _head(X, x_str, b, h), _head(Y, y_str, b, h)
+
+
+@triton.jit
+def _rows(base, rows, sl, offs_d, mask):
+    """Rows `rows` of one head as a (len(rows), D) tile, zero where ~mask."""
+    return tl.load(base + rows[:, None].to(tl.int64) * sl + offs_d[None, :], mask=mask[:, None], other=0.0)
+
+
+@triton.jit
+def _tile(X, strides, b, h, start, offs, mask, offs_d, ROWS: tl.constexpr, D: tl.constexpr,
+          USE_TMA: tl.constexpr):
+    """ROWS rows of head (b, h) from row `start` (= offs[0]): a TMA descriptor load, or masked
+    strided loads."""
+    if USE_TMA:
+        x = X.load([b, h, start, 0]).reshape(ROWS, D)
+    else:  # (an early return would still trace the pointer code with a descriptor X)
+        x = _rows(_head(X, strides, b, h), offs, strides[2], offs_d, mask)
+    return x
+
+
+@triton.jit
+def _io_rows(ROWMAP, offs_m, row_ok, ROWMAP_IO: tl.constexpr):
+    """Rows of Q / O for tile rows offs_m: ROWMAP[offs_m] (caller's token order) or offs_m."""
+    if ROWMAP_IO:
+        return tl.load(ROWMAP + offs_m, mask=row_ok, other=0)
+    return offs_m
+
+
+@triton.jit
+def _dd(X, pid_bh, D: tl.constexpr, TRANS: tl.constexpr = False):
+    """Head pid_bh's D x D fp32 matrix of a (B*H, D, D) contiguous buffer (TRANS: transposed)."""
     offs_d = tl.arange(0, D)
-    s_off = pid_bh.to(tl.int64) * D * D + offs_d[:, None] * D + offs_d[None, :]
-    z = tl.load(ZL + pid_bh.to(tl.int64) * D + offs_d)
+    base = X + pid_bh.to(tl.int64) * D * D
+    if TRANS:
+        return tl.load(base + offs_d[None, :] * D + offs_d[:, None])
+    return tl.load(base + offs_d[:, None] * D + offs_d[None, :])
+
+
+@triton.jit
+def _state_operands(SH, SLO, ZL, pid_bh, D: tl.constexpr, LP: tl.constexpr):
+    """Head pid_bh's linear state for the Q side: S (hi part when LP), its lo part (LP; else S
+    again) and z."""
+    sh = _dd(SH, pid_bh, D)
+    slo = sh
+    if LP:
+        slo = _dd(SLO, pid_bh, D)
+    return sh, slo, tl.load(ZL + pid_bh.to(tl.int64) * D + tl.arange(0, D))
+
+
+@triton.jit
+def _zero_partials(D: tl.constexpr):
+    """Zero D x D and D fp32 accumulators (a split's partial sums)."""
+    return tl.zeros([D, D], tl.float32), tl.zeros([D], tl.float32)
+
+
+@triton.jit
+def _store_partials(SP, ZP, s, z, pid_bh, pid_s, NSPLIT, D: tl.constexpr):
+    """Write split pid_s's D x D and D partial sums ((B*H, NSPLIT, D, D) / (B*H, NSPLIT, D))."""
+    offs_d = tl.arange(0, D)
+    out = pid_bh.to(tl.int64) * NSPLIT + pid_s
+    tl.store(SP + out * D * D + offs_d[:, None] * D + offs_d[None, :], s)
+    tl.store(ZP + out * D + offs_d, z)
+
+
+@triton.jit
+def _split_rows(CHUNK, N):
+    """Row range [start, end) of split program_id(0) (split-L kernels)."""
+    start = tl.program_id(0) * CHUNK
+    return start, tl.minimum(start + CHUNK, N)
+
+
+@triton.jit
+def _split_tile(r0, end, ROWS: tl.constexpr):
+    """Row offsets r0 .. r0+ROWS of one step of a split's loop and their mask (rows < end)."""
+    offs = r0 + tl.arange(0, ROWS)
+    return offs, offs < end
+
+
+@triton.jit
+def _phi_q(q, sh, slo, z, eps, LP: tl.constexpr):
+    """The linear branch's ReLU dot for one tile: num = relu(q) S, den = relu(q).z + eps.
+    LP: S given as hi + lo parts in q's 16-bit dtype (two tensor-core dots, ~fp32 accuracy);
+    else S (sh) is fp32 (fp32 dot).  Returns (num, den, relu(q) as the dot operand, relu(q) fp32)."""
     if LP:
         pq = tl.maximum(q, 0.0).to(q.dtype)
-        num = tl.dot(pq, tl.load(SH + s_off))
-        num = tl.dot(pq, tl.load(SLO + s_off), num)
+        num = tl.dot(pq, sh)
+        num = tl.dot(pq, slo, num)
         pqf = pq.to(tl.float32)
     else:
         pqf = tl.maximum(q.to(tl.float32), 0.0)
-        num = tl.dot(pqf, tl.load(SH + s_off))
+        num = tl.dot(pqf, sh)
+        pq = pqf
     den = tl.sum(pqf * z[None, :], 1) + eps
-    return num / den[:, None]
-
-
-
-@triton.jit
-def _load_q(q_base, sql, ROWMAP, offs_m, offs_d, L, GATHER_Q: tl.constexpr):
-    """The query tile: rows offs_m, or rows ROWMAP[offs_m] of Q when GATHER_Q (zero past L)."""
-    rows = offs_m
-    if GATHER_Q:
-        rows = tl.load(ROWMAP + offs_m, mask=offs_m < L, other=0)
-    return tl.load(q_base + rows[:, None].to(tl.int64) * sql + offs_d[None, :], mask=offs_m[:, None] < L, other=0.0)
+    return num, den, pq, pqf
 
 
 @triton.jit
-def _fwd_epilogue(acc, l_i, m_i, q, O, LSE, SL, SLO, ZL, OL, sob, soh, sol, b64, h64, pid_bh, offs_m, offs_d,
-                  L, eps, ROWMAP, BIAS, sbb, D: tl.constexpr, FUSE_LINEAR: tl.constexpr, LP: tl.constexpr,
-                  SCATTER_O: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Normalise, store O (any (b,h,l) strides; OL shares them) and the natural-log LSE (contiguous).
-    SCATTER_O: row r of the tile is stored at row ROWMAP[r] of O (back to the caller's token order).
-    HAS_BIAS: add BIAS[b, h*D:(h+1)*D] (fp32) to O."""
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    o = acc / l_safe[:, None]
-    lse = tl.where(l_i == 0.0, -float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-    row_ok = offs_m < L
-    if HAS_BIAS:
-        o = o + tl.load(BIAS + b64 * sbb + h64 * D + offs_d)[None, :]
-    rows = offs_m
-    if SCATTER_O:
-        rows = tl.load(ROWMAP + offs_m, mask=row_ok, other=0)
-    out_off = b64 * sob + h64 * soh + rows[:, None].to(tl.int64) * sol + offs_d[None, :]
-    tl.store(O + out_off, o.to(O.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(LSE + pid_bh.to(tl.int64) * L + offs_m, lse, mask=row_ok)
-    if FUSE_LINEAR:
-        ol = _linear_q_side(q, SL, SLO, ZL, pid_bh, eps, D, LP)
-        tl.store(OL + out_off, ol.to(OL.dtype.element_ty), mask=row_ok[:, None])
-
-
-@triton.jit
-def _lut_row(IDX, CNT, b64, h64, pid_m, sib, sih, sim, scb, sch, scm):
-    """Start of query block pid_m's key-block list and its count."""
-    idx_base = IDX + b64 * sib + h64 * sih + pid_m.to(tl.int64) * sim
-    n = tl.load(CNT + b64 * scb + h64 * sch + pid_m.to(tl.int64) * scm)
-    return idx_base, n
-
-
-@triton.jit
-def _kv_tile(desc, base, b, h, start, offs_n64, stride, kmask, offs_d,
-             BLOCK_N: tl.constexpr, D: tl.constexpr, USE_TMA: tl.constexpr):
-    """BLOCK_N key/value rows from row `start`: a TMA descriptor load, or masked strided loads."""
-    if USE_TMA:
-        return desc.load([b, h, start, 0]).reshape(BLOCK_N, D)
-    return tl.load(base + offs_n64[:, None] * stride + offs_d[None, :], mask=kmask[:, None], other=0.0)
-
-
-@triton.jit
-def _sparse_fwd_kernel(Q, K, V, O, LSE, IDX, CNT, q_desc, k_desc, v_desc,
-                       SL, SLO, ZL, OL, ROWMAP, BIAS, sbb,
-                       sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
-                       sib, sih, sim, sik, scb, sch, scm,
-                       H, L, LK, qk_scale, eps,
-                       KM, VM, NK,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                       D: tl.constexpr, FUSE_LINEAR: tl.constexpr, LP: tl.constexpr, NUM_STAGES: tl.constexpr,
-                       USE_TMA: tl.constexpr, GATHER_Q: tl.constexpr, SCATTER_O: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, COMPENSATE: tl.constexpr = False,
-                       BLOCK_C: tl.constexpr = 16, KMAXP: tl.constexpr = 16):
-    """Online-softmax attention of one query block over its listed key blocks.  USE_TMA: Q/K/V come
-    through 4-D host tensor descriptors (B, H, L, D) with block [1, 1, rows, D] (rows past L are
-    zero-filled by the TMA unit); otherwise plain strided loads.  GATHER_Q reads q rows through
-    ROWMAP with plain loads (TMA has no row gather on sm90).
-    COMPENSATE: after the listed blocks, every key block NOT listed adds one pseudo-token to the same
-    online softmax: key KM[bh, j] / value VM[bh, j] (fp32 block means, (B*H, NK, D) contiguous) and
-    logit scale * q.kbar_j + log(n_j) (n_j valid keys of block j), in BLOCK_C centroids per step;
-    listed blocks are recognised by comparing with the LUT row (KMAXP >= kmax entries)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+def _lut_row(IDX, CNT, lut_str, b, h, pid_m):
+    """Start of query block pid_m's key-block list, its stride and its count."""
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    k_base = K + b64 * skb + h64 * skh
-    v_base = V + b64 * svb + h64 * svh
-    if USE_TMA and not GATHER_Q:
-        q = q_desc.load([b, h, pid_m * BLOCK_M, 0]).reshape(BLOCK_M, D)
-    else:
-        q = _load_q(Q + b64 * sqb + h64 * sqh, sql, ROWMAP, offs_m, offs_d, L, GATHER_Q)
-    idx_base, n = _lut_row(IDX, CNT, b64, h64, pid_m, sib, sih, sim, scb, sch, scm)
-    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
-    for t in tl.range(0, n * SPLIT, num_stages=NUM_STAGES):
-        j = t // SPLIT
-        sub = t % SPLIT
-        kb = tl.load(idx_base + j * sik)
-        start = kb * (BLOCK_N * SPLIT) + sub * BLOCK_N
-        offs_n = start + offs_n0
-        kmask = offs_n < LK
-        offs_n64 = offs_n.to(tl.int64)
-        k = _kv_tile(k_desc, k_base, b, h, start, offs_n64, skl, kmask, offs_d, BLOCK_N, D, USE_TMA)
-        # scale and tail mask in one FMA: bias is 0 for valid keys, -inf past LK
-        bias = tl.where(kmask, 0.0, -float("inf"))
-        qk = tl.dot(q, tl.trans(k)) * qk_scale + bias[None, :]
-        # every listed block (0 <= kb < nk) has >= 1 valid key, so m_new is finite after the
-        # first iteration and needs no -inf guard
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _kv_tile(v_desc, v_base, b, h, start, offs_n64, svl, kmask, offs_d, BLOCK_N, D, USE_TMA)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    if COMPENSATE:
-        # m_i is finite here (cnt >= 1 listed block with >= 1 valid key)
-        offs_k = tl.arange(0, KMAXP)
-        lut = tl.load(idx_base + offs_k * sik, mask=offs_k < n, other=-1)
-        c_base = pid_bh.to(tl.int64) * NK * D
-        KB: tl.constexpr = BLOCK_N * SPLIT
-        for c0 in range(0, NK, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            c_ok = offs_c < NK
-            listed = tl.sum((offs_c[:, None] == lut[None, :]).to(tl.int32), 1)
-            skip = c_ok & (listed == 0)
-            n_c = tl.minimum(LK - offs_c * KB, KB)
-            log2n = tl.log2(tl.maximum(n_c, 1).to(tl.float32))
-            cbias = tl.where(skip, log2n, -float("inf"))
-            c_off = c_base + offs_c[:, None].to(tl.int64) * D + offs_d[None, :]
-            km = tl.load(KM + c_off, mask=c_ok[:, None], other=0.0).to(q.dtype)
-            qk = tl.dot(q, tl.trans(km)) * qk_scale + cbias[None, :]
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            vm = tl.load(VM + c_off, mask=c_ok[:, None], other=0.0).to(V.dtype.element_ty)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vm.dtype), vm)
-            m_i = m_new
-    _fwd_epilogue(acc, l_i, m_i, q, O, LSE, SL, SLO, ZL, OL, sob, soh, sol, b64, h64, pid_bh, offs_m, offs_d,
-                  L, eps, ROWMAP, BIAS, sbb, D, FUSE_LINEAR, LP, SCATTER_O, HAS_BIAS)
+    m64 = tl.cast(pid_m, tl.int64)  # (a loop counter is a Python int under the interpreter)
+    idx_base = IDX + b64 * lut_str[0] + h64 * lut_str[1] + m64 * lut_str[2]
+    n = tl.load(CNT + b64 * lut_str[4] + h64 * lut_str[5] + m64 * lut_str[6])
+    return idx_base, lut_str[3], n
 
 
 @triton.jit
-def _linear_state_kernel(K, V, SP, ZP, skb, skh, skl, svb, svh, svl,
-                         H, LK, CHUNK, NSPLIT, INV_C,
-                         BLOCK_N: tl.constexpr, D: tl.constexpr):
-    """Partial S = relu(K)^T V and z = sum relu(K) over rows [split*CHUNK, (split+1)*CHUNK)."""
-    pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_d = tl.arange(0, D)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
-    v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
-    s_acc = tl.zeros([D, D], tl.float32)
-    z_acc = tl.zeros([D], tl.float32)
-    start = pid_s * CHUNK
-    end = tl.minimum(start + CHUNK, LK)
-    for n0 in tl.range(start, end, BLOCK_N):
-        offs_n = n0 + offs_n0
-        msk = offs_n < end
-        offs_n64 = offs_n.to(tl.int64)
-        k = tl.load(k_base + offs_n64[:, None] * skl + offs_d[None, :], mask=msk[:, None], other=0.0)
-        v = tl.load(v_base + offs_n64[:, None] * svl + offs_d[None, :], mask=msk[:, None], other=0.0)
-        pk = tl.maximum(k, 0.0).to(v.dtype)
-        s_acc += tl.dot(tl.trans(pk), v)
-        z_acc += tl.sum(pk.to(tl.float32), 0)
-    out = pid_bh.to(tl.int64) * NSPLIT + pid_s
-    tl.store(SP + out * D * D + offs_d[:, None] * D + offs_d[None, :], s_acc * INV_C)
-    tl.store(ZP + out * D + offs_d, z_acc * INV_C)
+def _lut_step(idx_base, sik, t, offs_n0, LK, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Step t of the walk over a key list: BLOCK_N-key sub-tile t % (BLOCK/BLOCK_N) of listed
+    block t // (BLOCK/BLOCK_N).  Returns its first key, key offsets and valid-key mask."""
+    SPLIT: tl.constexpr = BLOCK // BLOCK_N
+    kb = tl.load(idx_base + (t // SPLIT) * sik)
+    start = kb * BLOCK + (t % SPLIT) * BLOCK_N
+    offs_n = start + offs_n0
+    return start, offs_n, offs_n < LK
 
 
 @triton.jit
-def _linear_apply_kernel(Q, SH, SLO, ZL, OL, sqb, sqh, sql, sob, soh, sol, H, L, CHUNK, eps,
-                         BLOCK_M: tl.constexpr, D: tl.constexpr, LP: tl.constexpr):
-    """o = relu(q) S / (relu(q).z + eps) for rows [pid*CHUNK, (pid+1)*CHUNK); S loaded once."""
-    pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_d = tl.arange(0, D)
-    offs_m0 = tl.arange(0, BLOCK_M)
-    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-    s_off = pid_bh.to(tl.int64) * D * D + offs_d[:, None] * D + offs_d[None, :]
-    sh = tl.load(SH + s_off)
-    if LP:
-        slo = tl.load(SLO + s_off)
-    z = tl.load(ZL + pid_bh.to(tl.int64) * D + offs_d)
-    start = pid_s * CHUNK
-    end = tl.minimum(start + CHUNK, L)
-    for m0 in tl.range(start, end, BLOCK_M):
-        offs_m = m0 + offs_m0
-        row_ok = offs_m < end
-        offs_m64 = offs_m.to(tl.int64)
-        q = tl.load(q_base + offs_m64[:, None] * sql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        if LP:
-            pq = tl.maximum(q, 0.0).to(q.dtype)
-            num = tl.dot(pq, sh)
-            num = tl.dot(pq, slo, num)
-            pqf = pq.to(tl.float32)
-        else:
-            pqf = tl.maximum(q.to(tl.float32), 0.0)
-            num = tl.dot(pqf, sh)
-        den = tl.sum(pqf * z[None, :], 1) + eps
-        ol = num / den[:, None]
-        tl.store(OL + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m64[:, None] * sol + offs_d[None, :],
-                 ol.to(OL.dtype.element_ty), mask=row_ok[:, None])
+def _softmax_p(qk, m_i, l_i):
+    """One online-softmax step over exp2-domain logits qk: new max, rescale factor of the old
+    accumulator, probabilities and running sum."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    return m_new, alpha, p, l_i * alpha + tl.sum(p, 1)
 
 
 @triton.jit
-def _linear_bwd_q_kernel(Q, SH, SLO, ZL, DO, DQ, DSP, DZP,
-                         sqb, sqh, sql, sdb, sdh, sdl,
-                         H, L, CHUNK, NSPLIT, eps,
-                         BLOCK_M: tl.constexpr, D: tl.constexpr, LP: tl.constexpr, ACCUM: tl.constexpr):
-    """Per split of L: dq rows (ACCUM: added to the dq already in DQ), partial dS = relu(q)^T (do/den), partial dz = sum dden * relu(q).
-    LP: 16-bit operands (S as hi+lo, do/den rounded to q's dtype) on tensor cores; else fp32."""
-    pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_d = tl.arange(0, D)
-    offs_m0 = tl.arange(0, BLOCK_M)
-    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-    do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
-    s_off = pid_bh.to(tl.int64) * D * D + offs_d[:, None] * D + offs_d[None, :]
-    sT_off = pid_bh.to(tl.int64) * D * D + offs_d[None, :] * D + offs_d[:, None]
-    sh = tl.load(SH + s_off)
-    shT = tl.load(SH + sT_off)
-    if LP:
-        slo = tl.load(SLO + s_off)
-        sloT = tl.load(SLO + sT_off)
-    z = tl.load(ZL + pid_bh.to(tl.int64) * D + offs_d)
-    ds_acc = tl.zeros([D, D], tl.float32)
-    dz_acc = tl.zeros([D], tl.float32)
-    start = pid_s * CHUNK
-    end = tl.minimum(start + CHUNK, L)
-    for m0 in tl.range(start, end, BLOCK_M):
-        offs_m = m0 + offs_m0
-        msk = offs_m < end
-        offs_m64 = offs_m.to(tl.int64)
-        q = tl.load(q_base + offs_m64[:, None] * sql + offs_d[None, :], mask=msk[:, None], other=0.0)
-        do = tl.load(do_base + offs_m64[:, None] * sdl + offs_d[None, :], mask=msk[:, None], other=0.0).to(tl.float32)
-        if LP:
-            pq = tl.maximum(q, 0.0).to(q.dtype)
-            num = tl.dot(pq, sh)
-            num = tl.dot(pq, slo, num)
-            pqf = pq.to(tl.float32)
-        else:
-            pqf = tl.maximum(q.to(tl.float32), 0.0)
-            num = tl.dot(pqf, sh)
-        den = tl.sum(pqf * z[None, :], 1) + eps
-        inv = 1.0 / den
-        dnum = do * inv[:, None]
-        dden = -tl.sum(do * num, 1) * inv * inv
-        if LP:
-            dnum_lp = dnum.to(q.dtype)
-            dpq = tl.dot(dnum_lp, shT)
-            dpq = tl.dot(dnum_lp, sloT, dpq)
-            ds_acc = tl.dot(tl.trans(pq), dnum_lp, ds_acc)
-        else:
-            dpq = tl.dot(dnum, shT)
-            ds_acc = tl.dot(tl.trans(pqf), dnum, ds_acc)
-        dpq = dpq + dden[:, None] * z[None, :]
-        dq = tl.where(pqf > 0.0, dpq, 0.0)
-        dq_ptr = DQ + pid_bh.to(tl.int64) * L * D + offs_m64[:, None] * D + offs_d[None, :]
-        if ACCUM:
-            dq += tl.load(dq_ptr, mask=msk[:, None], other=0.0).to(tl.float32)
-        tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=msk[:, None])
-        dz_acc += tl.sum(pqf * dden[:, None], 0)
-    out = pid_bh.to(tl.int64) * NSPLIT + pid_s
-    tl.store(DSP + out * D * D + offs_d[:, None] * D + offs_d[None, :], ds_acc)
-    tl.store(DZP + out * D + offs_d, dz_acc)
-
-
-@triton.jit
-def _linear_bwd_kv_kernel(K, V, DSL, DZL, DK, DV,
-                          skb, skh, skl, svb, svh, svl,
-                          H, LK, CHUNK, BLOCK_N: tl.constexpr, D: tl.constexpr, ACCUM: tl.constexpr):
-    """dk = (v dS^T + dz) * [k>0], dv = relu(k) dS for rows of one split; dS loaded once."""
-    pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_d = tl.arange(0, D)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
-    v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
-    # dS^T loaded directly transposed
-    dsT = tl.load(DSL + pid_bh.to(tl.int64) * D * D + offs_d[None, :] * D + offs_d[:, None])
-    ds = tl.load(DSL + pid_bh.to(tl.int64) * D * D + offs_d[:, None] * D + offs_d[None, :])
-    dz = tl.load(DZL + pid_bh.to(tl.int64) * D + offs_d)
-    start = pid_s * CHUNK
-    end = tl.minimum(start + CHUNK, LK)
-    for n0 in tl.range(start, end, BLOCK_N):
-        offs_n = n0 + offs_n0
-        msk = offs_n < end
-        offs_n64 = offs_n.to(tl.int64)
-        k = tl.load(k_base + offs_n64[:, None] * skl + offs_d[None, :], mask=msk[:, None], other=0.0).to(tl.float32)
-        v = tl.load(v_base + offs_n64[:, None] * svl + offs_d[None, :], mask=msk[:, None], other=0.0).to(tl.float32)
-        dpk = tl.dot(v, dsT) + dz[None, :]
-        dk = tl.where(k > 0.0, dpk, 0.0)
-        dv = tl.dot(tl.maximum(k, 0.0), ds)
-        out_off = pid_bh.to(tl.int64) * LK * D + offs_n64[:, None] * D + offs_d[None, :]
-        if ACCUM:
-            dk += tl.load(DK + out_off, mask=msk[:, None], other=0.0).to(tl.float32)
-            dv += tl.load(DV + out_off, mask=msk[:, None], other=0.0).to(tl.float32)
-        tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=msk[:, None])
-        tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=msk[:, None])
-
-
-@triton.jit
-def _bwd_preprocess_kernel(O, DO, DELTA, sob, soh, sol, sdb, sdh, sdl, H, L,
-                           BLOCK_M: tl.constexpr, D: tl.constexpr):
-    """delta = rowsum(o * do); O and DO with arbitrary (b,h,l) strides."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    msk = offs_m < L
-    o = tl.load(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None].to(tl.int64) * sol
-                + offs_d[None, :], mask=msk[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + offs_m[:, None].to(tl.int64) * sdl
-                 + offs_d[None, :], mask=msk[:, None], other=0.0).to(tl.float32)
-    tl.store(DELTA + pid_bh.to(tl.int64) * L + offs_m, tl.sum(o * do, 1), mask=msk)
-
-
-@triton.jit
-def _sparse_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, IDX, CNT, k_desc, v_desc,
-                          sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl,
-                          sib, sih, sim, sik, scb, sch, scm,
-                          H, L, LK, qk_scale, sm_scale,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                          D: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    row_ok = offs_m < L
-    offs_m64 = offs_m.to(tl.int64)
-    q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m64[:, None] * sql + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b64 * sdb + h64 * sdh + offs_m64[:, None] * sdl + offs_d[None, :],
-                 mask=row_ok[:, None], other=0.0)
-    lse = tl.load(LSE + pid_bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+def _lse_delta(LSE, DELTA, pid_bh, L, offs_m, mask):
+    """exp2-domain LSE (+inf for rows with no key, so their p is 0) and delta = rowsum(o*do)."""
+    row = pid_bh.to(tl.int64) * L + offs_m
+    lse = tl.load(LSE + row, mask=mask, other=0.0) * _LOG2E
     lse = tl.where(lse == -float("inf"), float("inf"), lse)
-    delta = tl.load(DELTA + pid_bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
-    k_base = K + b64 * skb + h64 * skh
-    v_base = V + b64 * svb + h64 * svh
-    idx_base, n = _lut_row(IDX, CNT, b64, h64, pid_m, sib, sih, sim, scb, sch, scm)
-    dq = tl.zeros([BLOCK_M, D], tl.float32)
-    for t in tl.range(0, n * SPLIT, num_stages=NUM_STAGES):
-        j = t // SPLIT
-        sub = t % SPLIT
-        kb = tl.load(idx_base + j * sik)
-        start = kb * (BLOCK_N * SPLIT) + sub * BLOCK_N
-        offs_n = start + offs_n0
-        kmask = offs_n < LK
-        offs_n64 = offs_n.to(tl.int64)
-        k = _kv_tile(k_desc, k_base, b, h, start, offs_n64, skl, kmask, offs_d, BLOCK_N, D, USE_TMA)
-        v = _kv_tile(v_desc, v_base, b, h, start, offs_n64, svl, kmask, offs_d, BLOCK_N, D, USE_TMA)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
-        p = tl.exp2(qk - lse[:, None])
-        p = tl.where(kmask[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
-    dq = dq * sm_scale
-    tl.store(DQ + pid_bh.to(tl.int64) * L * D + offs_m64[:, None] * D + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    return lse, tl.load(DELTA + row, mask=mask, other=0.0)
 
 
 @triton.jit
-def _sparse_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KIDX, KCNT, q_desc, do_desc,
-                            sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl,
-                            H, L, LK, NQ, NKT, qk_scale, sm_scale,
-                            BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                            D: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr):
-    """One program per BLOCK_N keys (a sub-tile of a BLOCK-sized key block); loops over the query
-    blocks that list this key block (transposed LUT, KIDX (B*H, nk, NQ) contiguous, KCNT (B*H, nk)),
-    in BLOCK_M-row sub-tiles."""
+def _lut_entries(idx_base, sik, n, KMAXP: tl.constexpr):
+    """A key list as a KMAXP-vector (KMAXP >= kmax), -1 past its n entries."""
+    offs_k = tl.arange(0, KMAXP)
+    return tl.load(idx_base + offs_k * sik, mask=offs_k < n, other=-1)
+
+
+@triton.jit
+def _centroid_bias(lut, c0, LK, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Centroids c0 .. c0+BLOCK_C: their indices and logit bias, log2(n_j) for a key block the
+    list `lut` (from _lut_entries) does not hold, -inf for a listed block or one past the last."""
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    listed = tl.sum((offs_c[:, None] == lut[None, :]).to(tl.int32), 1)
+    skip = (offs_c < tl.cdiv(LK, BLOCK)) & (listed == 0)
+    n_c = tl.minimum(LK - offs_c * BLOCK, BLOCK)
+    log2n = tl.log2(tl.maximum(n_c, 1).to(tl.float32))
+    return offs_c, tl.where(skip, log2n, -float("inf"))
+
+
+@triton.jit
+def _centroids(X, pid_bh, LK, offs_c, offs_d, BLOCK: tl.constexpr, D: tl.constexpr):
+    """Rows offs_c of head pid_bh's fp32 block means X (B*H, NK, D) contiguous (NK key blocks of
+    BLOCK over LK keys), zero past NK."""
+    NK = tl.cdiv(LK, BLOCK)
+    return tl.load(X + pid_bh.to(tl.int64) * NK * D + offs_c[:, None].to(tl.int64) * D + offs_d[None, :],
+                   mask=offs_c[:, None] < NK, other=0.0)
+
+
+@triton.jit
+def _dkdv_step(k, v, q, do, lse, delta, qmask, qk_scale, dk, dv):
+    """Accumulate one query tile's contribution to the (unscaled) dk and the dv of keys k / values v."""
+    qkT = tl.dot(k, tl.trans(q)) * qk_scale
+    pT = tl.exp2(qkT - lse[None, :])
+    pT = tl.where(qmask[None, :], pT, 0.0)
+    dv += tl.dot(pT.to(do.dtype), do)
+    dpT = tl.dot(v, tl.trans(do))
+    dsT = pT * (dpT - delta[None, :])
+    dk += tl.dot(dsT.to(q.dtype), q)
+    return dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# selection
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _pool_kernel(X, OUT, ROWMAP, x_str, H, L, NB,
+                 BLOCK: tl.constexpr, D: tl.constexpr, GATHER: tl.constexpr):
+    """Mean over the valid rows of block program_id(0); GATHER: rows in the order ROWMAP gives
+    (tile position -> row of X)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
-    SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
-    kblk = pid_n // SPLIT_N
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_l = pid_n * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, D)
-    offs_m0 = tl.arange(0, BLOCK_M)
-    kmask = offs_n < LK
-    offs_n64 = offs_n.to(tl.int64)
-    k = tl.load(K + b64 * skb + h64 * skh + offs_n64[:, None] * skl + offs_d[None, :], mask=kmask[:, None], other=0.0)
-    v = tl.load(V + b64 * svb + h64 * svh + offs_n64[:, None] * svl + offs_d[None, :], mask=kmask[:, None], other=0.0)
-    dk = tl.zeros([BLOCK_N, D], tl.float32)
-    dv = tl.zeros([BLOCK_N, D], tl.float32)
-    row = pid_bh.to(tl.int64) * NKT + kblk
-    n = tl.load(KCNT + row)
-    q_base = Q + b64 * sqb + h64 * sqh
-    do_base = DO + b64 * sdb + h64 * sdh
-    for t in tl.range(0, n * SPLIT_M, num_stages=NUM_STAGES):
-        j = t // SPLIT_M
-        sub = t % SPLIT_M
-        qb = tl.load(KIDX + row * NQ + j)
-        offs_m = qb * BLOCK + sub * BLOCK_M + offs_m0
-        qmask = offs_m < L
-        offs_m64 = offs_m.to(tl.int64)
-        if USE_TMA:
-            q = q_desc.load([b, h, qb * BLOCK + sub * BLOCK_M, 0]).reshape(BLOCK_M, D)
-            do = do_desc.load([b, h, qb * BLOCK + sub * BLOCK_M, 0]).reshape(BLOCK_M, D)
-        else:
-            q = tl.load(q_base + offs_m64[:, None] * sql + offs_d[None, :], mask=qmask[:, None], other=0.0)
-            do = tl.load(do_base + offs_m64[:, None] * sdl + offs_d[None, :], mask=qmask[:, None], other=0.0)
-        lse = tl.load(LSE + pid_bh.to(tl.int64) * L + offs_m, mask=qmask, other=0.0) * 1.4426950408889634
-        lse = tl.where(lse == -float("inf"), float("inf"), lse)
-        delta = tl.load(DELTA + pid_bh.to(tl.int64) * L + offs_m, mask=qmask, other=0.0)
-        qkT = tl.dot(k, tl.trans(q)) * qk_scale
-        pT = tl.exp2(qkT - lse[None, :])
-        pT = tl.where(qmask[None, :], pT, 0.0)
-        dv += tl.dot(pT.to(do.dtype), do)
-        dpT = tl.dot(v, tl.trans(do))
-        dsT = pT * (dpT - delta[None, :])
-        dk += tl.dot(dsT.to(q.dtype), q)
-    dk = dk * sm_scale
-    out_off = pid_bh.to(tl.int64) * LK * D + offs_n64[:, None] * D + offs_d[None, :]
-    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kmask[:, None])
-    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kmask[:, None])
+    rows = offs_l
+    if GATHER:
+        rows = tl.load(ROWMAP + offs_l, mask=offs_l < L, other=0)
+    x = _rows(_head(X, x_str, pid_bh // H, pid_bh % H), rows, x_str[2], offs_d, offs_l < L).to(tl.float32)
+    n_valid = tl.minimum(L - pid_n * BLOCK, BLOCK).to(tl.float32)
+    s = tl.sum(x, axis=0) / n_valid
+    tl.store(OUT + (pid_bh.to(tl.int64) * NB + pid_n) * D + offs_d, s)
 
 
 @triton.jit
@@ -529,3 +294,247 @@ def _topk_lut_kernel(SC, AK, IDX, CNT, NQ, NK, K, KMAX, N_AK,
     offs_k = tl.arange(0, KMAXP)
     tl.store(IDX + row * KMAX + offs_k, tl.full([KMAXP], -1, tl.int32), mask=(offs_k >= kk) & (offs_k < KMAX))
     tl.store(CNT + row, kk)
+
+
+# ----------------------------------------------------------------------------------------------
+# block-sparse attention, forward
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _sparse_fwd_kernel(Q, K, V, O, LSE, IDX, CNT, ROWMAP, BIAS, KM, VM,
+                       q_str, k_str, v_str, o_str, lut_str, H, L, LK, qk_scale,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, NUM_STAGES: tl.constexpr,
+                       USE_TMA: tl.constexpr, ROWMAP_IO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       COMPENSATE: tl.constexpr, BLOCK_C: tl.constexpr, KMAXP: tl.constexpr):
+    """Online-softmax attention of one query block (BLOCK_M rows = one key block) over its listed
+    key blocks, walked in BLOCK_N-key tiles.  ROWMAP_IO: tile row r reads q row ROWMAP[r] and
+    stores its output at row ROWMAP[r] (the caller's token order; plain loads for q, TMA has no row
+    gather on sm90).  HAS_BIAS: add BIAS[b, h*D:(h+1)*D] (fp32, (B, H*D) contiguous) to O.
+    COMPENSATE: after the listed blocks, the centroids of all NK key blocks are walked in tiles of
+    BLOCK_C, the listed ones masked out by comparing with the list (KMAXP >= kmax entries)."""
+    pid_m, offs_m, row_ok = _query_rows(L, BLOCK_M)
+    pid_bh, b, h = _program_head(H)
+    offs_d = tl.arange(0, D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    if ROWMAP_IO:
+        q = _rows(_head(Q, q_str, b, h), _io_rows(ROWMAP, offs_m, row_ok, True), q_str[2], offs_d, row_ok)
+    else:
+        q = _tile(Q, q_str, b, h, pid_m * BLOCK_M, offs_m, row_ok, offs_d, BLOCK_M, D, USE_TMA)
+    idx_base, sik, n = _lut_row(IDX, CNT, lut_str, b, h, pid_m)
+    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for t in tl.range(0, n * (BLOCK_M // BLOCK_N), num_stages=NUM_STAGES):
+        start, offs_n, kmask = _lut_step(idx_base, sik, t, offs_n0, LK, BLOCK_M, BLOCK_N)
+        k = _tile(K, k_str, b, h, start, offs_n, kmask, offs_d, BLOCK_N, D, USE_TMA)
+        # scale and tail mask in one FMA: bias is 0 for valid keys, -inf past LK
+        bias = tl.where(kmask, 0.0, -float("inf"))
+        qk = tl.dot(q, tl.trans(k)) * qk_scale + bias[None, :]
+        # every listed block (0 <= kb < nk) has >= 1 valid key, so m_new is finite after the
+        # first iteration and needs no -inf guard
+        m_new, alpha, p, l_i = _softmax_p(qk, m_i, l_i)
+        v = _tile(V, v_str, b, h, start, offs_n, kmask, offs_d, BLOCK_N, D, USE_TMA)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    if COMPENSATE:
+        # m_i is finite here (cnt >= 1 listed block with >= 1 valid key)
+        lut = _lut_entries(idx_base, sik, n, KMAXP)
+        for c0 in range(0, tl.cdiv(LK, BLOCK_M), BLOCK_C):
+            offs_c, cbias = _centroid_bias(lut, c0, LK, BLOCK_M, BLOCK_C)
+            km = _centroids(KM, pid_bh, LK, offs_c, offs_d, BLOCK_M, D).to(q.dtype)
+            qk = tl.dot(q, tl.trans(km)) * qk_scale + cbias[None, :]
+            m_new, alpha, p, l_i = _softmax_p(qk, m_i, l_i)
+            vm = _centroids(VM, pid_bh, LK, offs_c, offs_d, BLOCK_M, D).to(q.dtype)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vm.dtype), vm)
+            m_i = m_new
+    # epilogue: normalise, store O (any (b,h,l) strides) and the natural-log LSE
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, -float("inf"), (m_i + tl.log2(l_safe)) * _LN2)
+    if HAS_BIAS:
+        o = o + tl.load(BIAS + b.to(tl.int64) * (H * D) + h.to(tl.int64) * D + offs_d)[None, :]
+    rows = _io_rows(ROWMAP, offs_m, row_ok, ROWMAP_IO)
+    tl.store(_head(O, o_str, b, h) + rows[:, None].to(tl.int64) * o_str[2] + offs_d[None, :],
+             o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + pid_bh.to(tl.int64) * L + offs_m, lse, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# linear attention
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _linear_state_kernel(K, V, SP, ZP, k_str, v_str, H, LK, CHUNK, NSPLIT, INV_C,
+                         BLOCK_N: tl.constexpr, D: tl.constexpr):
+    """Partial S = relu(K)^T V and z = sum relu(K) over the rows of split program_id(0), times INV_C."""
+    pid_bh, k_base, v_base = _two_heads(K, V, k_str, v_str, H)
+    s_acc, z_acc = _zero_partials(D)
+    offs_d = tl.arange(0, D)
+    start, end = _split_rows(CHUNK, LK)
+    for n0 in tl.range(start, end, BLOCK_N):
+        offs_n, msk = _split_tile(n0, end, BLOCK_N)
+        k = _rows(k_base, offs_n, k_str[2], offs_d, msk)
+        v = _rows(v_base, offs_n, v_str[2], offs_d, msk)
+        pk = tl.maximum(k, 0.0).to(v.dtype)
+        s_acc += tl.dot(tl.trans(pk), v)
+        z_acc += tl.sum(pk.to(tl.float32), 0)
+    _store_partials(SP, ZP, s_acc * INV_C, z_acc * INV_C, pid_bh, tl.program_id(0), NSPLIT, D)
+
+
+@triton.jit
+def _linear_apply_kernel(Q, SH, SLO, ZL, OL, q_str, o_str, H, L, CHUNK, eps,
+                         BLOCK_M: tl.constexpr, D: tl.constexpr, LP: tl.constexpr):
+    """o = relu(q) S / (relu(q).z + eps) for the rows of split program_id(0); S loaded once."""
+    pid_bh, q_base, o_base = _two_heads(Q, OL, q_str, o_str, H)
+    sh, slo, z = _state_operands(SH, SLO, ZL, pid_bh, D, LP)
+    offs_d = tl.arange(0, D)
+    start, end = _split_rows(CHUNK, L)
+    for m0 in tl.range(start, end, BLOCK_M):
+        offs_m, row_ok = _split_tile(m0, end, BLOCK_M)
+        q = _rows(q_base, offs_m, q_str[2], offs_d, row_ok)
+        num, den, _, _ = _phi_q(q, sh, slo, z, eps, LP)
+        ol = num / den[:, None]
+        tl.store(o_base + offs_m[:, None].to(tl.int64) * o_str[2] + offs_d[None, :],
+                 ol.to(OL.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _linear_bwd_q_kernel(Q, SH, SLO, ZL, DO, DQ, DSP, DZP, q_str, do_str, H, L, CHUNK, NSPLIT, eps,
+                         BLOCK_M: tl.constexpr, D: tl.constexpr, LP: tl.constexpr):
+    """Per split of L: dq rows, partial dS = relu(q)^T (do/den), partial dz = sum dden * relu(q).
+    LP: 16-bit operands (S as hi+lo, do/den rounded to q's dtype) on tensor cores; else fp32."""
+    pid_bh, q_base, do_base = _two_heads(Q, DO, q_str, do_str, H)
+    sh, slo, z = _state_operands(SH, SLO, ZL, pid_bh, D, LP)
+    shT = _dd(SH, pid_bh, D, TRANS=True)
+    if LP:
+        sloT = _dd(SLO, pid_bh, D, TRANS=True)
+    offs_d = tl.arange(0, D)
+    ds_acc, dz_acc = _zero_partials(D)
+    start, end = _split_rows(CHUNK, L)
+    for m0 in tl.range(start, end, BLOCK_M):
+        offs_m, msk = _split_tile(m0, end, BLOCK_M)
+        q = _rows(q_base, offs_m, q_str[2], offs_d, msk)
+        do = _rows(do_base, offs_m, do_str[2], offs_d, msk).to(tl.float32)
+        num, den, pq, pqf = _phi_q(q, sh, slo, z, eps, LP)
+        inv = 1.0 / den
+        dnum = do * inv[:, None]
+        dden = -tl.sum(do * num, 1) * inv * inv
+        if LP:
+            dnum = dnum.to(q.dtype)
+            dpq = tl.dot(dnum, shT)
+            dpq = tl.dot(dnum, sloT, dpq)
+        else:
+            dpq = tl.dot(dnum, shT)
+        ds_acc = tl.dot(tl.trans(pq), dnum, ds_acc)
+        dpq = dpq + dden[:, None] * z[None, :]
+        dq = tl.where(pqf > 0.0, dpq, 0.0)
+        tl.store(DQ + pid_bh.to(tl.int64) * L * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :],
+                 dq.to(DQ.dtype.element_ty), mask=msk[:, None])
+        dz_acc += tl.sum(pqf * dden[:, None], 0)
+    _store_partials(DSP, DZP, ds_acc, dz_acc, pid_bh, tl.program_id(0), NSPLIT, D)
+
+
+@triton.jit
+def _linear_bwd_kv_kernel(K, V, DSL, DZL, DK, DV, k_str, v_str, H, LK, CHUNK,
+                          BLOCK_N: tl.constexpr, D: tl.constexpr):
+    """dk = (v dS^T + dz) * [k>0], dv = relu(k) dS for the rows of split program_id(0); dS loaded once."""
+    pid_bh, k_base, v_base = _two_heads(K, V, k_str, v_str, H)
+    dsT = _dd(DSL, pid_bh, D, TRANS=True)
+    ds = _dd(DSL, pid_bh, D)
+    offs_d = tl.arange(0, D)
+    dz = tl.load(DZL + pid_bh.to(tl.int64) * D + offs_d)
+    start, end = _split_rows(CHUNK, LK)
+    for n0 in tl.range(start, end, BLOCK_N):
+        offs_n, msk = _split_tile(n0, end, BLOCK_N)
+        k = _rows(k_base, offs_n, k_str[2], offs_d, msk).to(tl.float32)
+        v = _rows(v_base, offs_n, v_str[2], offs_d, msk).to(tl.float32)
+        dpk = tl.dot(v, dsT) + dz[None, :]
+        dk = tl.where(k > 0.0, dpk, 0.0)
+        dv = tl.dot(tl.maximum(k, 0.0), ds)
+        out_off = pid_bh.to(tl.int64) * LK * D + offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
+        tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=msk[:, None])
+        tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=msk[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# block-sparse attention, backward
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _bwd_preprocess_kernel(O, DO, DELTA, o_str, do_str, H, L, BLOCK_M: tl.constexpr, D: tl.constexpr):
+    """delta = rowsum(o * do); O and DO with arbitrary (b,h,l) strides."""
+    pid_bh, b, h = _program_head(H)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    msk = offs_m < L
+    o = _rows(_head(O, o_str, b, h), offs_m, o_str[2], offs_d, msk).to(tl.float32)
+    do = _rows(_head(DO, do_str, b, h), offs_m, do_str[2], offs_d, msk).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * L + offs_m, tl.sum(o * do, 1), mask=msk)
+
+
+@triton.jit
+def _sparse_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, IDX, CNT,
+                          q_str, k_str, v_str, do_str, lut_str, H, L, LK, qk_scale, sm_scale,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                          NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr):
+    """dq of one query block over its listed key blocks (K, V: TMA descriptors when USE_TMA)."""
+    pid_m, offs_m, row_ok = _query_rows(L, BLOCK_M)
+    pid_bh, b, h = _program_head(H)
+    offs_d = tl.arange(0, D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    q = _rows(_head(Q, q_str, b, h), offs_m, q_str[2], offs_d, row_ok)
+    do = _rows(_head(DO, do_str, b, h), offs_m, do_str[2], offs_d, row_ok)
+    lse, delta = _lse_delta(LSE, DELTA, pid_bh, L, offs_m, row_ok)
+    idx_base, sik, n = _lut_row(IDX, CNT, lut_str, b, h, pid_m)
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    for t in tl.range(0, n * (BLOCK_M // BLOCK_N), num_stages=NUM_STAGES):
+        start, offs_n, kmask = _lut_step(idx_base, sik, t, offs_n0, LK, BLOCK_M, BLOCK_N)
+        k = _tile(K, k_str, b, h, start, offs_n, kmask, offs_d, BLOCK_N, D, USE_TMA)
+        v = _tile(V, v_str, b, h, start, offs_n, kmask, offs_d, BLOCK_N, D, USE_TMA)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        p = tl.exp2(qk - lse[:, None])
+        p = tl.where(kmask[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    dq = dq * sm_scale
+    tl.store(DQ + pid_bh.to(tl.int64) * L * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _sparse_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KIDX, KCNT,
+                            q_str, k_str, v_str, do_str, H, L, LK, NQ, qk_scale, sm_scale,
+                            BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                            D: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr):
+    """One program per BLOCK_N keys (a sub-tile of a BLOCK-sized key block); loops over the query
+    blocks that list this key block (transposed LUT, KIDX (B*H, nk, NQ) contiguous, KCNT (B*H, nk)),
+    in BLOCK_M-row sub-tiles (Q, DO: TMA descriptors when USE_TMA)."""
+    pid_n = tl.program_id(0)
+    pid_bh, b, h = _program_head(H)
+    kblk = pid_n // (BLOCK // BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    kmask = offs_n < LK
+    k = _rows(_head(K, k_str, b, h), offs_n, k_str[2], offs_d, kmask)
+    v = _rows(_head(V, v_str, b, h), offs_n, v_str[2], offs_d, kmask)
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    NKT = tl.cdiv(LK, BLOCK)
+    row = pid_bh.to(tl.int64) * NKT + kblk
+    n = tl.load(KCNT + row)
+    SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
+    for t in tl.range(0, n * SPLIT_M, num_stages=NUM_STAGES):
+        qb = tl.load(KIDX + row * NQ + t // SPLIT_M)
+        m0 = qb * BLOCK + (t % SPLIT_M) * BLOCK_M
+        offs_m = m0 + offs_m0
+        qmask = offs_m < L
+        q = _tile(Q, q_str, b, h, m0, offs_m, qmask, offs_d, BLOCK_M, D, USE_TMA)
+        do = _tile(DO, do_str, b, h, m0, offs_m, qmask, offs_d, BLOCK_M, D, USE_TMA)
+        lse, delta = _lse_delta(LSE, DELTA, pid_bh, L, offs_m, qmask)
+        dk, dv = _dkdv_step(k, v, q, do, lse, delta, qmask, qk_scale, dk, dv)
+    dk = dk * sm_scale
+    out_off = pid_bh.to(tl.int64) * LK * D + offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
+    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kmask[:, None])
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kmask[:, None])

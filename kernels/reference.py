@@ -97,15 +97,6 @@ def lut_from_scores(scores: Tensor, k: int, always_kept: Optional[Tensor] = None
     return _finish_lut(order, cnt, kmax, nk), cnt
 
 
-def select_topk_ref(q: Tensor, k: Tensor, sparsity: float, block: int = DEFAULT_BLOCK,
-                    always_kept: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    pq = pool_blocks_ref(q, block)
-    pk = pool_blocks_ref(k, block)
-    scores = torch.matmul(pq, pk.transpose(-1, -2))
-    kk = keep_count(pk.shape[2], sparsity)
-    return lut_from_scores(scores, kk, always_kept)
-
-
 def select_window(q_coords: Tensor, k_coords: Tensor, sparsity: float, B: int, H: int,
                   scale: Sequence[float] = (1.0, 1.0, 1.0),
                   always_kept: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:

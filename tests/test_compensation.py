@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 
 from test_kernels import (  # noqa: E402,F401  (fixtures seed / poison / fwd_path are used by name)
-    DEV, HAVE_TRITON, TIGHT, TOL, assert_close, full_lut, fwd_path, needs_triton, poison, qkv, random_lut, seed)
+    DEV, HAVE_TRITON, TIGHT, TOL, TRITON, assert_close, full_lut, fwd_path, needs_triton, poison, qkv,
+    random_lut, seed)
 
 import salad_pack.kernels as K  # noqa: E402
 from salad_pack.kernels import reference as R  # noqa: E402
@@ -110,7 +111,7 @@ def test_triton_forward_vs_reference(seed, poison, B, H, L, Lk, D, block, dtype,
     q, k, v = qkv(B, H, L, D, dtype, layout, Lk=Lk)
     idx, cnt = _lut(B, H, L, Lk, block, "random")
     with torch.no_grad():
-        o, lse = K.block_sparse_attention(q, k, v, idx, cnt, block=block, backend="triton", compensate=compensate)
+        o, lse = K.block_sparse_attention(q, k, v, idx, cnt, block=block, compensate=compensate, **TRITON(poison))
     if compensate:
         ro, rl = K.compensated_attention_ref(q, k, v, idx, cnt, block=block)
     else:
@@ -124,18 +125,18 @@ def test_triton_forward_vs_reference(seed, poison, B, H, L, Lk, D, block, dtype,
 
 
 @needs_triton
-def test_triton_tma_path_and_given_means(seed, poison, fwd_path):
+def test_triton_tma_path_and_given_means(seed, fwd_path):
     B, H, L, D, block = 1, 2, 200, 64, 64
     q, k, v = qkv(B, H, L, D, torch.float16, "blhd")
     idx, cnt = _lut(B, H, L, L, block, "random")
-    km, vm = K.pool_blocks(k, block, backend="triton"), K.pool_blocks(v, block, backend="triton")
+    km, vm = K.pool_blocks(k, block, **TRITON(fwd_path)), K.pool_blocks(v, block, **TRITON(fwd_path))
     with torch.no_grad():
-        o, _ = K.block_sparse_attention(q, k, v, idx, cnt, block=block, backend="triton", compensate=True)
-        o2, _ = K.block_sparse_attention(q, k, v, idx, cnt, block=block, backend="triton", compensate=True,
-                                         k_mean=km, v_mean=vm)
+        o, _ = K.block_sparse_attention(q, k, v, idx, cnt, block=block, compensate=True, **TRITON(fwd_path))
+        o2, _ = K.block_sparse_attention(q, k, v, idx, cnt, block=block, compensate=True, k_mean=km, v_mean=vm,
+                                         **TRITON(fwd_path))
     assert torch.equal(o, o2), f"[seed {seed}]"
     ro, _ = K.compensated_attention_ref(q, k, v, idx, cnt, block=block)
-    assert_close(o, ro, *TOL[torch.float16], f"triton ({fwd_path and 'tma' or 'ptr'})", seed)
+    assert_close(o, ro, *TOL[torch.float16], f"triton ({'tma' if fwd_path.tma else 'ptr'})", seed)
 
 
 @needs_triton
@@ -144,10 +145,10 @@ def test_triton_sparsity0_compensated_is_dense(seed, poison, L, D, block, dtype)
     """No skipped block: the compensated kernel equals the plain kernel bit for bit, and dense attention."""
     B, H = 1, 2
     q, k, v = qkv(B, H, L, D, dtype, "blhd")
-    idx, cnt = K.select_topk(q, k, 0.0, block=block, backend="triton")
+    idx, cnt = K.select_topk(q, k, 0.0, block=block, **TRITON(poison))
     with torch.no_grad():
-        oc, lc = K.block_sparse_attention(q, k, v, idx, cnt, block=block, backend="triton", compensate=True)
-        op, lp = K.block_sparse_attention(q, k, v, idx, cnt, block=block, backend="triton")
+        oc, lc = K.block_sparse_attention(q, k, v, idx, cnt, block=block, compensate=True, **TRITON(poison))
+        op, lp = K.block_sparse_attention(q, k, v, idx, cnt, block=block, **TRITON(poison))
     assert torch.equal(oc, op) and torch.equal(lc, lp), f"[seed {seed}]"
     d, dl = K.attention_ref(q, k, v)
     assert_close(oc, d, *TOL[dtype], "sparsity 0 + compensation vs dense", seed)
@@ -167,7 +168,7 @@ def test_rowmap_compensated(seed, poison, backend):
     i2, c2 = K.select_topk(q, k, 0.6, block=block, backend=backend, q_rowmap=perm, k_pooled=km)
     assert torch.equal(idx, i2) and torch.equal(cnt, c2), f"k_pooled changed the selection [seed {seed}]"
     o = K.block_sparse_attention_rowmap(q, k, v, idx, cnt, perm, block=block, bias=bias, backend=backend,
-                                        compensate=True, k_mean=km)
+                                        compensate=True, k_mean=km, triton_options=poison)
     ro, _ = K.compensated_attention_ref(q.index_select(2, perm), k, v, idx, cnt, block=block)
     expect = torch.empty_like(ro)
     expect[:, :, perm] = ro
@@ -181,11 +182,11 @@ def test_triton_backend_with_grads_uses_the_reference(seed, poison):
     B, H, L, D, block = 1, 2, 100, 16, 16
     q, k, v = (t.requires_grad_() for t in qkv(B, H, L, D, torch.float32))
     idx, cnt = _lut(B, H, L, L, block, "random")
-    o, _ = K.block_sparse_attention(q, k, v, idx, cnt, block=block, backend="triton", compensate=True)
+    o, _ = K.block_sparse_attention(q, k, v, idx, cnt, block=block, compensate=True, **TRITON(poison))
     o.square().sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
     with torch.no_grad():
-        ot, _ = K.block_sparse_attention(q, k, v, idx, cnt, block=block, backend="triton", compensate=True)
+        ot, _ = K.block_sparse_attention(q, k, v, idx, cnt, block=block, compensate=True, **TRITON(poison))
     assert_close(ot, o.detach().double(), *TOL[torch.float32], "triton fwd vs reference", seed)
 
 
@@ -199,7 +200,7 @@ def _salad_inputs(B, L, H, D, dtype=torch.float32):
 
 @pytest.mark.parametrize("pattern", ["topk", "window"])
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
-def test_salad_core_centroid_paths(seed, poison, pattern, backend):
+def test_salad_core_centroid_paths(seed, pattern, backend):
     from salad_pack.salad_core.attention import SaladConfig, salad_self_attention, select_blocks
     from salad_pack.salad_core.tiling import TileLayout
     from salad_pack.salad_core.weights import SaladWeights

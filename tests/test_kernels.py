@@ -7,7 +7,6 @@ before the kernels write them, so unwritten elements fail the comparisons.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import subprocess
@@ -57,13 +56,13 @@ def seed():
 
 @pytest.fixture
 def poison():
-    if not HAVE_TRITON:
-        yield
-        return
-    from salad_pack.kernels import _triton_ops
-    _triton_ops.POISON = True
-    yield
-    _triton_ops.POISON = False
+    """Triton options for a test: every output buffer pre-filled with NaN (unwritten elements fail)."""
+    return K.TritonOptions(poison=True)
+
+
+def TRITON(opts):
+    """Keyword arguments of a call that must run the Triton kernels, with the test's options."""
+    return dict(backend="triton", triton_options=opts)
 
 
 def qkv(B, H, L, D, dtype, layout="bhld", scale=1.0, Lk=None):
@@ -151,7 +150,7 @@ def test_import_does_not_load_triton():
     code = ("import sys; sys.path.insert(0, %r); from _pack import register; register(); "
             "import salad_pack.kernels as K; "
             "assert 'salad_pack.kernels._triton_kernels' not in sys.modules; "
-            "import torch; q = torch.randn(1, 1, 70, 16); "
+            "import torch; torch.manual_seed(0); q = torch.randn(1, 1, 70, 16); "
             "i, c = K.select_topk(q, q, 0.5, block=16); o, l = K.block_sparse_attention(q, q, q, i, c, block=16); "
             "assert 'salad_pack.kernels._triton_kernels' not in sys.modules; print('ok')"
             % str(Path(__file__).parent))
@@ -221,7 +220,7 @@ def test_select_topk(seed, poison, backend, sparsity):
     q, k, _ = qkv(B, H, L, D, torch.float32, "blhd")
     nk = K.num_blocks(L, block)
     kk = K.keep_count(nk, sparsity)
-    idx, cnt = K.select_topk(q, k, sparsity, block=block, backend=backend)
+    idx, cnt = K.select_topk(q, k, sparsity, block=block, backend=backend, triton_options=poison)
     assert idx.dtype == torch.int32 and cnt.dtype == torch.int32
     assert idx.shape == (B, H, nk, kk) and cnt.shape == (B, H, nk)
     check_lut(idx, cnt, nk, kk, seed)
@@ -276,7 +275,7 @@ def test_select_window(seed):
 @pytest.mark.parametrize("L,D,block", [(300, 64, 64), (128, 128, 128), (77, 16, 32)])
 def test_pool_blocks_triton(seed, poison, L, D, block):
     x = qkv(2, 3, L, D, torch.float16, "blhd")[0]
-    p = K.pool_blocks(x, block, backend="triton")
+    p = K.pool_blocks(x, block, **TRITON(poison))
     assert_close(p, R.pool_blocks_ref(x, block), 1e-5, 1e-5, "pool", seed)
 
 
@@ -294,27 +293,19 @@ FWD_CASES = [  # B, H, L, D, block, dtype, layout
 
 @pytest.fixture(params=[False, True], ids=["ptr", "tma"])
 def fwd_path(request):
-    """Run the kernels through their pointer loads and through tensor descriptors (TMA)."""
-    if not HAVE_TRITON:
-        yield request.param
-        return
-    from salad_pack.kernels import _triton_ops
-    old = (_triton_ops.FWD_USE_TMA, _triton_ops.BWD_USE_TMA, _triton_ops.BWD_DQ_CFG, _triton_ops.BWD_DKDV_CFG)
-    _triton_ops.FWD_USE_TMA = _triton_ops.BWD_USE_TMA = request.param
-    # force the descriptor path in the backward kernels too
-    _triton_ops.BWD_DQ_CFG = {d: dict(c, tma=True) for d, c in old[2].items()}
-    _triton_ops.BWD_DKDV_CFG = {d: dict(c, tma=True) for d, c in old[3].items()}
-    yield request.param
-    (_triton_ops.FWD_USE_TMA, _triton_ops.BWD_USE_TMA, _triton_ops.BWD_DQ_CFG, _triton_ops.BWD_DKDV_CFG) = old
+    """Triton options that run the kernels through their pointer loads, or through tensor
+    descriptors (TMA) wherever the tensors allow them (also where the tuned config says no);
+    outputs poisoned as with the `poison` fixture."""
+    return K.TritonOptions(poison=True, tma=request.param)
 
 
 @needs_triton
 @pytest.mark.parametrize("B,H,L,D,block,dtype,layout", FWD_CASES)
-def test_sparse_fwd_triton(seed, poison, fwd_path, B, H, L, D, block, dtype, layout):
+def test_sparse_fwd_triton(seed, fwd_path, B, H, L, D, block, dtype, layout):
     q, k, v = qkv(B, H, L, D, dtype, layout)
     nq = K.num_blocks(L, block)
     idx, cnt = random_lut(B, H, nq, nq)
-    o, lse = K.block_sparse_attention(q, k, v, idx, cnt, block=block, backend="triton")
+    o, lse = K.block_sparse_attention(q, k, v, idx, cnt, block=block, **TRITON(fwd_path))
     assert o.shape == (B, H, L, D) and o.dtype == dtype and lse.dtype == torch.float32
     ro, rl = K.masked_attention_ref(q, k, v, idx, cnt, block=block)
     atol, rtol = TOL[dtype]
@@ -328,9 +319,9 @@ def test_sparse_dense_equivalence_triton(seed, poison, L, D, block, dtype):
     B, H = 1, 2
     q, k, v = qkv(B, H, L, D, dtype, "blhd")
     nq = K.num_blocks(L, block)
-    idx, cnt = K.select_topk(q, k, 0.0, block=block, backend="triton")
+    idx, cnt = K.select_topk(q, k, 0.0, block=block, **TRITON(poison))
     assert (cnt == nq).all()
-    o, lse = K.block_sparse_attention(q, k, v, idx, cnt, block=block, backend="triton")
+    o, lse = K.block_sparse_attention(q, k, v, idx, cnt, block=block, **TRITON(poison))
     sd = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
     atol, rtol = TOL[dtype]
     assert_close(o, sd, atol, rtol, "triton vs sdpa", seed)
@@ -347,52 +338,38 @@ def test_sparse_single_block_and_expanded_lut(seed, poison):
     coords = torch.rand(nq, 3, device=DEV)
     idx, cnt = K.select_window(coords, coords, 1.0, B, H)
     assert idx.shape[-1] == 1 and (idx[..., 0] == torch.arange(nq, device=DEV)).all()
-    o, lse = K.block_sparse_attention(q, k, v, idx, cnt, block=block, backend="triton")
+    o, lse = K.block_sparse_attention(q, k, v, idx, cnt, block=block, **TRITON(poison))
     ro, rl = K.masked_attention_ref(q, k, v, idx, cnt, block=block)
     assert_close(o, ro, *TOL[torch.float16], "k=1", seed)
     assert_close(lse, rl, *TIGHT(1e-4), "k=1 lse", seed)
 
 
 # ----------------------------------------------------------------------------------------------
-# linear branch and fused op
+# linear branch and the sparse+linear pair
 # ----------------------------------------------------------------------------------------------
 
 @needs_triton
 @pytest.mark.parametrize("B,H,L,D,dtype", [(1, 2, 200, 64, torch.float16), (2, 1, 77, 128, torch.float32)])
 def test_linear_triton(seed, poison, B, H, L, D, dtype):
     q, k, v = qkv(B, H, L, D, dtype, "blhd")
-    o = K.linear_attention(q, k, v, backend="triton")
+    o = K.linear_attention(q, k, v, **TRITON(poison))
     ref = R.linear_attention_ref(q.double(), k.double(), v.double())
     atol, rtol = TOL[dtype]
     assert o.dtype == dtype and o.shape == (B, H, L, D)
     assert_close(o, ref, atol, rtol, "linear", seed)
 
 
-@contextlib.contextmanager
-def fused_epilogue(fuse: bool):
-    """Run the sparse+linear op with the linear Q side fused into the sparse epilogue, or not."""
-    from salad_pack.kernels import _triton_ops
-    old = _triton_ops.FUSE_LINEAR_EPILOGUE
-    _triton_ops.FUSE_LINEAR_EPILOGUE = fuse
-    try:
-        yield
-    finally:
-        _triton_ops.FUSE_LINEAR_EPILOGUE = old
-
-
 @needs_triton
-@pytest.mark.parametrize("fuse", [True, False])
-def test_sparse_linear_triton(seed, poison, fwd_path, fuse):
+def test_sparse_linear_triton(seed, fwd_path):
     B, H, L, D, block = 1, 2, 200, 64, 64
     q, k, v = qkv(B, H, L, D, torch.float16, "blhd")
     nq = K.num_blocks(L, block)
     idx, cnt = random_lut(B, H, nq, nq)
-    with fused_epilogue(fuse):
-        os_, ol = K.sparse_linear_attention(q, k, v, idx, cnt, block=block, backend="triton")
+    os_, ol = K.sparse_linear_attention(q, k, v, idx, cnt, block=block, **TRITON(fwd_path))
     ro, _ = K.masked_attention_ref(q, k, v, idx, cnt, block=block)
     rl = R.linear_attention_ref(q.double(), k.double(), v.double())
-    assert_close(os_, ro, *TOL[torch.float16], "fused sparse", seed)
-    assert_close(ol, rl, *TOL[torch.float16], "fused linear", seed)
+    assert_close(os_, ro, *TOL[torch.float16], "sparse+linear: sparse", seed)
+    assert_close(ol, rl, *TOL[torch.float16], "sparse+linear: linear", seed)
     # torch backend returns the same pair
     ts, tl_ = K.sparse_linear_attention(q.float(), k.float(), v.float(), idx, cnt, block=block, backend="torch")
     assert_close(ts, ro, 1e-5, 1e-5, "torch sparse", seed)
@@ -415,12 +392,12 @@ def _grads(fn, q, k, v, dos):
 @pytest.mark.parametrize("B,H,L,D,block,dtype", [(1, 2, 150, 64, 32, torch.float32),
                                                  (1, 1, 200, 128, 64, torch.float16),
                                                  (2, 1, 130, 64, 64, torch.float16)])
-def test_sparse_backward_triton(seed, poison, fwd_path, B, H, L, D, block, dtype):
+def test_sparse_backward_triton(seed, fwd_path, B, H, L, D, block, dtype):
     q, k, v = qkv(B, H, L, D, dtype, "blhd")
     nq = K.num_blocks(L, block)
     idx, cnt = random_lut(B, H, nq, nq)
     do = torch.randn(B, H, L, D, device=DEV, dtype=torch.float64)
-    _, gt = _grads(lambda a, b, c: (K.block_sparse_attention(a, b, c, idx, cnt, block=block, backend="triton")[0],),
+    _, gt = _grads(lambda a, b, c: (K.block_sparse_attention(a, b, c, idx, cnt, block=block, **TRITON(fwd_path))[0],),
                    q, k, v, (do,))
     _, gr = _grads(lambda a, b, c: (R.block_sparse_attention_ref(a, b, c, idx, cnt, block)[0],),
                    q.double(), k.double(), v.double(), (do,))
@@ -432,7 +409,7 @@ def test_sparse_backward_triton(seed, poison, fwd_path, B, H, L, D, block, dtype
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_linear_and_fused_backward_triton(seed, poison, dtype):
+def test_linear_and_sparse_linear_backward_triton(seed, poison, dtype):
     B, H, L, D, block = 1, 2, 150, 64, 32
     q, k, v = qkv(B, H, L, D, dtype, "blhd")
     nq = K.num_blocks(L, block)
@@ -440,16 +417,16 @@ def test_linear_and_fused_backward_triton(seed, poison, dtype):
     do1 = torch.randn(B, H, L, D, device=DEV, dtype=torch.float64)
     do2 = torch.randn(B, H, L, D, device=DEV, dtype=torch.float64)
     atol, rtol = ((1e-4, 1e-4) if DEV.type == "cpu" else (1e-2, 1e-2)) if dtype == torch.float32 else (1e-2, 1e-2)
-    _, gt = _grads(lambda a, b, c: (K.linear_attention(a, b, c, backend="triton"),), q, k, v, (do2,))
+    _, gt = _grads(lambda a, b, c: (K.linear_attention(a, b, c, **TRITON(poison)),), q, k, v, (do2,))
     _, gr = _grads(lambda a, b, c: (R.linear_attention_ref(a, b, c),), q.double(), k.double(), v.double(), (do2,))
     for x, y, n in zip(gt, gr, "qkv"):
         assert_close(x, y, atol, rtol, f"linear d{n}", seed)
-    _, gt = _grads(lambda a, b, c: K.sparse_linear_attention(a, b, c, idx, cnt, block=block, backend="triton"),
+    _, gt = _grads(lambda a, b, c: K.sparse_linear_attention(a, b, c, idx, cnt, block=block, **TRITON(poison)),
                    q, k, v, (do1, do2))
     _, gr = _grads(lambda a, b, c: K.sparse_linear_attention(a, b, c, idx, cnt, block=block, backend="torch"),
                    q.double(), k.double(), v.double(), (do1, do2))
     for x, y, n in zip(gt, gr, "qkv"):
-        assert_close(x, y, atol, rtol, f"fused d{n}", seed)
+        assert_close(x, y, atol, rtol, f"sparse+linear d{n}", seed)
 
 
 @needs_triton
@@ -496,15 +473,16 @@ def test_reference_expanded_window_lut_and_auto_backend(seed):
 
 @needs_triton
 @pytest.mark.parametrize("L,block", [(50, 128), (7, 16)])
-def test_short_sequence_triton(seed, poison, fwd_path, L, block):
+def test_short_sequence_triton(seed, fwd_path, L, block):
     """L shorter than one block (single ragged block) through fwd, bwd and the linear branch."""
     B, H, D = 1, 2, 64
     q, k, v = qkv(B, H, L, D, torch.float32, "blhd")
-    idx, cnt = K.select_topk(q, k, 0.9, block=block, backend="triton")
+    idx, cnt = K.select_topk(q, k, 0.9, block=block, **TRITON(fwd_path))
     assert idx.shape == (B, H, 1, 1) and (idx == 0).all() and (cnt == 1).all()
     do = torch.randn(B, H, L, D, device=DEV, dtype=torch.float64)
     do2 = torch.randn(B, H, L, D, device=DEV, dtype=torch.float64)
-    (os_, ol), gt = _grads(lambda a, b, c: K.sparse_linear_attention(a, b, c, idx, cnt, block=block, backend="triton"),
+    (os_, ol), gt = _grads(lambda a, b, c: K.sparse_linear_attention(a, b, c, idx, cnt, block=block,
+                                                                     **TRITON(fwd_path)),
                            q, k, v, (do, do2))
     (rs, rl), gr = _grads(lambda a, b, c: K.sparse_linear_attention(a, b, c, idx, cnt, block=block, backend="torch"),
                           q.double(), k.double(), v.double(), (do, do2))
@@ -516,22 +494,20 @@ def test_short_sequence_triton(seed, poison, fwd_path, L, block):
 
 
 @needs_triton
-@pytest.mark.parametrize("fuse", [False, True])
-def test_out_layout_blhd_forward_and_backward(seed, poison, fwd_path, fuse):
+def test_out_layout_blhd_forward_and_backward(seed, fwd_path):
     """out_layout='blhd': outputs are (B,H,L,D) views of contiguous (B,L,H,D) buffers (what SALAD's
     (B,L,H*D) caller needs without a transpose copy); values and gradients are unchanged."""
     B, H, L, D, block = 2, 2, 150, 64, 32
     q, k, v = qkv(B, H, L, D, torch.float16, "blhd")
     nq = K.num_blocks(L, block)
     idx, cnt = random_lut(B, H, nq, nq)
-    with fused_epilogue(fuse):
-        o_s, o_l = K.sparse_linear_attention(q, k, v, idx, cnt, block=block, backend="triton", out_layout="blhd")
-        o_only, _ = K.block_sparse_attention(q, k, v, idx, cnt, block=block, backend="triton", out_layout="blhd")
-        o_lin = K.linear_attention(q, k, v, backend="triton", out_layout="blhd")
-        do1 = torch.randn(B, H, L, D, device=DEV, dtype=torch.float64)
-        do2 = torch.randn(B, H, L, D, device=DEV, dtype=torch.float64)
-        _, gt = _grads(lambda a, b, c: K.sparse_linear_attention(a, b, c, idx, cnt, block=block, backend="triton",
-                                                                 out_layout="blhd"), q, k, v, (do1, do2))
+    o_s, o_l = K.sparse_linear_attention(q, k, v, idx, cnt, block=block, **TRITON(fwd_path), out_layout="blhd")
+    o_only, _ = K.block_sparse_attention(q, k, v, idx, cnt, block=block, **TRITON(fwd_path), out_layout="blhd")
+    o_lin = K.linear_attention(q, k, v, **TRITON(fwd_path), out_layout="blhd")
+    do1 = torch.randn(B, H, L, D, device=DEV, dtype=torch.float64)
+    do2 = torch.randn(B, H, L, D, device=DEV, dtype=torch.float64)
+    _, gt = _grads(lambda a, b, c: K.sparse_linear_attention(a, b, c, idx, cnt, block=block, **TRITON(fwd_path),
+                                                             out_layout="blhd"), q, k, v, (do1, do2))
     for o in (o_s, o_l, o_only, o_lin):
         assert o.shape == (B, H, L, D) and o.transpose(1, 2).is_contiguous()
     ro, _ = K.masked_attention_ref(q, k, v, idx, cnt, block=block)
@@ -559,7 +535,7 @@ def test_out_layout_torch_reference(seed):
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
-def test_rowmap_forward_gathers_q_and_scatters_o(seed, poison, fwd_path, backend):
+def test_rowmap_forward_gathers_q_and_scatters_o(seed, fwd_path, backend):
     """block_sparse_attention_rowmap == gather q by the row map, block-sparse attention in tile order,
     scatter the output back, add the bias; pooling through the row map == pooling the gathered rows."""
     B, H, L, D, block = 2, 2, 150, 64, 32
@@ -569,15 +545,70 @@ def test_rowmap_forward_gathers_q_and_scatters_o(seed, poison, fwd_path, backend
     nq = K.num_blocks(L, block)
     idx, cnt = random_lut(B, H, nq, nq)
     bias = torch.randn(B, H * D, device=DEV)
-    o = K.block_sparse_attention_rowmap(q, k, v, idx, cnt, perm, block=block, bias=bias, backend=backend)
+    o = K.block_sparse_attention_rowmap(q, k, v, idx, cnt, perm, block=block, bias=bias, backend=backend,
+                                        triton_options=fwd_path)
     assert o.shape == (B, H, L, D) and o.transpose(1, 2).is_contiguous() and o.dtype == dtype
     ro, _ = K.masked_attention_ref(q.index_select(2, perm), k, v, idx, cnt, block=block)
     expect = torch.empty_like(ro)
     expect[:, :, perm] = ro
     expect = expect + bias.view(B, H, 1, D).to(expect.dtype)
     assert_close(o, expect, *TOL[dtype], "rowmap o", seed)
-    pooled = K.pool_blocks(q, block, backend=backend, rowmap=perm)
+    pooled = K.pool_blocks(q, block, backend=backend, triton_options=fwd_path, rowmap=perm)
     assert_close(pooled, R.pool_blocks_ref(q.index_select(2, perm), block), 1e-3, 1e-3, "rowmap pool", seed)
-    i1, c1 = K.select_topk(q, k, 0.5, block=block, backend=backend, q_rowmap=perm)
-    i2, c2 = K.select_topk(q.index_select(2, perm).contiguous(), k, 0.5, block=block, backend=backend)
+    i1, c1 = K.select_topk(q, k, 0.5, block=block, backend=backend, triton_options=fwd_path, q_rowmap=perm)
+    i2, c2 = K.select_topk(q.index_select(2, perm).contiguous(), k, 0.5, block=block, backend=backend,
+                           triton_options=fwd_path)
     assert torch.equal(c1, c2) and torch.equal(i1, i2)
+
+
+# ----------------------------------------------------------------------------------------------
+# tuned-config table and per-call options
+# ----------------------------------------------------------------------------------------------
+
+@needs_triton
+def test_config_table_is_read_only_and_keyed():
+    from salad_pack.kernels import _triton_ops as ops
+    cfg = ops.config_for("fwd", 128, torch.bfloat16, 32760)
+    assert (cfg.kwargs, cfg.num_warps, cfg.num_stages) == ({"BLOCK_N": 64, "USE_TMA": True}, 4, 2)
+    dq = ops.config_for("bwd_dq", 128, torch.float16, 1000)
+    assert (dq.kwargs["BLOCK_N"], dq.num_warps, dq.num_stages) == (64, 8, 4)
+    assert ops.config_for("fwd", 128, torch.float32, 1000).num_stages == 1       # fp32: one stage
+    assert ops.config_for("lin_state", 64, torch.float32, 1000).kwargs["BLOCK_N"] == 64
+    assert ops.config_for("fwd", 32, torch.float16, 1000) is ops.CONFIGS[("fwd", 128, "16bit", "short")]
+    assert ops.config_for("fwd", 128, torch.bfloat16, 75600) is ops.CONFIGS[("fwd", 128, "16bit", "long")]
+    with pytest.raises(TypeError):
+        ops.CONFIGS[("fwd", 128, "16bit", "short")] = cfg
+    with pytest.raises(ValueError, match="fwd_long"):
+        K.TritonOptions(configs={"fwd_long": cfg})
+
+
+@needs_triton
+def test_explicit_config_per_call(seed, poison):
+    """A config passed for one call (what the benchmark's sweep does) runs that tiling and leaves the
+    table as it was; the results match the reference either way."""
+    import triton as _triton
+    from salad_pack.kernels import _triton_ops as ops
+    before = dict(ops.CONFIGS)
+    B, H, L, D, block = 1, 2, 200, 64, 64
+    q, k, v = qkv(B, H, L, D, torch.float16, "blhd")
+    nq = K.num_blocks(L, block)
+    idx, cnt = random_lut(B, H, nq, nq)
+    c = _triton.Config({"BLOCK_N": 16, "USE_TMA": False}, num_warps=4, num_stages=1)
+    opts = K.TritonOptions(poison=True, configs={"fwd": c, "lin_apply": _triton.Config(
+        {"BLOCK_M": 16, "PROGRAMS": 4}, num_warps=4, num_stages=1)})
+    o, lse = K.block_sparse_attention(q, k, v, idx, cnt, block=block, **TRITON(opts))
+    ol = K.linear_attention(q, k, v, **TRITON(opts))
+    ro, rl = K.masked_attention_ref(q, k, v, idx, cnt, block=block)
+    assert_close(o, ro, *TOL[torch.float16], "explicit fwd config", seed)
+    assert_close(lse, rl, *TIGHT(1e-4), "explicit fwd config lse", seed)
+    assert_close(ol, R.linear_attention_ref(q.double(), k.double(), v.double()), *TOL[torch.float16],
+                 "explicit linear config", seed)
+    assert dict(ops.CONFIGS) == before
+
+
+@needs_triton
+def test_triton_path_rejects_mixed_dtypes(seed):
+    q = torch.randn(1, 1, 64, 16, device=DEV)
+    idx, cnt = full_lut(1, 1, 1, 1)
+    with pytest.raises(ValueError, match="share one dtype"):
+        K.block_sparse_attention(q, q, q.half(), idx, cnt, block=64, backend="triton")
