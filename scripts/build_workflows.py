@@ -151,7 +151,8 @@ WORKFLOWS = {
              "1. Data: for each clip, upload it in 'Training clip', write its caption, Run. A pair file lands in "
              "output/salad_training/<data_folder> ('Pair saved to').\n"
              "2. Train: select SALAD Fine-tune and 'Weights file', unmute them (Ctrl+M), Run. It checkpoints and "
-             "resumes; the weights go to models/salad (name in 'Weights file')."),
+             "resumes; the weights go to models/salad (name in 'Weights file'). lora_rank > 0 also trains a "
+             "LoRA (models/loras, for LoraLoaderModelOnly)."),
         N(1, "CLIPLoader", [-420, 0], {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
                                        "device": "default"}),
         N(2, "VAELoader", [-420, 160], {"vae_name": "wan_2.1_vae.safetensors"}),
