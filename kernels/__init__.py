@@ -173,14 +173,17 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Te
     buffer, so ``o.transpose(1, 2).reshape(B, L, H*D)`` costs no copy.
     compensate: every key block a query block skips adds one pseudo-token (block-mean key and value,
     logit scale*q.kbar + log(n_tokens)) to the same softmax (reference.block_sparse_attention_ref);
-    k_mean / v_mean (B,H,nk,D): precomputed block means (default: pooled here).  The Triton path has
-    a forward kernel only: when q, k, v (or the means) need gradients, the torch reference runs
-    instead (autograd through the means to every key and value).
+    k_mean / v_mean (B,H,nk,D): precomputed block means (default: pooled here).  Triton with
+    gradients: forward and backward kernels when the means are pooled here (the centroids'
+    gradients reach every key and value through the means); with given means that need gradients
+    the torch reference runs instead (autograd into the means).
     triton_options: explicit Triton settings (tests, benchmarks; see options.TritonOptions)."""
     _check_qkv(q, k, v)
     if _pick(q, backend, block):
-        if not compensate:
-            return _ops().block_sparse_attention(q, k, v, idx, cnt, block, scale, out_layout, triton_options)
+        given = k_mean is not None or v_mean is not None
+        if not compensate or not given:
+            return _ops().block_sparse_attention(q, k, v, idx, cnt, block, scale, out_layout, compensate,
+                                                 triton_options)
         if not _grad_needed(q, k, v, k_mean, v_mean):
             return _ops().block_sparse_attention_fwd(q, k, v, idx, cnt, block, scale, out_layout,
                                                      comp=(k_mean, v_mean), opts=triton_options)

@@ -219,9 +219,12 @@ def _centroids(X, pid_bh, LK, offs_c, offs_d, BLOCK: tl.constexpr, D: tl.constex
 
 
 @triton.jit
-def _dkdv_step(k, v, q, do, lse, delta, qmask, qk_scale, dk, dv):
-    """Accumulate one query tile's contribution to the (unscaled) dk and the dv of keys k / values v."""
+def _dkdv_step(k, v, q, do, lse, delta, qmask, qk_scale, kbias, dk, dv, KBIAS: tl.constexpr):
+    """Accumulate one query tile's contribution to the (unscaled) dk and the dv of keys k / values v.
+    KBIAS: add kbias, a per-key logit bias in the exp2 domain (the centroids' log2(n))."""
     qkT = tl.dot(k, tl.trans(q)) * qk_scale
+    if KBIAS:
+        qkT = qkT + kbias[:, None]
     pT = tl.exp2(qkT - lse[None, :])
     pT = tl.where(qmask[None, :], pT, 0.0)
     dv += tl.dot(pT.to(do.dtype), do)
@@ -473,11 +476,13 @@ def _bwd_preprocess_kernel(O, DO, DELTA, o_str, do_str, H, L, BLOCK_M: tl.conste
 
 
 @triton.jit
-def _sparse_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, IDX, CNT,
+def _sparse_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, IDX, CNT, KM, VM,
                           q_str, k_str, v_str, do_str, lut_str, H, L, LK, qk_scale, sm_scale,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                          NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr):
-    """dq of one query block over its listed key blocks (K, V: TMA descriptors when USE_TMA)."""
+                          NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr,
+                          COMPENSATE: tl.constexpr, BLOCK_C: tl.constexpr, KMAXP: tl.constexpr):
+    """dq of one query block over its listed key blocks (K, V: TMA descriptors when USE_TMA);
+    COMPENSATE: plus the skipped blocks' centroids (as in the forward)."""
     pid_m, offs_m, row_ok = _query_rows(L, BLOCK_M)
     pid_bh, b, h = _program_head(H)
     offs_d = tl.arange(0, D)
@@ -497,19 +502,31 @@ def _sparse_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, IDX, CNT,
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
+    if COMPENSATE:
+        lut = _lut_entries(idx_base, sik, n, KMAXP)
+        for c0 in range(0, tl.cdiv(LK, BLOCK_M), BLOCK_C):
+            offs_c, cbias = _centroid_bias(lut, c0, LK, BLOCK_M, BLOCK_C)
+            km = _centroids(KM, pid_bh, LK, offs_c, offs_d, BLOCK_M, D).to(q.dtype)
+            vm = _centroids(VM, pid_bh, LK, offs_c, offs_d, BLOCK_M, D).to(q.dtype)
+            p = tl.exp2(tl.dot(q, tl.trans(km)) * qk_scale + cbias[None, :] - lse[:, None])
+            ds = p * (tl.dot(do, tl.trans(vm)) - delta[:, None])
+            dq += tl.dot(ds.to(km.dtype), km)
     dq = dq * sm_scale
     tl.store(DQ + pid_bh.to(tl.int64) * L * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
-def _sparse_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KIDX, KCNT,
+def _sparse_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KIDX, KCNT, DKM, DVM,
                             q_str, k_str, v_str, do_str, H, L, LK, NQ, qk_scale, sm_scale,
                             BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                            D: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr):
+                            D: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr,
+                            COMPENSATE: tl.constexpr):
     """One program per BLOCK_N keys (a sub-tile of a BLOCK-sized key block); loops over the query
     blocks that list this key block (transposed LUT, KIDX (B*H, nk, NQ) contiguous, KCNT (B*H, nk)),
-    in BLOCK_M-row sub-tiles (Q, DO: TMA descriptors when USE_TMA)."""
+    in BLOCK_M-row sub-tiles (Q, DO: TMA descriptors when USE_TMA).
+    COMPENSATE: add the gradient that reaches the block's keys / values through its centroid,
+    DKM / DVM (B*H, nk, D) fp32 (from _centroid_bwd_kernel) divided by the block's key count."""
     pid_n = tl.program_id(0)
     pid_bh, b, h = _program_head(H)
     kblk = pid_n // (BLOCK // BLOCK_N)
@@ -533,8 +550,49 @@ def _sparse_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KIDX, KCNT,
         q = _tile(Q, q_str, b, h, m0, offs_m, qmask, offs_d, BLOCK_M, D, USE_TMA)
         do = _tile(DO, do_str, b, h, m0, offs_m, qmask, offs_d, BLOCK_M, D, USE_TMA)
         lse, delta = _lse_delta(LSE, DELTA, pid_bh, L, offs_m, qmask)
-        dk, dv = _dkdv_step(k, v, q, do, lse, delta, qmask, qk_scale, dk, dv)
+        dk, dv = _dkdv_step(k, v, q, do, lse, delta, qmask, qk_scale, None, dk, dv, False)
     dk = dk * sm_scale
+    if COMPENSATE:
+        inv_n = 1.0 / tl.minimum(LK - kblk * BLOCK, BLOCK).to(tl.float32)
+        c_off = row * D + offs_d
+        dk += (tl.load(DKM + c_off) * inv_n)[None, :]
+        dv += (tl.load(DVM + c_off) * inv_n)[None, :]
     out_off = pid_bh.to(tl.int64) * LK * D + offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
     tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kmask[:, None])
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kmask[:, None])
+
+
+@triton.jit
+def _centroid_bwd_kernel(Q, DO, LSE, DELTA, IDX, CNT, KM, VM, DKM, DVM, q_str, do_str, lut_str,
+                         H, L, LK, NQ, qk_scale, sm_scale,
+                         BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, D: tl.constexpr,
+                         KMAXP: tl.constexpr):
+    """Gradients of the centroid pseudo-tokens: for centroids c0 .. c0+BLOCK_C of head pid_bh,
+    dkbar = sm_scale * sum_i ds_ic q_i and dvbar = sum_i p_ic do_i over the query rows whose block
+    skips the centroid's key block (all NQ query blocks walked, BLOCK_M rows at a time).
+    DKM / DVM (B*H, NK, D) fp32 contiguous."""
+    pid_bh, b, h = _program_head(H)
+    NK = tl.cdiv(LK, BLOCK)
+    c0 = tl.program_id(0) * BLOCK_C
+    offs_d = tl.arange(0, D)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    q_base = _head(Q, q_str, b, h)
+    do_base = _head(DO, do_str, b, h)
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    km = _centroids(KM, pid_bh, LK, offs_c, offs_d, BLOCK, D).to(Q.dtype.element_ty)
+    vm = _centroids(VM, pid_bh, LK, offs_c, offs_d, BLOCK, D).to(Q.dtype.element_ty)
+    dkm = tl.zeros([BLOCK_C, D], tl.float32)
+    dvm = tl.zeros([BLOCK_C, D], tl.float32)
+    for qb in range(0, NQ):
+        idx_base, sik, n = _lut_row(IDX, CNT, lut_str, b, h, qb)
+        _, cbias = _centroid_bias(_lut_entries(idx_base, sik, n, KMAXP), c0, LK, BLOCK, BLOCK_C)
+        for m0 in range(qb * BLOCK, qb * BLOCK + BLOCK, BLOCK_M):
+            offs_m = m0 + offs_m0
+            qmask = offs_m < L
+            q = _rows(q_base, offs_m, q_str[2], offs_d, qmask)
+            do = _rows(do_base, offs_m, do_str[2], offs_d, qmask)
+            lse, delta = _lse_delta(LSE, DELTA, pid_bh, L, offs_m, qmask)
+            dkm, dvm = _dkdv_step(km, vm, q, do, lse, delta, qmask, qk_scale, cbias, dkm, dvm, True)
+    c_off = pid_bh.to(tl.int64) * NK * D + offs_c[:, None].to(tl.int64) * D + offs_d[None, :]
+    tl.store(DKM + c_off, dkm * sm_scale, mask=offs_c[:, None] < NK)
+    tl.store(DVM + c_off, dvm, mask=offs_c[:, None] < NK)

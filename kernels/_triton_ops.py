@@ -379,8 +379,11 @@ def transpose_lut(idx: Tensor, cnt: Tensor, B: int, H: int, nq: int, nk: int) ->
 
 
 def _sparse_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, idx: Tensor, cnt: Tensor,
-                block: int, scale: float, *, opts: TritonOptions = DEFAULT_OPTIONS) -> Tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv of _sparse_fwd (without compensation)."""
+                block: int, scale: float, *, means: Optional[Means] = None,
+                opts: TritonOptions = DEFAULT_OPTIONS) -> Tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv of _sparse_fwd.  means: the forward's centroid block means (compensation): the
+    centroids' gradients go to dq directly and, divided by each block's key count, to every key
+    and value of the block (the means are pooled from k and v)."""
     B, H, L, D = q.shape
     LK = k.shape[2]
     nq = num_blocks(L, block)
@@ -392,15 +395,26 @@ def _sparse_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Ten
     delta = _empty(B, H, L, device=q.device, dtype=torch.float32, poison=poison)
     tk._bwd_preprocess_kernel[(triton_cdiv(L, 64), B * H)](o, do, delta, _bhl(o), _bhl(do), H, L,
                                                            BLOCK_M=64, D=D, num_warps=4)
+    comp = means is not None
+    km, vm = means if comp else (delta, delta)
+    tiles = _centroid_tiles(nk, idx.shape[-1])
     dq = _empty(B, H, L, D, device=q.device, dtype=q.dtype, poison=poison)
     c = config_for("bwd_dq", D, q.dtype, L, opts)
     bn = min(c.kwargs["BLOCK_N"], block)
     tma = _use_tma(c, opts, q, k, v, do)
     kd, vd = _descs(tma, (k, bn), (v, bn))
     tk._sparse_bwd_dq_kernel[(nq, B * H)](
-        q, kd, vd, do, dq, lse, delta, idx, cnt, _bhl(q), _bhl(k), _bhl(v), _bhl(do), lut_str,
+        q, kd, vd, do, dq, lse, delta, idx, cnt, km, vm, _bhl(q), _bhl(k), _bhl(v), _bhl(do), lut_str,
         H, L, LK, qk_scale, scale, BLOCK_M=block, BLOCK_N=bn, D=D, NUM_STAGES=c.num_stages, USE_TMA=tma,
-        **_launch(c))
+        COMPENSATE=comp, **tiles, **_launch(c))
+    dkm = dvm = delta
+    if comp:
+        dkm = _empty(B * H, nk, D, device=q.device, dtype=torch.float32, poison=poison)
+        dvm = _empty(B * H, nk, D, device=q.device, dtype=torch.float32, poison=poison)
+        bc = _centroid_tiles(nk, idx.shape[-1], widest=32)
+        tk._centroid_bwd_kernel[(triton_cdiv(nk, bc["BLOCK_C"]), B * H)](
+            q, do, lse, delta, idx, cnt, km, vm, dkm, dvm, _bhl(q), _bhl(do), lut_str, H, L, LK, nq, qk_scale,
+            scale, BLOCK=block, BLOCK_M=min(64, block), D=D, **bc, num_warps=4)
     kidx, kcnt = transpose_lut(idx, cnt, B, H, nq, nk)
     c = config_for("bwd_dkdv", D, q.dtype, L, opts)
     bn = min(c.kwargs["BLOCK_N"], block)
@@ -410,9 +424,9 @@ def _sparse_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Ten
     tma = _use_tma(c, opts, q, k, v, do)
     qd, dod = _descs(tma, (q, bm), (do, bm))
     tk._sparse_bwd_dkdv_kernel[(nk * (block // bn), B * H)](
-        qd, k, v, dod, dk, dv, lse, delta, kidx, kcnt, _bhl(q), _bhl(k), _bhl(v), _bhl(do),
+        qd, k, v, dod, dk, dv, lse, delta, kidx, kcnt, dkm, dvm, _bhl(q), _bhl(k), _bhl(v), _bhl(do),
         H, L, LK, nq, qk_scale, scale, BLOCK=block, BLOCK_N=bn, BLOCK_M=bm, D=D, NUM_STAGES=c.num_stages,
-        USE_TMA=tma, **_launch(c))
+        USE_TMA=tma, COMPENSATE=comp, **_launch(c))
     return dq, dk, dv
 
 
@@ -435,18 +449,20 @@ def _prep(q: Tensor, k: Tensor, v: Tensor, block: int, scale: Optional[float]
 class _SparseAttnFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block: int, scale: float,
-                layout: str, opts: TritonOptions) -> Tuple[Tensor, Tensor]:
-        o, lse, _ = _sparse_fwd(q, k, v, idx, cnt, block, scale, layout=layout, opts=opts)
-        ctx.save_for_backward(q, k, v, o, lse, idx, cnt)
+                layout: str, compensate: bool, opts: TritonOptions) -> Tuple[Tensor, Tensor]:
+        o, lse, means = _sparse_fwd(q, k, v, idx, cnt, block, scale, layout=layout, comp=compensate or None,
+                                    opts=opts)
+        ctx.save_for_backward(q, k, v, o, lse, idx, cnt, *(means or ()))
         ctx.block, ctx.scale, ctx.opts = block, scale, opts
         ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
     def backward(ctx: Any, do: Tensor, dlse: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
-        q, k, v, o, lse, idx, cnt = ctx.saved_tensors
-        dq, dk, dv = _sparse_bwd(q, k, v, o, lse, do, idx, cnt, ctx.block, ctx.scale, opts=ctx.opts)
-        return dq, dk, dv, None, None, None, None, None, None
+        q, k, v, o, lse, idx, cnt, *means = ctx.saved_tensors
+        dq, dk, dv = _sparse_bwd(q, k, v, o, lse, do, idx, cnt, ctx.block, ctx.scale,
+                                 means=(means[0], means[1]) if means else None, opts=ctx.opts)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 class _LinearAttnFn(torch.autograd.Function):
@@ -468,11 +484,12 @@ class _LinearAttnFn(torch.autograd.Function):
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block: int,
-                           scale: Optional[float], layout: str = "bhld",
+                           scale: Optional[float], layout: str = "bhld", compensate: bool = False,
                            opts: TritonOptions = DEFAULT_OPTIONS) -> Tuple[Tensor, Tensor]:
-    """Differentiable (o, lse)."""
+    """Differentiable (o, lse); compensate: centroid compensation with the means pooled here (the
+    backward sends the centroids' gradients through the means to every key and value)."""
     q, k, v, scale = _prep(q, k, v, block, scale)
-    return _SparseAttnFn.apply(q, k, v, idx, cnt, block, scale, layout, opts)
+    return _SparseAttnFn.apply(q, k, v, idx, cnt, block, scale, layout, bool(compensate), opts)
 
 
 @torch.no_grad()

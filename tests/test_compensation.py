@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 
 from test_kernels import (  # noqa: E402,F401  (fixtures seed / poison / fwd_path are used by name)
-    DEV, HAVE_TRITON, TIGHT, TOL, TRITON, assert_close, full_lut, fwd_path, needs_triton, poison, qkv,
+    DEV, HAVE_TRITON, TIGHT, TOL, TRITON, _grads, assert_close, full_lut, fwd_path, needs_triton, poison, qkv,
     random_lut, seed)
 
 import salad_pack.kernels as K  # noqa: E402
@@ -176,18 +176,44 @@ def test_rowmap_compensated(seed, poison, backend):
     assert_close(o, expect, *TOL[dtype], "rowmap + compensation", seed)
 
 
+BWD_CASES = [  # B, H, L, Lk, D, block, dtype
+    (1, 2, 100, 100, 16, 16, torch.float32),
+    (2, 1, 97, 130, 32, 32, torch.float32),      # cross length, ragged tails of both
+    (1, 1, 150, 150, 64, 32, torch.float16),
+]
+
+
 @needs_triton
-def test_triton_backend_with_grads_uses_the_reference(seed, poison):
-    """No Triton backward for compensation yet: with grads needed the torch reference runs (autograd)."""
+@pytest.mark.parametrize("B,H,L,Lk,D,block,dtype", BWD_CASES)
+def test_triton_backward_vs_reference(seed, fwd_path, B, H, L, Lk, D, block, dtype):
+    """Triton backward with compensation (dq through the centroids, dk/dv through the block means)
+    against fp64 autograd of the torch reference."""
+    q, k, v = qkv(B, H, L, D, dtype, "blhd", Lk=Lk)
+    idx, cnt = _lut(B, H, L, Lk, block, "random")
+    do = torch.randn(B, H, L, D, device=DEV, dtype=torch.float64)
+    (o,), gt = _grads(lambda a, b, c: (K.block_sparse_attention(a, b, c, idx, cnt, block=block, compensate=True,
+                                                                **TRITON(fwd_path))[0],), q, k, v, (do,))
+    (ro,), gr = _grads(lambda a, b, c: (R.block_sparse_attention_ref(a, b, c, idx, cnt, block, compensate=True)[0],),
+                       q.double(), k.double(), v.double(), (do,))
+    assert_close(o, ro, *TOL[dtype], "compensated o", seed)
+    tol = TIGHT(1e-4) if dtype == torch.float32 else (1e-2, 1e-2)
+    for x, y, n in zip(gt, gr, "qkv"):
+        assert x.dtype == dtype
+        assert_close(x, y, *tol, f"compensated d{n}", seed)
+
+
+@needs_triton
+def test_triton_given_means_with_grads_use_the_reference(seed, poison):
+    """Means passed in that need gradients: the torch reference runs (autograd into the means)."""
     B, H, L, D, block = 1, 2, 100, 16, 16
     q, k, v = (t.requires_grad_() for t in qkv(B, H, L, D, torch.float32))
+    km = K.pool_blocks(k, block, backend="torch")      # differentiable in k
     idx, cnt = _lut(B, H, L, L, block, "random")
-    o, _ = K.block_sparse_attention(q, k, v, idx, cnt, block=block, compensate=True, **TRITON(poison))
+    o, _ = K.block_sparse_attention(q, k, v, idx, cnt, block=block, compensate=True, k_mean=km, **TRITON(poison))
     o.square().sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
-    with torch.no_grad():
-        ot, _ = K.block_sparse_attention(q, k, v, idx, cnt, block=block, compensate=True, **TRITON(poison))
-    assert_close(ot, o.detach().double(), *TOL[torch.float32], "triton fwd vs reference", seed)
+    ro, _ = R.block_sparse_attention_ref(q, k, v, idx, cnt, block, compensate=True)
+    assert_close(o.detach(), ro.detach().double(), 1e-6, 1e-6, "given means vs reference", seed)
 
 
 # ----------------------------------------------------------------------------------------------
