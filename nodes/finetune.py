@@ -32,11 +32,30 @@ CKPT_ROOT = "salad_finetune"       # checkpoints: <output>/salad_finetune/<prefi
 # wiring (no ComfyUI import needed: works on any WanModel-like module)
 # ----------------------------------------------------------------------------------------------
 
+LORA_LAYERS = ("q", "k", "v", "o")     # the self-attention projections a fine-tune LoRA adapts
+
+
+def wan_lora_targets(diffusion_model) -> dict:
+    """``{"blocks.<i>.self_attn.<q|k|v|o>": (in_features, out_features)}`` of a Wan diffusion model: the
+    module paths that ComfyUI's LoRA loader addresses as ``diffusion_model.<path>``."""
+    out = {}
+    for i, blk in enumerate(diffusion_model.blocks):
+        for n in LORA_LAYERS:
+            lin = getattr(blk.self_attn, n)
+            out[f"blocks.{i}.self_attn.{n}"] = (int(lin.in_features), int(lin.out_features))
+    return out
+
+
 @contextlib.contextmanager
-def salad_wan_hooks(diffusion_model, weights, sparsity: float, pattern: str, backend: str = "auto"):
+def salad_wan_hooks(diffusion_model, weights, sparsity: float, pattern: str, backend: str = "auto",
+                    grad_checkpointing: bool = False, lora=None):
     """Every self-attention block of ``diffusion_model`` runs SALAD (blocks that ``weights`` covers with
     their proj/gate, the others sparse-only, as Apply SALAD Attention does) inside the ``with``; the base
-    model is frozen meanwhile.  Restores the forwards and requires_grad flags on exit."""
+    model is frozen meanwhile.  ``grad_checkpointing``: each transformer block is recomputed in the
+    backward pass (salad_core.finetune.checkpointed).  ``lora``: a salad_core.finetune.LoraSet over
+    :func:`wan_lora_targets` (or a subset), added to those projections.  Restores the forwards and
+    requires_grad flags on exit."""
+    from ..salad_core.finetune import checkpointed
     from .patch import PatchOptions, SaladPatch
 
     dm = diffusion_model
@@ -53,6 +72,13 @@ def salad_wan_hooks(diffusion_model, weights, sparsity: float, pattern: str, bac
         put(dm.patch_embedding, "forward", state.make_patch_embedding_forward(dm.patch_embedding.forward))
         for i, blk in enumerate(dm.blocks):
             put(blk.self_attn, "forward", state.make_self_attn_forward(i, blk.self_attn.forward))
+            for n in LORA_LAYERS if lora is not None else ():
+                path = f"blocks.{i}.self_attn.{n}"
+                if path in lora.shapes:
+                    lin = getattr(blk.self_attn, n)
+                    put(lin, "forward", lora.wrap(path, lin.forward))
+            if grad_checkpointing:
+                put(blk, "forward", checkpointed(blk.forward))
         for p, f in flags:
             if f:
                 p.requires_grad_(False)
@@ -123,13 +149,15 @@ def cli_provider(model: str, device, comfyui=None) -> dict:
                 base_model=f"wan-{Path(model).stem}-dim{dm.dim}-{len(dm.blocks)}blocks")
     keep = []
 
-    def wire(weights, cfg):
-        hooks = salad_wan_hooks(dm, weights, cfg.sparsity, cfg.pattern, cfg.backend)
+    def wire(weights, cfg, lora=None):
+        hooks = salad_wan_hooks(dm, weights, cfg.sparsity, cfg.pattern, cfg.backend,
+                                grad_checkpointing=cfg.grad_checkpointing, lora=lora)
         st = hooks.__enter__()
         keep.append(hooks)
         return wan_forward(dm, st)
 
-    return dict(info=info, wire=wire, latent_transform=lf.process_in, diffusion_model=dm)
+    return dict(info=info, wire=wire, latent_transform=lf.process_in, diffusion_model=dm,
+                lora_targets=wan_lora_targets(dm))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,13 +241,16 @@ class SALADSaveTrainingPair:
 class SALADFinetune:
     DESCRIPTION = ("Fine-tunes SALAD's linear-branch projection and gate of every block inside the frozen Wan "
                    "model, on your training pairs, with the model's own flow-matching loss and SALAD active at the "
-                   "chosen sparsity (the paper's recipe). Checkpoints to output/salad_finetune/ and can resume; "
+                   "chosen sparsity (the paper's recipe); optionally also a LoRA on the self-attention projections "
+                   "(lora_rank > 0, saved to models/loras). Checkpoints to output/salad_finetune/ and can resume; "
                    "saves the weights to models/salad.")
     CATEGORY = "model/patch/SALAD"
-    RETURN_TYPES = ("SALAD_WEIGHTS", "STRING")
-    RETURN_NAMES = ("salad_weights", "filename")
+    RETURN_TYPES = ("SALAD_WEIGHTS", "STRING", "STRING")
+    RETURN_NAMES = ("salad_weights", "filename", "lora_filename")
     OUTPUT_TOOLTIPS = ("The fine-tuned weights, for Apply SALAD Attention.",
-                       "The saved weight file's name in models/salad (for SALAD Weights Loader).")
+                       "The saved weight file's name in models/salad (for SALAD Weights Loader).",
+                       "With lora_rank > 0: the LoRA file's name in models/loras, to load with LoraLoaderModelOnly "
+                       "(strength 1) together with these weights; empty otherwise.")
     FUNCTION = "train"
     OUTPUT_NODE = True
 
@@ -227,8 +258,8 @@ class SALADFinetune:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The Wan model (LoRAs included) the weights are for."}),
-            "data_folder": ("STRING", {"default": "my_set", "tooltip": "Training pairs (SALAD Save Training Pair): "
-                                                                      "a name under output/salad_training/ or a path."}),
+            "data_folder": ("STRING", {"default": "my_set", "tooltip": (
+                "Training pairs (SALAD Save Training Pair): a name under output/salad_training/ or a path.")}),
             "steps": ("INT", {"default": 1600, "min": 1, "max": 1000000}),
             "batch": ("INT", {"default": 1, "min": 1, "max": 256}),
             "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-5}),
@@ -242,16 +273,26 @@ class SALADFinetune:
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
             "checkpoint_every": ("INT", {"default": 100, "min": 0, "max": 1000000}),
             "filename_prefix": ("STRING", {"default": "salad_finetuned"}),
+            "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": (
+                "Recompute each transformer block in the backward pass instead of keeping its activations: much "
+                "less GPU memory (needed for Wan 1.3B at 480p on most GPUs) for about one extra forward per step. "
+                "Same results.")}),
+            "lora_rank": ("INT", {"default": 0, "min": 0, "max": 256, "tooltip": (
+                "0: train only SALAD's projection and gate. > 0: also train a LoRA of this rank on every "
+                "self-attention q/k/v/o projection, saved to models/loras (lora_filename); load it with "
+                "LoraLoaderModelOnly at strength 1 whenever you use these weights.")}),
         }}
 
     def train(self, model, data_folder, steps, batch, learning_rate, sparsity, pattern, resume, init_weights=None,
-              seed=0, checkpoint_every=100, filename_prefix="salad_finetuned"):
+              seed=0, checkpoint_every=100, filename_prefix="salad_finetuned", gradient_checkpointing=True,
+              lora_rank=0):
         import copy
 
         import comfy.model_management as mm
         import comfy.utils
         import folder_paths
-        from ..salad_core.finetune import FinetuneConfig, NonFiniteLossError, PairFolder, finetune, make_weights
+        from ..salad_core.finetune import (FinetuneConfig, LoraSet, NonFiniteLossError, PairFolder, finetune,
+                                           make_weights)
         from .loader import SALADWeightsLoader
         from .patch import wan_model_info
         from .paths import FOLDER_NAME
@@ -264,7 +305,8 @@ class SALADFinetune:
         multiplier = float(getattr(ms, "multiplier", 1000.0))
         cfg = FinetuneConfig(steps=steps, batch=batch, lr=learning_rate, sparsity=sparsity, pattern=pattern,
                              shift=shift, multiplier=multiplier, seed=seed, ckpt_every=checkpoint_every,
-                             log_every=max(1, steps // 20))
+                             log_every=max(1, steps // 20), grad_checkpointing=gradient_checkpointing,
+                             lora_rank=lora_rank)
         prefix = _safe(filename_prefix)
         ckpt = os.path.join(folder_paths.get_output_directory(), CKPT_ROOT, f"{prefix}.ckpt")
         os.makedirs(os.path.dirname(ckpt), exist_ok=True)
@@ -287,22 +329,42 @@ class SALADFinetune:
             swapped = _trainable_copy_of_inference_tensors(dm)
             if swapped:
                 log.info("SALAD Fine-tune: %d inference-mode tensors of the model copied for autograd", swapped)
-            with salad_wan_hooks(dm, weights, cfg.sparsity, cfg.pattern) as st:
+            lora = LoraSet(wan_lora_targets(dm), cfg.lora_rank, seed=seed) if cfg.lora_rank else None
+            lora_out = _unique_lora_path(prefix) if lora is not None else None
+            with salad_wan_hooks(dm, weights, cfg.sparsity, cfg.pattern, grad_checkpointing=cfg.grad_checkpointing,
+                                 lora=lora) as st:
                 try:
                     res = finetune(wan_forward(dm, st), weights, data, cfg, out_path=_unique_path(prefix),
                                    ckpt_path=ckpt, resume=bool(resume), device=device,
                                    latent_transform=model.model.process_latent_in, callback=on_step,
                                    created_by="ComfyUI SALAD Fine-tune",
-                                   log=lambda m: log.info("SALAD Fine-tune: %s", m))
+                                   log=lambda m: log.info("SALAD Fine-tune: %s", m), lora=lora,
+                                   lora_out_path=lora_out)
                 except NonFiniteLossError as e:
                     log.error("%s", e)
                     raise
         weights.to("cpu")
         name = os.path.relpath(str(res["path"]), folder_paths.get_folder_paths(FOLDER_NAME)[0])
+        lora_name = ""
+        if res["lora_path"] is not None:
+            lora_name = os.path.relpath(str(res["lora_path"]), folder_paths.get_folder_paths("loras")[0])
         text = (f"SALAD Fine-tune: {res['step']} steps, last loss "
-                f"{res['history'][-1][1] if res['history'] else float('nan'):.5f}; saved {name}")
+                f"{res['history'][-1][1] if res['history'] else float('nan'):.5f}; saved {name}"
+                + (f" and the LoRA {lora_name} (load it with LoraLoaderModelOnly, strength 1, with these weights)"
+                   if lora_name else ""))
         log.info("%s", text)
-        return {"ui": {"text": [text]}, "result": (SALADWeightsLoader.wrap(weights), name)}
+        return {"ui": {"text": [text]}, "result": (SALADWeightsLoader.wrap(weights), name, lora_name)}
+
+
+def _unique_lora_path(prefix: str) -> str:
+    """models/loras/<prefix>_lora_NNNNN.safetensors, the first name not taken."""
+    import folder_paths
+    folder = folder_paths.get_folder_paths("loras")[0]
+    os.makedirs(folder, exist_ok=True)
+    n = 1
+    while os.path.exists(os.path.join(folder, f"{_safe(prefix)}_lora_{n:05d}.safetensors")):
+        n += 1
+    return os.path.join(folder, f"{_safe(prefix)}_lora_{n:05d}.safetensors")
 
 
 def _trainable_copy_of_inference_tensors(module) -> int:

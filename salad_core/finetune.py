@@ -25,6 +25,18 @@ From ComfyUI, ``shift`` / ``multiplier`` come from the model's ``model_sampling`
 Optimiser: AdamW on fp32 master weights, linear warm-up then cosine decay (to ``min_lr_ratio`` x
 lr), gradient-norm clipping, bf16 autocast on CUDA (the torch path, fp32, on the CPU).
 
+Gradient checkpointing (``FinetuneConfig.grad_checkpointing``, on by default): the wiring runs each
+transformer block through :func:`checkpointed`, so only block inputs are kept and each block is
+recomputed in the backward pass.  The base is frozen, but the gradient of block i's proj/gate goes
+back through every later block, so without it the step keeps all blocks' activations (the
+CLI's ``--no-grad-checkpointing`` is for small models, where it only costs time).
+
+LoRA (``FinetuneConfig.lora_rank`` > 0, off by default): a :class:`LoraSet` on the self-attention
+projections (the wiring chooses the targets: q/k/v/o of every block for Wan), trained and
+checkpointed with proj/gate, written by :func:`save_lora` as a standard ComfyUI LoRA file
+(``diffusion_model.<path>.lora_A.weight``...) that core's LoraLoaderModelOnly loads at strength 1; the
+SALAD weight file names it in its ``lora_file`` metadata and stays loadable without it.
+
 Determinism: the data order is a seeded permutation per epoch and every sample's noise, t and
 caption dropout are drawn from a generator seeded by ``(seed, global sample index)``; the lr is a
 function of the step.  So a step's batch depends on ``(seed, step)`` only, a resumed run sees
@@ -106,7 +118,11 @@ class FinetuneConfig:
     shift 8, multiplier 1000); cfg_dropout: share of samples trained with an all-zero context;
     sparsity / pattern / backend: SALAD attention during training (recorded in the output file;
     the caller's wiring must use them too); ckpt_every: steps between checkpoints (0: only at the
-    end); autocast: bf16 autocast on CUDA."""
+    end); autocast: bf16 autocast on CUDA; grad_checkpointing: the wiring recomputes each transformer
+    block in the backward pass instead of keeping its activations (see :func:`checkpointed`; on by
+    default: the base is frozen, but the backward still walks every block, so without it a Wan 1.3B
+    step at 480p keeps every block's activations); lora_rank: rank of the optional LoRA on the
+    self-attention projections trained with proj/gate (0: none, see :class:`LoraSet`)."""
 
     steps: int = 1600
     batch: int = 8
@@ -126,10 +142,13 @@ class FinetuneConfig:
     ckpt_every: int = 100
     log_every: int = 10
     autocast: bool = True
+    grad_checkpointing: bool = True
+    lora_rank: int = 0
 
-    # keys that define the run: a resumed run must use the same values
+    # keys that define the run: a resumed run must use the same values (grad_checkpointing changes memory and
+    # time, not the numbers, so a run may be resumed with it switched)
     RUN_KEYS = ("steps", "batch", "lr", "warmup", "min_lr_ratio", "weight_decay", "betas", "grad_clip", "shift",
-                "multiplier", "cfg_dropout", "seed", "sparsity", "pattern")
+                "multiplier", "cfg_dropout", "seed", "sparsity", "pattern", "lora_rank")
 
     def __post_init__(self):
         self.steps, self.batch = int(self.steps), int(self.batch)
@@ -149,7 +168,13 @@ class FinetuneConfig:
             raise FinetuneError(f"pattern must be {' or '.join(map(repr, PATTERNS))}, got {self.pattern!r}")
         self.warmup = max(1, self.steps // 20) if self.warmup is None else max(0, int(self.warmup))
         self.betas = (float(self.betas[0]), float(self.betas[1]))
-        self.seed, self.ckpt_every, self.log_every = int(self.seed), max(0, int(self.ckpt_every)), max(1, int(self.log_every))
+        self.grad_checkpointing = bool(self.grad_checkpointing)
+        r = self.lora_rank
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or int(r) != r or not 0 <= r <= 1024:
+            raise FinetuneError(f"lora_rank must be an integer from 0 (no LoRA) to 1024, got {self.lora_rank!r}")
+        self.lora_rank = int(self.lora_rank)
+        self.seed, self.ckpt_every = int(self.seed), max(0, int(self.ckpt_every))
+        self.log_every = max(1, int(self.log_every))
 
     def run_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -299,17 +324,114 @@ def flow_example(z0: Tensor, ctx: Tensor, cfg: FinetuneConfig, position: int):
 
 
 # ----------------------------------------------------------------------------------------------
+# gradient checkpointing and LoRA (the wiring installs them; the recipe trains what they hold)
+# ----------------------------------------------------------------------------------------------
+
+def checkpointed(forward: Callable) -> Callable:
+    """``forward`` (a transformer block's) run under ``torch.utils.checkpoint`` while autograd records:
+    its activations are dropped after the forward and recomputed in the backward pass.  Non-reentrant
+    (gradients reach parameters that are not inputs, such as proj/gate and LoRA; keyword arguments pass
+    through; the RNG state is replayed).  Without grad (sampling, evaluation) it is ``forward`` itself."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    run._salad_checkpointed = forward
+    return run
+
+
+class LoraSet(torch.nn.Module):
+    """Low-rank adapters on linear layers of the frozen model, trained with proj/gate (optional).
+
+    ``targets``: ``{module path in the diffusion model: (in_features, out_features)}``, e.g.
+    ``"blocks.3.self_attn.q": (1536, 1536)``.  Each target gets ``A`` (rank, in) and ``B`` (out, rank);
+    the layer computes ``W x + b + (alpha / rank) B A x``.  ``B`` starts at zero (the model is unchanged
+    at step 0), ``A`` uniform in +-1/sqrt(in) from ``seed`` (so a run is reproducible); ``alpha`` defaults
+    to ``rank`` (scale 1).  :func:`save_lora` writes ComfyUI's standard LoRA keys
+    (``diffusion_model.<path>.lora_A.weight`` / ``.lora_B.weight`` / ``.alpha``), which core's
+    LoraLoaderModelOnly merges as ``W + strength (alpha / rank) B A``: the trained layer."""
+
+    def __init__(self, targets: Dict[str, Tuple[int, int]], rank: int, alpha: Optional[float] = None, seed: int = 0):
+        super().__init__()
+        if int(rank) < 1 or not targets:
+            raise FinetuneError(f"a LoRA needs rank >= 1 and at least one target (got rank {rank}, "
+                                f"{len(targets)} targets)")
+        self.rank = int(rank)
+        self.alpha = float(self.rank if alpha is None else alpha)
+        self.paths: List[str] = sorted(targets)
+        self._index = {p: i for i, p in enumerate(self.paths)}
+        self.shapes = {p: (int(targets[p][0]), int(targets[p][1])) for p in self.paths}
+        self.A = torch.nn.ParameterList()
+        self.B = torch.nn.ParameterList()
+        for i, p in enumerate(self.paths):
+            n_in, n_out = self.shapes[p]
+            g = torch.Generator().manual_seed(_mix(seed, 13, i))
+            bound = 1.0 / math.sqrt(n_in)
+            self.A.append(torch.nn.Parameter((torch.rand(self.rank, n_in, generator=g) * 2 - 1) * bound))
+            self.B.append(torch.nn.Parameter(torch.zeros(n_out, self.rank)))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self, path: str, x: Tensor) -> Tensor:
+        """The adapter's addition to the output of the layer at ``path`` for its input ``x``."""
+        i = self._index[path]
+        a, b = self.A[i], self.B[i]
+        h = torch.nn.functional.linear(x, a.to(x.dtype))
+        return torch.nn.functional.linear(h, b.to(h.dtype)) * self.scale
+
+    def wrap(self, path: str, forward: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+        """A layer forward with this path's adapter added."""
+        def run(x, *args, **kwargs):
+            return forward(x, *args, **kwargs) + self.delta(path, x)
+        return run
+
+    def state_tensors(self) -> Dict[str, Tensor]:
+        """``{"<path>.lora_A.weight": A, "<path>.lora_B.weight": B}`` (the parameters themselves)."""
+        out = {}
+        for i, p in enumerate(self.paths):
+            out[f"{p}.lora_A.weight"] = self.A[i]
+            out[f"{p}.lora_B.weight"] = self.B[i]
+        return out
+
+
+def save_lora(lora: LoraSet, path, prefix: str = "diffusion_model.", metadata: Optional[dict] = None) -> Path:
+    """Write ``lora`` atomically as a ComfyUI LoRA file (keys ``<prefix><path>.lora_A.weight`` (rank, in),
+    ``.lora_B.weight`` (out, rank), ``.alpha``; fp32)."""
+    tensors = {}
+    for name, t in lora.state_tensors().items():
+        t = t.detach().float().cpu().contiguous()
+        if not torch.isfinite(t).all():
+            raise FinetuneError(f"refusing to save {Path(path).name}: LoRA tensor {name} has NaN/Inf values")
+        tensors[prefix + name] = t
+    for p in lora.paths:
+        tensors[f"{prefix}{p}.alpha"] = torch.tensor(lora.alpha, dtype=torch.float32)
+    meta = {"salad_lora_version": "1", "rank": str(lora.rank), "alpha": str(lora.alpha),
+            "targets": str(len(lora.paths))}
+    meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    return atomic_write_safetensors(tensors, meta, path)
+
+
+# ----------------------------------------------------------------------------------------------
 # checkpoints
 # ----------------------------------------------------------------------------------------------
 
-def _param_list(weights: SaladWeights) -> List[Tuple[str, torch.nn.Parameter]]:
-    return list(weights.state_tensors().items())
+def _param_list(weights: SaladWeights, lora: Optional[LoraSet] = None) -> List[Tuple[str, torch.nn.Parameter]]:
+    """Every trained tensor with its checkpoint name: proj/gate, then the LoRA's A/B (``lora.<path>...``)."""
+    out = list(weights.state_tensors().items())
+    if lora is not None:
+        out += [(f"lora.{k}", v) for k, v in lora.state_tensors().items()]
+    return out
 
 
-def save_checkpoint(path, weights: SaladWeights, opt: torch.optim.Optimizer, state: dict) -> Path:
-    """Weights, AdamW state, RNG and ``state`` (JSON) in one safetensors file, atomically."""
+def save_checkpoint(path, weights: SaladWeights, opt: torch.optim.Optimizer, state: dict,
+                    lora: Optional[LoraSet] = None) -> Path:
+    """Weights (and LoRA), AdamW state, RNG and ``state`` (JSON) in one safetensors file, atomically."""
     tensors = {}
-    for name, p in _param_list(weights):
+    for name, p in _param_list(weights, lora):
         tensors[f"w.{name}"] = p.detach().float().cpu().contiguous()
         st = opt.state.get(p, {})
         for k in ("exp_avg", "exp_avg_sq", "step"):
@@ -341,11 +463,15 @@ def load_checkpoint(path) -> Tuple[dict, Dict[str, Tensor]]:
     return json.loads(meta["state"]), tensors
 
 
-def _restore(weights: SaladWeights, opt: torch.optim.Optimizer, tensors: Dict[str, Tensor]) -> None:
-    params = _param_list(weights)
+def _restore(weights: SaladWeights, opt: torch.optim.Optimizer, tensors: Dict[str, Tensor],
+             lora: Optional[LoraSet] = None) -> None:
+    params = _param_list(weights, lora)
     missing = [n for n, _ in params if f"w.{n}" not in tensors]
     if missing:
-        raise FinetuneError(f"checkpoint lacks weights {missing[:4]} (it was made for other blocks)")
+        raise FinetuneError(f"checkpoint lacks weights {missing[:4]} (it was made for other blocks or LoRA targets)")
+    bad = [n for n, p in params if tuple(tensors[f"w.{n}"].shape) != tuple(p.shape)]
+    if bad:
+        raise FinetuneError(f"checkpoint tensors {bad[:4]} have other shapes than this run's")
     with torch.no_grad():
         for n, p in params:
             p.copy_(tensors[f"w.{n}"].to(device=p.device, dtype=p.dtype))
@@ -391,9 +517,10 @@ def init_distributed_from_env(device: Optional[str] = None) -> Optional[torch.de
 class _Trainable(torch.nn.Module):
     """The trainable weights plus the caller's forward, so DDP sees the parameters it must reduce."""
 
-    def __init__(self, weights: SaladWeights, forward: FORWARD):
+    def __init__(self, weights: SaladWeights, forward: FORWARD, lora: Optional[LoraSet] = None):
         super().__init__()
         self.weights = weights
+        self.lora = lora
         self._forward = forward
 
     def forward(self, x, t, ctx):
@@ -405,8 +532,8 @@ class _Trainable(torch.nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 def _compatible_state(prev: dict, cfg: FinetuneConfig, weights: SaladWeights, fingerprint: str, ckpt) -> None:
-    diffs = [f"{k}: checkpoint {prev['config'].get(k)!r}, now {v!r}" for k, v in cfg.run_dict().items()
-             if prev["config"].get(k) != v]
+    was = {"lora_rank": 0, **prev["config"]}          # checkpoints from before the LoRA option had none
+    diffs = [f"{k}: checkpoint {was.get(k)!r}, now {v!r}" for k, v in cfg.run_dict().items() if was.get(k) != v]
     if prev.get("blocks") != format_block_spec(weights.block_ids) or prev.get("dim") != weights.dim:
         diffs.append(f"weights: checkpoint blocks {prev.get('blocks')} dim {prev.get('dim')}, now "
                      f"{format_block_spec(weights.block_ids)} dim {weights.dim}")
@@ -421,7 +548,8 @@ def finetune(forward: FORWARD, weights: SaladWeights, data: PairFolder, config: 
              out_path=None, ckpt_path=None, resume: bool = False, device=None,
              latent_transform: Optional[Callable[[Tensor], Tensor]] = None,
              callback: Optional[Callable[[dict], None]] = None, created_by: str = "salad_core.finetune",
-             stop_at: Optional[int] = None, log: Optional[Callable[[str], None]] = None) -> dict:
+             stop_at: Optional[int] = None, log: Optional[Callable[[str], None]] = None,
+             lora: Optional[LoraSet] = None, lora_out_path=None) -> dict:
     """Fine-tune ``weights`` (in place) through ``forward``; see the module docstring.
 
     out_path: final SALAD weight file (written by rank 0; None: not written).  ckpt_path: checkpoint
@@ -430,8 +558,10 @@ def finetune(forward: FORWARD, weights: SaladWeights, data: PairFolder, config: 
     callback(dict(step, steps, loss, lr, grad_norm, seconds)) after every step (rank 0 only).
     stop_at: end after this many total steps (checkpointing there) without finishing the run
     (tests, time-sliced jobs); no final file is written then.
+    lora: a :class:`LoraSet` of rank ``config.lora_rank`` that ``forward``'s wiring already applies,
+    trained (and checkpointed) with the weights; lora_out_path: its final ComfyUI LoRA file (rank 0).
 
-    Returns ``dict(weights, path, step, history, resumed_from)``.  Raises NonFiniteLossError on a
+    Returns ``dict(weights, path, step, history, resumed_from, lora, lora_path)``.  Raises NonFiniteLossError on a
     NaN / inf loss (nothing applied; the checkpoint on disk stays the last good one)."""
     cfg = config
     dist = _dist()
@@ -439,11 +569,17 @@ def finetune(forward: FORWARD, weights: SaladWeights, data: PairFolder, config: 
     if cfg.batch % world:
         raise FinetuneError(f"the global batch {cfg.batch} must be divisible by the {world} processes")
     local = cfg.batch // world
+    if (lora.rank if lora is not None else 0) != cfg.lora_rank:
+        raise FinetuneError(f"config.lora_rank is {cfg.lora_rank} but the LoRA passed has rank "
+                            f"{lora.rank if lora is not None else 0}")
     device = torch.device(device) if device is not None else next(weights.parameters()).device
     say = log or (lambda m: None)
     weights.to(device=device, dtype=torch.float32)
     weights.requires_grad_(True)
-    params = [p for _, p in _param_list(weights)]
+    if lora is not None:
+        lora.to(device=device, dtype=torch.float32)
+        lora.requires_grad_(True)
+    params = [p for _, p in _param_list(weights, lora)]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     fingerprint = data.fingerprint()
     prior_steps = int(weights.metadata.get("training_steps", "0") or 0)
@@ -452,13 +588,13 @@ def finetune(forward: FORWARD, weights: SaladWeights, data: PairFolder, config: 
     if resume and ckpt_path is not None and ckpt_path.exists():
         prev, tensors = load_checkpoint(ckpt_path)
         _compatible_state(prev, cfg, weights, fingerprint, ckpt_path)
-        _restore(weights, opt, tensors)
+        _restore(weights, opt, tensors, lora)
         start, history, prior_steps = int(prev["step"]), list(prev.get("history", [])), int(prev["prior_steps"])
         resumed_from = str(ckpt_path)
         say(f"resumed from {ckpt_path.name} at step {start} of {cfg.steps}")
     elif resume and ckpt_path is not None:
         say(f"no checkpoint at {ckpt_path}: starting at step 0")
-    module = _Trainable(weights, forward)
+    module = _Trainable(weights, forward, lora)
     if dist and world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None,
@@ -477,7 +613,7 @@ def finetune(forward: FORWARD, weights: SaladWeights, data: PairFolder, config: 
 
     def checkpoint(step: int):
         if ckpt_path is not None and rank == 0:
-            save_checkpoint(ckpt_path, weights, opt, state_now(step))
+            save_checkpoint(ckpt_path, weights, opt, state_now(step), lora)
         if dist and world > 1:
             dist.barrier()
 
@@ -546,21 +682,39 @@ def finetune(forward: FORWARD, weights: SaladWeights, data: PairFolder, config: 
     if step_done > start or (ckpt_path is not None and not ckpt_path.exists()):
         checkpoint(step_done)
     weights.requires_grad_(False)
+    if lora is not None:
+        lora.requires_grad_(False)
+    finished = step_done == cfg.steps
     md = weights.metadata
     md["training_steps"] = str(prior_steps + step_done)
     md["training_data"] = (f"SALAD fine-tune (flow matching, shift {cfg.shift:g}): {step_done} steps x batch "
                            f"{cfg.batch} on {data.describe()}; lr {cfg.lr:g}, warm-up {cfg.warmup}, cosine; "
-                           f"{world} process(es)" + (f"; started from {prior_steps} prior steps" if prior_steps else ""))
+                           f"{world} process(es)")
+    if prior_steps:
+        md["training_data"] += f"; started from {prior_steps} prior steps"
     md["created_by"] = created_by
     md["pattern"] = cfg.pattern
     md["sparsity"] = str(cfg.sparsity)
+    lora_path = None
+    if lora is not None:
+        md["training_data"] += (f"; trained together with a rank-{lora.rank} LoRA on the self-attention projections"
+                                f" ({len(lora.paths)} layers): load that LoRA at strength 1 with these weights")
+        if lora_out_path is not None:
+            md["lora_file"] = Path(lora_out_path).name
+            if finished and rank == 0:
+                lora_path = save_lora(lora, lora_out_path, metadata={
+                    "base_model": md.get("base_model", "unknown"), "created_by": created_by,
+                    "training_steps": md["training_steps"], "salad_weights": Path(out_path).name if out_path else "",
+                    "training_data": md["training_data"]})
+                say(f"saved {lora_path}")
     path = None
-    if out_path is not None and step_done == cfg.steps and rank == 0:
+    if out_path is not None and finished and rank == 0:
         path = save_salad_weights(weights, out_path)
         say(f"saved {path}")
     if dist and world > 1:
         dist.barrier()
-    return dict(weights=weights, path=path, step=step_done, history=history, resumed_from=resumed_from)
+    return dict(weights=weights, path=path, step=step_done, history=history, resumed_from=resumed_from,
+                lora=lora, lora_path=lora_path)
 
 
 def make_weights(info: dict, cfg: FinetuneConfig, init_weights=None, blocks=None,
@@ -574,7 +728,3 @@ def make_weights(info: dict, cfg: FinetuneConfig, init_weights=None, blocks=None
                             base_model=info.get("base_model", "unknown"), pattern=cfg.pattern,
                             sparsity=cfg.sparsity, created_by=created_by)
 
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ the product floors so that ``salad_core`` never reaches up into ``nodes`` or ``t
     python scripts/salad_finetune.py --model wan.safetensors --data pairs/ --out salad_ft.safetensors \\
         --steps 1600 --batch 8 --lr 1e-4 --sparsity 0.9 --pattern topk [--init-weights calib.safetensors]
     python scripts/salad_finetune.py ... --resume                   # continue from --ckpt
+    python scripts/salad_finetune.py ... --lora-rank 16             # + LoRA on self-attn q/k/v/o (--lora-out)
+    python scripts/salad_finetune.py ... --no-grad-checkpointing    # keep activations (small models: faster)
     torchrun --nproc-per-node 2 scripts/salad_finetune.py ...        # DDP (NCCL / gloo), global batch split
 """
 from __future__ import annotations
@@ -25,8 +27,8 @@ register()
 
 import torch  # noqa: E402
 
-from salad_pack.salad_core.finetune import (FinetuneConfig, NonFiniteLossError, PairFolder, _dist,  # noqa: E402
-                                            finetune, init_distributed_from_env, make_weights)
+from salad_pack.salad_core.finetune import (FinetuneConfig, LoraSet, NonFiniteLossError, PairFolder,  # noqa: E402
+                                            _dist, finetune, init_distributed_from_env, make_weights)
 from salad_pack.salad_core.weights import format_block_spec  # noqa: E402
 
 
@@ -71,6 +73,13 @@ def parse_args(argv=None):
         typ = type(default) if default is not None else int
         ap.add_argument(f"--{k.replace('_', '-')}", type=typ, default=default)
     ap.add_argument("--no-autocast", action="store_true")
+    ap.add_argument("--no-grad-checkpointing", action="store_true",
+                    help="keep every block's activations for the backward pass instead of recomputing them "
+                         "(faster, far more memory; fine for small models such as the testbed)")
+    ap.add_argument("--lora-rank", type=int, default=0,
+                    help="also train a LoRA of this rank on the self-attention q/k/v/o projections (0: none)")
+    ap.add_argument("--lora-out", default=None,
+                    help="the LoRA file (ComfyUI LoraLoaderModelOnly format; default <out stem>_lora.safetensors)")
     return ap.parse_args(argv)
 
 
@@ -88,7 +97,7 @@ def main(argv=None) -> int:
     cfg = FinetuneConfig(**{k: getattr(a, k) for k in (
         "steps", "batch", "lr", "warmup", "min_lr_ratio", "weight_decay", "grad_clip", "shift", "multiplier",
         "cfg_dropout", "seed", "sparsity", "pattern", "backend", "ckpt_every", "log_every")},
-        autocast=not a.no_autocast)
+        autocast=not a.no_autocast, grad_checkpointing=not a.no_grad_checkpointing, lora_rank=a.lora_rank)
     handle = _load_provider(a.provider)(model=a.model, device=device, comfyui=a.comfyui)
     enc = None
     if a.captions == "testbed":
@@ -97,15 +106,20 @@ def main(argv=None) -> int:
     blocks = None if a.blocks is None else a.blocks
     weights = make_weights(handle["info"], cfg, a.init_weights, blocks, created_by="scripts/salad_finetune.py")
     weights.to(device)
-    forward = handle["wire"](weights, cfg)
+    lora = lora_out = None
+    if cfg.lora_rank:
+        lora = LoraSet(handle["lora_targets"], cfg.lora_rank, seed=cfg.seed)
+        lora_out = a.lora_out or str(Path(a.out).with_name(Path(a.out).stem + "_lora.safetensors"))
+    forward = handle["wire"](weights, cfg, lora) if lora is not None else handle["wire"](weights, cfg)
     log(f"{handle['info'].get('base_model')}: training blocks {format_block_spec(weights.block_ids)} on "
         f"{data.describe()}, {cfg.steps} steps x batch {cfg.batch} ({dist.get_world_size() if dist else 1} "
-        f"process(es)), sparsity {cfg.sparsity} {cfg.pattern}, shift {cfg.shift}")
+        f"process(es)), sparsity {cfg.sparsity} {cfg.pattern}, shift {cfg.shift}, gradient checkpointing "
+        f"{'on' if cfg.grad_checkpointing else 'off'}" + (f", LoRA rank {cfg.lora_rank}" if lora else ""))
     ckpt = a.ckpt or (a.out + ".ckpt")
     try:
         res = finetune(forward, weights, data, cfg, out_path=a.out, ckpt_path=ckpt, resume=a.resume, device=device,
                        latent_transform=handle.get("latent_transform"), log=log, stop_at=a.stop_at,
-                       created_by="scripts/salad_finetune.py")
+                       created_by="scripts/salad_finetune.py", lora=lora, lora_out_path=lora_out)
     except NonFiniteLossError as e:
         log(str(e))
         return 3

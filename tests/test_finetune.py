@@ -189,6 +189,129 @@ def test_gloo_two_processes_match_one_process(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# gradient checkpointing and LoRA on ComfyUI's own WanModel (tiny fixture, in this process)
+# ------------------------------------------------------------------------------------------------
+
+def _tiny_wan(comfy, tiny_models):
+    import comfy.sd
+    return comfy.sd.load_diffusion_model(str(tiny_models["wan21_t2v_tiny"]))
+
+
+def _wan_batch(seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 16, 2, 32, 32, generator=g), torch.tensor([300.0, 800.0]),
+            torch.randn(2, 16, 4096, generator=g) * 0.1, torch.randn(2, 16, 2, 32, 32, generator=g))
+
+
+def _moved(w, lora, seed=4):
+    """Non-zero proj/gate and LoRA B, so every trained tensor gets a gradient."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in list(w.parameters()) + ([*lora.B] if lora is not None else []):
+            t.copy_(torch.randn(t.shape, generator=g) * 0.02)
+
+
+def test_gradient_checkpointing_same_loss_and_gradients(comfy_inprocess, tiny_models):
+    """nodes/finetune.py's Wan wiring with and without gradient checkpointing (SALAD topk 75%, LoRA rank 2):
+    the same loss and the same gradient for every proj/gate/LoRA tensor; with it, each block's self-attention
+    runs twice per step (the recompute) and the autograd graph outside the blocks keeps far fewer bytes."""
+    from salad_pack.nodes.finetune import salad_wan_hooks, wan_forward, wan_lora_targets
+    from salad_pack.salad_core.finetune import LoraSet
+
+    dm = _tiny_wan(comfy_inprocess, tiny_models).model.diffusion_model
+    x, t, ctx, target = _wan_batch()
+    results = {}
+    for gc in (False, True):
+        w = SaladWeights.new(dm.dim, dm.num_heads, len(dm.blocks), base_model="tiny", pattern="topk", sparsity=0.75)
+        lora = LoraSet(wan_lora_targets(dm), 2, seed=0)
+        _moved(w, lora)
+        saved = [0]
+
+        def pack(tensor):
+            saved[0] += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with salad_wan_hooks(dm, w, 0.75, "topk", "torch", grad_checkpointing=gc, lora=lora) as st:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                loss = ((wan_forward(dm, st)(x, t, ctx) - target) ** 2).mean()
+            loss.backward()
+            calls = dict(st.stats.sparse_calls)
+        grads = {f"w.{k}": v.grad.clone() for k, v in w.state_tensors().items()}
+        grads.update({f"lora.{k}": v.grad.clone() for k, v in lora.state_tensors().items()})
+        results[gc] = (float(loss.detach()), grads, calls, saved[0])
+        print(f"gradient checkpointing {gc}: loss {float(loss.detach()):.8f}, self-attention calls {calls}, "
+              f"autograd saved {saved[0] / 2**20:.2f} MiB outside checkpointed blocks")
+    (l0, g0, c0, s0), (l1, g1, c1, s1) = results[False], results[True]
+    assert c0 == {0: 1, 1: 1} and c1 == {0: 2, 1: 2}, (c0, c1)
+    assert s1 < s0 / 2, (s0, s1)
+    assert abs(l0 - l1) <= 1e-7 * abs(l0), (l0, l1)
+    assert g0.keys() == g1.keys() and len(g0) == 2 * 4 + 2 * 4 * 2
+    for k in g0:
+        assert float(g0[k].abs().max()) > 0, f"{k} got no gradient"
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-9, msg=k)
+    # the hooks are gone after the with-block
+    assert all("forward" not in b.__dict__ and "forward" not in b.self_attn.q.__dict__ for b in dm.blocks)
+
+
+def test_lora_file_loads_in_comfyui_and_reproduces_the_trained_model(comfy_inprocess, tiny_models, tmp_path):
+    """Fine-tune proj/gate + a rank-4 LoRA on the tiny Wan (ComfyUI's WanModel), then load the LoRA file with
+    ComfyUI's own LoRA loader (comfy.sd.load_lora_for_models, what LoraLoaderModelOnly calls) and the weights
+    with Apply SALAD Attention: every LoRA key is taken and the patched model's output equals the trained one."""
+    import comfy.lora
+    import comfy.lora_convert
+    import comfy.utils
+    from salad_pack.nodes.apply import SALADApplyAttention
+    from salad_pack.nodes.finetune import salad_wan_hooks, wan_forward, wan_lora_targets
+    from salad_pack.nodes.loader import SALADWeightsLoader
+    from salad_pack.salad_core.finetune import LoraSet
+
+    data = tmp_path / "data"
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):
+        save_pair(data / f"p{i}.safetensors", torch.randn(16, 2, 32, 32, generator=g),
+                  torch.randn(16, 4096, generator=g) * 0.1)
+    trained = _tiny_wan(comfy_inprocess, tiny_models)
+    dm = trained.model.diffusion_model
+    cfg = FinetuneConfig(steps=3, batch=2, lr=1e-2, warmup=1, sparsity=0.75, pattern="topk", backend="torch",
+                         ckpt_every=0, lora_rank=4)
+    w = SaladWeights.new(dm.dim, dm.num_heads, len(dm.blocks), base_model="tiny", pattern="topk", sparsity=0.75)
+    lora = LoraSet(wan_lora_targets(dm), cfg.lora_rank, seed=cfg.seed)
+    with salad_wan_hooks(dm, w, cfg.sparsity, cfg.pattern, "torch", grad_checkpointing=True, lora=lora) as st:
+        res = finetune(wan_forward(dm, st), w, PairFolder(data), cfg, out_path=tmp_path / "w.safetensors",
+                       device="cpu", latent_transform=trained.model.process_latent_in, lora=lora,
+                       lora_out_path=tmp_path / "w_lora.safetensors")
+        assert res["lora_path"] is not None and float(lora.B[0].abs().max()) > 0
+        x, t, ctx, _ = _wan_batch(seed=9)
+        with torch.no_grad():
+            ref = wan_forward(dm, st)(x, t, ctx)
+    sw = load_salad_weights(res["path"])
+    assert sw.metadata["lora_file"] == "w_lora.safetensors" and "rank-4 LoRA" in sw.metadata["training_data"]
+
+    sd = comfy.utils.load_torch_file(str(res["lora_path"]), safe_load=True)
+    assert len(sd) == 2 * 4 * 3 and "diffusion_model.blocks.1.self_attn.o.lora_A.weight" in sd
+    base = _tiny_wan(comfy_inprocess, tiny_models)
+    key_map = comfy.lora.model_lora_keys_unet(base.model, {})
+    loaded = comfy.lora.load_lora(comfy.lora_convert.convert_lora(sd), key_map)
+    assert len(loaded) == 2 * 4, sorted(loaded)[:4]          # every q/k/v/o of both blocks, nothing left over
+    with_lora = comfy.sd.load_lora_for_models(base, None, sd, 1.0, 0)[0]
+    m = SALADApplyAttention().apply(with_lora, 0.75, "topk", 0.0, 1.0, "", "torch",
+                                    salad_weights=SALADWeightsLoader.wrap(sw))[0]
+    m.patch_model()
+    try:
+        with torch.no_grad():
+            got = m.model.diffusion_model(x, t, ctx, transformer_options={})
+    finally:
+        m.unpatch_model()
+    with torch.no_grad():
+        plain = base.model.diffusion_model(x, t, ctx, transformer_options={})   # no LoRA, no SALAD
+    err = float((got - ref).abs().max() / ref.abs().max())
+    print(f"ComfyUI LoRA + SALAD weights vs the trained model: max rel error {err:.2e}; "
+          f"vs the model without them {float((plain - ref).abs().max() / ref.abs().max()):.2e}")
+    assert err < 1e-4
+    assert float((plain - ref).abs().max() / ref.abs().max()) > 100 * err
+
+
+# ------------------------------------------------------------------------------------------------
 # ComfyUI's WanModel through the CLI (nodes/finetune.py wiring), killed with SIGKILL and resumed
 # ------------------------------------------------------------------------------------------------
 
@@ -198,8 +321,9 @@ def _cli(args, **kw):
 
 
 def test_cli_tiny_wan_sigkill_resume_bit_exact(tmp_path, tiny_models, comfyui_dir):
-    """The CLI on the tiny Wan fixture (ComfyUI's WanModel, 512 tokens = 4 blocks, sparsity 0.75): a run
-    SIGKILLed after its step-2 checkpoint and resumed gives the weights of an uninterrupted run, bit for bit."""
+    """The CLI on the tiny Wan fixture (ComfyUI's WanModel, 512 tokens = 4 blocks, sparsity 0.75), with
+    gradient checkpointing (its default) and a rank-2 LoRA: a run SIGKILLed after its step-2 checkpoint and
+    resumed gives the weights and the LoRA of an uninterrupted run, bit for bit."""
     data = tmp_path / "data"
     g = torch.Generator().manual_seed(0)
     for i in range(3):
@@ -208,7 +332,7 @@ def test_cli_tiny_wan_sigkill_resume_bit_exact(tmp_path, tiny_models, comfyui_di
     env = dict(os.environ, COMFYUI_DIR=str(comfyui_dir), OMP_NUM_THREADS="1")
     common = ["--model", str(tiny_models["wan21_t2v_tiny"]), "--data", str(data), "--steps", "4", "--batch", "1",
               "--lr", "1e-3", "--sparsity", "0.75", "--pattern", "topk", "--ckpt-every", "2", "--log-every", "1",
-              "--backend", "torch", "--device", "cpu"]
+              "--backend", "torch", "--device", "cpu", "--lora-rank", "2"]
     straight = _cli(common + ["--out", str(tmp_path / "a.safetensors")], env=env)
     killed = _cli(common + ["--out", str(tmp_path / "b.safetensors"), "--stop-at", "1000"], env=env)
     ckpt = tmp_path / "b.safetensors.ckpt"
@@ -228,9 +352,16 @@ def test_cli_tiny_wan_sigkill_resume_bit_exact(tmp_path, tiny_models, comfyui_di
     assert resumed.returncode == 0 and f"resumed from b.safetensors.ckpt at step {state['step']}" in out_b, out_b
     a, b = load_salad_weights(tmp_path / "a.safetensors"), load_salad_weights(tmp_path / "b.safetensors")
     assert a.metadata["training_steps"] == "4" and "shift 8" in a.metadata["training_data"]
-    assert float(a.proj_for(0).weight.abs().max()) > 0
+    assert float(a.proj_for(0).weight.detach().abs().max()) > 0
     for k, v in a.state_tensors().items():
         assert torch.equal(v, b.state_tensors()[k]), k
+    assert "gradient checkpointing on, LoRA rank 2" in out_a and a.metadata["lora_file"] == "a_lora.safetensors"
+    from safetensors.torch import load_file
+    la, lb = load_file(tmp_path / "a_lora.safetensors"), load_file(tmp_path / "b_lora.safetensors")
+    assert la.keys() == lb.keys() and len(la) == 2 * 4 * 3
+    assert float(la["diffusion_model.blocks.0.self_attn.q.lora_B.weight"].abs().max()) > 0
+    for k in la:
+        assert torch.equal(la[k], lb[k]), k
 
 
 # ------------------------------------------------------------------------------------------------
@@ -261,7 +392,8 @@ def test_nodes_save_pairs_finetune_apply_in_comfy(comfy_server):
     q["4"]["inputs"].update(frames=2, height=32, width=32)
     q["20"] = {"class_type": "SALADFinetune", "inputs": {
         "model": ["1", 0], "data_folder": folder, "steps": 2, "batch": 2, "learning_rate": 1e-3,
-        "sparsity": 0.75, "pattern": "topk", "resume": False, "filename_prefix": prefix, "checkpoint_every": 0}}
+        "sparsity": 0.75, "pattern": "topk", "resume": False, "filename_prefix": prefix, "checkpoint_every": 0,
+        "gradient_checkpointing": True, "lora_rank": 2}}
     q["5"]["inputs"]["salad_weights"] = ["20", 0]
     q["5"]["inputs"]["sparsity"] = 0.75
     mark = len(comfy_server.log())
@@ -270,7 +402,10 @@ def test_nodes_save_pairs_finetune_apply_in_comfy(comfy_server):
     assert status_str(entry) == "success", (err.get("exception_message"), "".join(err.get("traceback", []))[-3000:])
     text = entry["outputs"]["20"]["text"][0]
     assert text.startswith("SALAD Fine-tune: 2 steps") and f"{prefix}_00001.safetensors" in text, text
+    assert f"the LoRA {prefix}_lora_00001.safetensors" in text, text
+    assert (comfy_server.models / "loras" / f"{prefix}_lora_00001.safetensors").is_file()
     w = load_salad_weights(comfy_server.salad_dir / f"{prefix}_00001.safetensors")
+    assert w.metadata["lora_file"] == f"{prefix}_lora_00001.safetensors"
     assert w.metadata["training_steps"] == "2" and w.metadata["created_by"] == "ComfyUI SALAD Fine-tune"
     assert "shift 8" in w.metadata["training_data"] and w.metadata["sparsity"] == "0.75"
     log = comfy_server.log()[mark:]
