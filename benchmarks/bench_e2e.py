@@ -185,7 +185,6 @@ def layer_parts(cfg, grid, dev, dtype, sparsities, patterns, sw, timeit):
                 row["whole_op_ms"] = t_sparse + t_lin   # selection + sparse + linear branch, no Proj
                 row["whole_op_speedup_vs_sdpa"] = out["sdpa_ms"] / row["whole_op_ms"]
                 out["runs"].append(row)
-    del q, k, v, xb
     return out
 
 
@@ -264,14 +263,14 @@ def main(argv=None):
                     out = forward().float()
                     calls = int(sum(state.stats.sparse_calls.values()))
                     ms = timeit(forward)
-                    row = dict(model=res["model"], height=Hh, width=W, frames=Fr, batch=batch, tokens=grid[0] * grid[1] * grid[2],
+                    row = dict(model=res["model"], height=Hh, width=W, frames=Fr, batch=batch,
+                               tokens=grid[0] * grid[1] * grid[2],
                                sparsity=s, pattern=pattern, dense_ms=dense_ms, ms=ms, speedup=dense_ms / ms,
                                rel_diff_vs_dense=float((out - ref).norm() / ref.norm()))
                     assert calls == cfg["num_layers"], f"SALAD ran on {calls} of {cfg['num_layers']} blocks"
                     res["rows"].append(row)
                     print(f"[e2e]   SALAD {pattern} {s:.2f}: {ms:.1f} ms -> {dense_ms / ms:.2f}x", flush=True)
             inst.uninstall()
-            del x, ctx, ref
         if not a.no_layers:
             lp = layer_parts(cfg, grid, dev, dtype, sparsities, patterns, sw,
                              Timer(dev, min(a.rep_ms, 400), a.iters))

@@ -3,7 +3,8 @@
 A fresh ComfyUI 0.3.75 server on the GPU with ``--reserve-vram`` (card total - usable_gib, as in
 gpu_server_check.py's partial mode) loads a full-size random-weight Wan 2.1 T2V 1.3B and samples short
 clips.  First every configuration runs alone (its solo output); then 20 prompts are queued without
-waiting (consecutive prompts differ, so ComfyUI's cache cannot serve the sampler; checked), cycling dense / SALAD with weights / SALAD sparse-only at several sparsities and patterns.
+waiting (consecutive prompts differ, so ComfyUI's cache cannot serve the sampler; checked), cycling dense /
+SALAD with weights / SALAD sparse-only at several sparsities and patterns.
 Checked: all 20 finish with success, each output equals its configuration's solo output (max abs diff
 relative to the solo's max; on a GPU small differences may come from nondeterministic kernels, so the
 check is <= --tol), and after POST /free (unload models, free memory) the device's used memory is back

@@ -10,8 +10,8 @@ sparsity 0 equals dense; recorded: wall time of each prompt (ComfyUI's own execu
 peak GPU memory during the prompt (NVML, device-wide), and how ComfyUI loaded the model (its log).
 
 Modes: full (default), partial (--reserve-vram so that about 4.5 GB is usable, as on a 6-8 GB card),
-lowvram (--lowvram with the same reserve), novram (--novram), and fp8 model weights (weight_dtype fp8_e4m3fn) under partial load.  ``--model 14b``
-runs Wan 14B at 480p in the partial mode with about 22 GB usable (a 24 GB card).
+lowvram (--lowvram with the same reserve), novram (--novram), and fp8 model weights (weight_dtype fp8_e4m3fn)
+under partial load.  ``--model 14b`` runs Wan 14B at 480p in the partial mode with about 22 GB usable (a 24 GB card).
 
 GPU:  COMFYUI_DIR=... PYTHONUNBUFFERED=1 python benchmarks/gpu_server_check.py --out DIR [--model 14b]
 CPU:  python benchmarks/gpu_server_check.py --model tiny --modes full --out DIR   (checks the script runs)

@@ -331,7 +331,8 @@ def _read_header(path: Path) -> dict:
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SaladWeightsError(f"{name} is not a valid safetensors file: header is not JSON ({clip(e, 300)})") from None
+        raise SaladWeightsError(
+            f"{name} is not a valid safetensors file: header is not JSON ({clip(e, 300)})") from None
     except RecursionError:
         raise SaladWeightsError(f"{name} is not a valid safetensors file: its JSON header is nested too "
                                 f"deeply to be a safetensors header") from None

@@ -21,10 +21,10 @@ if __package__ in (None, ""):  # run as a script: register the repo root as pack
     from _pack import register
     register()
     from salad_pack.testbed import data
-    from salad_pack.testbed.codec import CHANNELS, CODEC_PATH, PatchPCACodec, psnr
+    from salad_pack.testbed.codec import CHANNELS, CODEC_PATH, PatchPCACodec
 else:
     from . import data
-    from .codec import CHANNELS, CODEC_PATH, PatchPCACodec, psnr
+    from .codec import CHANNELS, CODEC_PATH, PatchPCACodec
 
 
 def fit(ft: int, fs: int, seed: int, n_clips: int, batch: int = 8, channels: int = CHANNELS,

@@ -23,7 +23,8 @@ VARIANTS = {
     "wan21_t2v_tiny": dict(model_type="t2v", dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=16, out_dim=16),
     "wan21_i2v_tiny": dict(model_type="i2v", dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=36, out_dim=16),
     "wan22_5b_tiny": dict(model_type="t2v", dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=48, out_dim=48),
-    "wan21_t2v_tiny_3blk": dict(model_type="t2v", dim=384, ffn_dim=512, num_heads=3, num_layers=3, in_dim=16, out_dim=16),
+    "wan21_t2v_tiny_3blk": dict(model_type="t2v", dim=384, ffn_dim=512, num_heads=3, num_layers=3,
+        in_dim=16, out_dim=16),
 }
 
 
@@ -52,8 +53,10 @@ def _import_comfy(comfyui_dir: str):
 
 
 FULL_SIZE = {  # the real Wan 2.1 T2V shapes, for GPU benchmarks (random weights)
-    "wan21_t2v_1.3b": dict(model_type="t2v", dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, in_dim=16, out_dim=16),
-    "wan21_t2v_14b": dict(model_type="t2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=16, out_dim=16),
+    "wan21_t2v_1.3b": dict(model_type="t2v", dim=1536, ffn_dim=8960, num_heads=12, num_layers=30,
+        in_dim=16, out_dim=16),
+    "wan21_t2v_14b": dict(model_type="t2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40,
+        in_dim=16, out_dim=16),
 }
 
 

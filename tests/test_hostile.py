@@ -9,7 +9,6 @@ nodes in series, files changed on disk (IS_CHANGED) and pipes in models/salad ar
 ComfyUI in test_hostile_series.py.
 """
 import json
-import math
 import os
 import random
 import struct
@@ -246,7 +245,8 @@ def _mutate(rng, header: dict, data: bytes, raw: bytes):
     if kind == 3:       # data section bytes (NaN / Inf patterns and junk)
         b = bytearray(raw)
         pos = 8 + n + rng.randrange(max(1, len(data) - 4))
-        b[pos:pos + 4] = rng.choice([b"\x00\x00\xc0\x7f", b"\x00\x00\x80\x7f", bytes(rng.randrange(256) for _ in range(4))])
+        specials = [b"\x00\x00\xc0\x7f", b"\x00\x00\x80\x7f"]
+        b[pos:pos + 4] = rng.choice(specials + [bytes(rng.randrange(256) for _ in range(4))])
         return bytes(b), "data bytes"
     h = json.loads(json.dumps(header))
     meta = h["__metadata__"]

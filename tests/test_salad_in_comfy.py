@@ -148,7 +148,8 @@ def test_wan22_high_low_pair_with_two_salad_nodes(comfy_server):
     p["41"] = {"class_type": "SALADApplyAttention", "inputs": dict(p["5"]["inputs"], model=["40", 0], sparsity=0.8)}
     p["42"] = {"class_type": "KSamplerAdvanced", "inputs": dict(p["6"]["inputs"], model=["41", 0], add_noise="disable",
                                                                 latent_image=["6", 0], start_at_step=2,
-                                                                end_at_step=10000, return_with_leftover_noise="disable")}
+                                                                end_at_step=10000,
+                                                                return_with_leftover_noise="disable")}
     p["7"]["inputs"]["samples"] = ["42", 0]
     mark = len(comfy_server.log())
     _run_ok(comfy_server, p)

@@ -32,7 +32,8 @@ def smoke_dir(tmp_path_factory, comfyui_dir, codec_path):
     """Runs ``train.py --smoke`` in a subprocess where importing torchsde/av/alembic/sqlalchemy/pydantic fails."""
     out = tmp_path_factory.mktemp("train_smoke")
     code = ("import runpy, sys; sys.modules.update({m: None for m in %r}); "
-            "sys.argv = [%r] + sys.argv[1:]; runpy.run_path(%r, run_name='__main__')" % (BLOCKED, str(TRAIN), str(TRAIN)))
+            "sys.argv = [%r] + sys.argv[1:]; runpy.run_path(%r, run_name='__main__')"
+            % (BLOCKED, str(TRAIN), str(TRAIN)))
     cmd = [sys.executable, "-c", code, "--smoke", "--out", str(out), "--comfyui", str(comfyui_dir),
            "--codec", str(codec_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -82,7 +82,8 @@ def test_training_that_hurts_keeps_every_block_sparse_only_and_warns():
 def test_learnable_structure_keeps_trained_blocks_and_reports_better(tmp_path):
     """Block 2 has long-range structure the linear branch can carry (as in test_salad_core) and is
     trained well: kept.  Block 0 gets three training calls and one batch per step: it overfits and is
-    worse on its held-out call, so it is dropped (sparse-only).  The file covers block 2 only and records both blocks' errors."""
+    worse on its held-out call, so it is dropped (sparse-only).  The file covers block 2 only and records
+    both blocks' errors."""
     gen = torch.Generator().manual_seed(5)
     store = SampleStore()
     for _ in range(12):
