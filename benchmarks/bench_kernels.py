@@ -464,6 +464,10 @@ def run_shape(name, shape, grid, sparsities, fx, fmask, ck):
                     g = torch.autograd.grad((o3, l3), (a, b, c), (do, do2))
                     return g
                 out["sparse_linear_fwd_bwd_peak_mb"] = peak_mb(fb)
+                # centroid compensation (Triton forward + backward, means pooled inside)
+                oc, _ = bsa(a, b, c, idx, cnt, compensate=True)
+                out["sparse_comp_fwd_ms"] = bench(lambda: bsa(q, k, v, idx, cnt, compensate=True))
+                out["sparse_comp_bwd_ms"] = bench(lambda: torch.autograd.grad(oc, (a, b, c), do, retain_graph=True))
                 return out
             r.update(guard("our bwd", our_bwd, {}) or {})
         # comfy-kitchen sol_attn (own selection, 64-token blocks, topk_ratio = keep fraction)
