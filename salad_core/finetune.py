@@ -89,8 +89,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .options import DEFAULT_PATTERN, DEFAULT_SPARSITY, PATTERNS
-from .weights import (SaladWeights, atomic_write_safetensors, format_block_spec,
-                      load_salad_weights, save_salad_weights)
+from .weights import (SaladWeights, atomic_write_safetensors, format_block_spec, load_salad_weights,
+                      parse_block_spec, save_salad_weights)
 
 Tensor = torch.Tensor
 PAIR_VERSION = "1"
@@ -719,11 +719,28 @@ def finetune(forward: FORWARD, weights: SaladWeights, data: PairFolder, config: 
 
 def make_weights(info: dict, cfg: FinetuneConfig, init_weights=None, blocks=None,
                  created_by: str = "salad_core.finetune") -> SaladWeights:
-    """Fresh weights for ``info`` (dim, heads, num_blocks, base_model) or a calibrated file (checked)."""
+    """Fresh weights for ``info`` (dim, heads, num_blocks, base_model), or calibrated ones (a file or a
+    SaladWeights, checked against ``info``) to fine-tune from.  ``blocks`` (spec, list or None = all): the
+    blocks to train.  A calibrated file may cover fewer blocks (the calibration keeps only blocks it improved):
+    the others are added fresh (proj = 0, the sparse-only start), so calibrate-then-fine-tune trains every
+    block; the file's covered blocks outside ``blocks`` are kept as they are (and trained too)."""
     if init_weights is not None:
         w = init_weights if isinstance(init_weights, SaladWeights) else load_salad_weights(init_weights)
         w.check_compatible("wan", info["dim"], info["heads"], info["num_blocks"])
-        return w
+        want = (range(w.num_blocks) if blocks is None else
+                parse_block_spec(blocks, w.num_blocks) if isinstance(blocks, str) else blocks)
+        missing = sorted(set(int(i) for i in want) - set(w.block_ids))
+        if not missing:
+            return w
+        full = SaladWeights.new(w.dim, w.heads, w.num_blocks, blocks=sorted(set(w.block_ids) | set(missing)))
+        full.metadata.update(w.metadata)
+        full.path = w.path
+        with torch.no_grad():
+            for name, t in w.state_tensors().items():
+                full.state_tensors()[name].copy_(t.detach().float())
+        full._sync_metadata()
+        full.metadata["init_blocks"] = format_block_spec(w.block_ids)
+        return full
     return SaladWeights.new(info["dim"], info["heads"], info["num_blocks"], blocks=blocks,
                             base_model=info.get("base_model", "unknown"), pattern=cfg.pattern,
                             sparsity=cfg.sparsity, created_by=created_by)

@@ -164,6 +164,27 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert not (tmp_path / "nan.safetensors").exists()
 
 
+def test_calibrated_start_fills_uncovered_blocks(tmp_path):
+    """Calibrate-then-fine-tune: a calibrated file covering blocks 0 and 2 of 4 keeps those values and gets
+    fresh (proj = 0) blocks 1 and 3, so every block trains; a file covering all asked blocks is used as is."""
+    from salad_pack.salad_core.finetune import make_weights
+    from salad_pack.salad_core.weights import save_salad_weights
+    cal = SaladWeights.new(DIM, HEADS, 4, blocks=[0, 2], base_model="toy")
+    with torch.no_grad():
+        for t in cal.parameters():
+            t.normal_()
+    cal.metadata["training_steps"] = "200"
+    path = save_salad_weights(cal, tmp_path / "cal.safetensors")
+    info = dict(dim=DIM, heads=HEADS, num_blocks=4)
+    w = make_weights(info, FinetuneConfig(steps=1, batch=1), path)
+    assert w.block_ids == [0, 1, 2, 3] and w.metadata["blocks"] == "0-3" and w.metadata["init_blocks"] == "0,2"
+    assert w.metadata["training_steps"] == "200"
+    for k, v in cal.state_tensors().items():
+        assert torch.equal(w.state_tensors()[k], v.detach()), k
+    assert float(w.proj_for(1).weight.detach().abs().max()) == 0 == float(w.proj_for(3).bias.detach().abs().max())
+    assert make_weights(info, FinetuneConfig(steps=1, batch=1), path, blocks="0,2").block_ids == [0, 2]
+
+
 def _gloo_worker(rank, world, data_dir, tmp, init_file):
     import torch.distributed as dist
     torch.set_num_threads(1)
