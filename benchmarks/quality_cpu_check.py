@@ -49,7 +49,8 @@ def parse(argv=None):
     ap.add_argument("--latent", default="16,16,32,32")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--cache", default="/tmp/quality_cpu_check_dense.pt")
-    ap.add_argument("--out", default=str(bq.ROOT / "benchmarks" / "results" / "2026-11-28-quality-cpu-compensation.json"))
+    ap.add_argument("--out", default=str(bq.ROOT / "benchmarks" / "results"
+                                         / "2026-11-28-quality-cpu-compensation.json"))
     return ap.parse_args(argv)
 
 
@@ -71,20 +72,13 @@ def main(argv=None):
     from salad_pack.nodes.loader import SALADWeightsLoader
     from salad_pack.nodes.patch import PatchOptions, apply_salad
     from salad_pack.testbed import codec as tb_codec
-    from salad_pack.testbed import data as tb_data
-    from salad_pack.testbed import text as tb_text
 
     dev = mm.get_torch_device()
     card = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     model = comfy.sd.load_diffusion_model(str(bq.MODEL_PATH))
     C, T, H, W = (int(x) for x in a.latent.split(","))
     n = a.pairs
-    specs = tb_data.sample_specs(seed=bq.BENCH_SEED, n=n)
-    seeds = [bq.BENCH_SEED + i for i in range(n)]
-    ctx = tb_text.caption_context([s.caption for s in specs])
-    neg = tb_text.caption_context([""])
-    empty = torch.zeros(1, C, T, H, W)
-    noise = torch.cat([comfy.sample.prepare_noise(empty, s) for s in seeds])
+    _, seeds, ctx, neg, empty, noise = bq.pair_inputs(n, (C, T, H, W))
     codec = tb_codec.load_codec(device=dev)
     settings = dict(pairs=n, steps=a.steps, cfg=a.cfg, sampler="euler", scheduler="simple", sparsity=a.sparsity,
                     start_percent=a.start, backend=a.backend, latent=[C, T, H, W], bench_seed=bq.BENCH_SEED,

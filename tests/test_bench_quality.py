@@ -146,3 +146,125 @@ def test_smoke_run(tmp_path, comfyui_dir):
     cal = [r for r in res["rows"] if r["method"] == "salad_calibrated"]
     assert len(cal) == 2 and all(r["salad_calls"] > 0 and r["gates"] for r in cal)
     assert list((tmp_path).glob("quality-*-smoke.png")) and list(tmp_path.glob("quality-*-smoke.log"))
+
+
+# ---- --sweep: speed model, configs, plot, CPU smoke --------------------------------------------
+
+def test_e2e_speed_model():
+    # the calibration point: attention op 6.3x at a = 0.594 gives the measured 2.0x step
+    assert bq.step_speedup(6.3, bq.ATTN_SHARE_1P3B_480P) == pytest.approx(2.0, abs=0.01)
+    assert bq.step_speedup(1.0, 0.6) == pytest.approx(1.0)
+    assert bq.step_speedup(5.0, 0.6, dense_fraction=1.0) == pytest.approx(1.0)
+    s = bq.step_speedup(5.0, 0.6)
+    assert bq.e2e_speedup(5.0, 0.6, 0.0, 0.0) == pytest.approx(s)
+    assert bq.e2e_speedup(5.0, 0.6, 0.0, 0.2) == pytest.approx(1.0 / (0.2 + 0.8 / s))
+    assert bq.e2e_speedup(5.0, 0.6, 2 / 6, 0.0) < s
+
+
+def test_sweep_configs_priorities():
+    full = bq.sweep_configs(None, [0.8, 0.9, 0.95], [0.0, 0.1, 0.2], 6, True, True)
+    keys = [tuple(sorted((k, str(v)) for k, v in c.items())) for c in full]
+    assert len(keys) == len(set(keys))
+    assert full[0]["sparsity"] == 0.0 and full[0]["method"] == "sparse"          # sanity check first
+    methods = [c["method"] for c in full]
+    # the core curves (no weights, centroid, weights, sol_attn) come before the rest
+    assert methods.index("sol_attn") < methods.index("sol_attn_default") < len(methods) - 9
+    assert all(c["weights"] == (c["method"] == "salad_calibrated") for c in full)
+    assert {tuple(c["dense_blocks"]) for c in full} == {(), (0, 5)}
+    bare = bq.sweep_configs(None, [0.9], [0.0], 6, False, False)
+    assert {c["method"] for c in bare} == {"sparse"}
+    assert len(full) <= 64                         # ~3 s each on the H200: fits the budget with the table
+
+
+def test_speed_for_rows():
+    table = dict(dense_ms=10.0, salad=[dict(sparsity=0.9, pattern="topk", compensation="none", weights=False,
+                                            speedup=5.0)],
+                 sol_attn=[dict(kept_share=0.1, ms=2.0, extra_tokens=0), dict(kept_share=0.3, ms=4.0, extra_tokens=0),
+                           dict(kept_share=0.2, ms=1.0, extra_tokens=256)])
+    row = dict(method="sparse", sparsity=0.9, pattern="topk", compensation="none", weights=False)
+    assert bq.speed_for(table, row) == 5.0
+    assert bq.speed_for(table, dict(row, compensation="centroid")) is None
+    assert bq.speed_for(table, dict(method="sol_attn", kept_share=0.2)) == pytest.approx(10.0 / 3.0)
+    assert bq.speed_for(None, row) is None
+
+
+def test_plot_quality_png(tmp_path):
+    import plot_quality as pq
+    rows = []
+    for i, s in enumerate((0.8, 0.9, 0.95)):
+        for m, w in (("sparse", False), ("salad_calibrated", True), ("sol_attn", False)):
+            rows.append(dict(method=m, pattern="sol" if m == "sol_attn" else "topk", compensation="none",
+                             sparsity=s, start_percent=0.0, dense_blocks=[], weights=w, psnr=15.0 - 2 * i,
+                             kept_share=1 - s, e2e_speedup_est=1.5 + 0.3 * i))
+    rows.append(dict(method="sol_attn_default", pattern="sol", compensation="none", sparsity=None, start_percent=0.2,
+                     dense_blocks=[], weights=False, psnr=16.0, kept_share=0.12, e2e_speedup_est=1.6))
+    png = pq.plot_sweep(dict(rows=rows, card="test", attn_share=0.594, pairs=2, steps=2), tmp_path / "p.png")
+    assert png.exists() and png.stat().st_size < 1 << 20
+    assert [p[0] for p in pq.pareto([(1, 5), (2, 4), (3, 1), (2.5, 0)])] == [1, 2, 3]
+
+
+def test_sweep_smoke(tmp_path, comfyui_dir):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_quality.py"), "--smoke", "--sweep",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "COMFYUI_DIR": str(comfyui_dir)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "sweep.json").read_text())
+    assert res["rows"] and not res["skipped"] and res["speed"]["dense_ms"] > 0
+    need = {"method", "sparsity", "pattern", "compensation", "start_percent", "dense_blocks", "weights", "psnr",
+            "ssim", "attn_speedup", "e2e_speedup_est"}
+    for r in res["rows"]:
+        assert need <= set(r), r
+        assert math.isfinite(r["psnr"])
+        if r["sparsity"]:
+            assert r["attn_speedup"] > 0 and r["e2e_speedup_est"] > 0
+    assert {(r["pattern"], r["compensation"], r["weights"]) for r in res["rows"]} >= {
+        ("topk", "none", False), ("topk", "centroid", False), ("window", "none", False), ("topk", "none", True)}
+    assert (tmp_path / "sweep.png").stat().st_size < 1 << 20
+
+
+# ---- selection study (issue 12 item 2) -------------------------------------------------------
+
+def test_selection_study_pieces():
+    import selection_study as ss
+    from salad_pack.kernels import reference as ref
+    from salad_pack.kernels import select_topk
+    g = torch.Generator().manual_seed(5)
+    B, H, L, D, blk = 1, 2, 512, 32, 128
+    q, k, v = (torch.randn(B, H, L, D, generator=g) for _ in range(3))
+    scale = D ** -0.5
+    # mean/topk is the product's selection
+    keep, _, _ = ss.select(q, k, "mean/topk", 2, scale, block=blk)
+    idx, cnt = ss.lut_from_mask(keep)
+    pidx, pcnt = select_topk(q, k, 0.5, block=blk, backend="torch")
+    assert torch.equal(cnt, pcnt) and torch.equal(idx, pidx)
+    # adaptive rules never exceed the budget on average; own block always kept
+    for var in ("mean/thr", "lse32/thr2", "mean/cumrow", "lse16/cumhead", "mean/topk+col"):
+        keep, _, _ = ss.select(q, k, var, 2, scale, block=blk)
+        assert float(keep.float().sum(-1).mean()) <= 2 + 1e-6, var
+        assert keep.diagonal(dim1=-2, dim2=-1).all(), var
+    # the per-head partials give the dense output with every block, and the kernels' reference otherwise
+    hp = ss.HeadPartials(q[0, 0], k[0, 0], v[0, 0], scale, block=blk)
+    dense = ref.attention_ref(q, k, v)[0][0, 0].float()
+    all_blocks = torch.ones(L // blk, L // blk, dtype=torch.bool)
+    assert torch.allclose(hp.output(all_blocks)[0], dense, atol=1e-5)
+    keep, _, _ = ss.select(q, k, "mean/topk", 2, scale, block=blk)
+    idx, cnt = ss.lut_from_mask(keep)
+    for comp in (False, True):
+        o_ref, _ = ref.block_sparse_attention_ref(q, k, v, idx, cnt, blk, scale, compensate=comp)
+        assert torch.allclose(hp.output(keep[0, 0], comp)[0], o_ref[0, 0], atol=1e-5)
+
+
+def test_selection_study_selector_matches_product():
+    """The e2e stage's stand-in for salad_core's select_blocks gives the product's lists for mean/topk."""
+    import selection_study as ss
+    from salad_pack.salad_core.attention import SaladConfig, select_blocks
+    from salad_pack.salad_core.tiling import TileLayout
+    g = torch.Generator().manual_seed(6)
+    layout = TileLayout.get((2, 16, 16), 0, 0, (2, 8, 8), "cpu")
+    q4, kh = (torch.randn(1, 2, 512, 64, generator=g) for _ in range(2))
+    cfg = SaladConfig(sparsity=0.5, pattern="topk", backend="torch")
+    want = select_blocks(q4, kh, layout, cfg, q_rowmap=layout.perm32)
+    got = ss.make_selector("mean/topk")(q4, kh, layout, cfg, q_rowmap=layout.perm32)
+    assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+    with pytest.raises(ValueError, match="not a block-level"):
+        ss.make_selector("mean/topk+tok")
