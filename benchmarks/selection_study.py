@@ -42,6 +42,29 @@ sink     ``+first`` key block 0 always kept (inside the same budget)
          ``+tok``   per head, the 128 tokens with the largest estimated received attention (query block
                     means vs every key) as an extra key set, with k-1 blocks (study only: not a block)
 
+Findings (CPU, 2026-11-28; results/2026-11-28-selection-cpu*.json: 24 calls = 6 blocks x steps 0/3/6/9 of
+10 x 2 pairs' cond rows x 2 heads = 96 heads; mean relative error, change vs the product's mean/topk):
+
+  sparsity  compensation  mean/topk  lse16/topk       oracle/topk      best thr/thr2        +col sink
+  0.8       none          0.158      0.154 (-2.5%)    0.148 (-6.3%)    0.172 (+8.6%)        +5.3%
+  0.8       centroid      0.137      0.129 (-5.5%)    0.117 (-14.6%)   0.149 (+9.1%)        +6.8%
+  0.9       none          0.257      0.256 (-0.4%)    0.254 (-1.3%)    0.266 (+3.6%)        +15.9%
+  0.9       centroid      0.211      0.206 (-2.5%)    0.191 (-9.4%)    0.212 (+0.3%)        +12.9%
+  0.95      none          0.329      0.326 (-0.9%)    0.332 (+0.9%)    0.329 (0%: = topk)   +26.2%
+  0.95      centroid      0.251      0.245 (-2.6%)    0.238 (-5.0%)    0.246 (-2.0%)        +23.1%
+
+* per-head / per-row adaptive budgets (cumrow, cumhead) are 5-45% worse at equal share; a global
+  threshold (thr, thr2) is 0-15% worse without compensation and within +-2% with it: the rows it starves lose
+  more than the rows it feeds gain.  Not worth a kernel.
+* sinks (first block, top column block, 128 top tokens) are worse everywhere (+4% to +58%): this model's
+  attention has no sink to keep; the budget they take is missed elsewhere.
+* log-sum-exp scoring over 16-token (or 8-token) sub-blocks is the only consistent gain (wins on 41-70% of
+  heads), but small: 0.4-2.5% without compensation, 2.5-5.5% with centroids; max-scoring is worse.
+* even an oracle that knows each block's exact mass gains only 1-6% without compensation: at block
+  granularity the selection is not where the error is; the kept share is.
+* centroid compensation lowers the per-head attention error by 14-24% at every sparsity, unlike the
+  whole-model CPU check (-1.1 dB): per-layer error on the dense trajectory does not predict the video.
+
   python benchmarks/selection_study.py record --pairs 2 --steps 10 --record-steps 0,3,6,9
   python benchmarks/selection_study.py study --out benchmarks/results/2026-11-28-selection-cpu.json
   python benchmarks/selection_study.py e2e --variants mean/topk,lse32/topk --pairs 2 --steps 10
