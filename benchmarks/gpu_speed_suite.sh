@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One GPU call of speed measurements (issues 9 and 13), run from the repository root on the GPU machine:
+#   PART=s1 bash benchmarks/gpu_speed_suite.sh   (1.3B: before/after the refactor, size x batch table, kernels)
+#   PART=s2 bash benchmarks/gpu_speed_suite.sh   (LTX-Video 13B family timing, Wan 14B 480p)
+# Needs COMFYUI_DIR (a ComfyUI source tree); writes logs and JSON under $OUT/work and packs them into
+# $OUT/<part>.tgz (the device returns at most 8 files).  Each step has its own timeout so one overrun
+# cannot eat the rest.  .before/ is `git archive` of the tree before the kernel/patch refactor
+# (95dea79: kernels, salad_core, nodes, tests/_pack.py, comfy_harness.py, make_fixtures.py) plus this
+# bench_e2e.py, so "before" and "after" run in the same call on the same card.
+set -u
+W=$OUT/work; mkdir -p "$W"
+export PYTHONUNBUFFERED=1
+step() { local t=$1 name=$2; shift 2; echo "== $name ($(date +%T))"; timeout "$t" "$@" >"$W/$name.log" 2>&1;
+         echo "   rc=$? $(tail -1 "$W/$name.log")"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$W/card.txt"
+case "${PART:-s1}" in
+s1)
+  step 70 e2e-before python3 .before/benchmarks/bench_e2e.py --model 1.3b --sizes 480p,sq480 --no-layers \
+       --rep-ms 800 --out "$W/before"
+  step 70 e2e-after python3 benchmarks/bench_e2e.py --model 1.3b --sizes 480p,sq480 --no-layers \
+       --rep-ms 800 --out "$W/after"
+  step 285 e2e-1.3b python3 benchmarks/bench_e2e.py --model 1.3b --batches 1,2 --rep-ms 800 \
+       --sizes 480p,sq480,sq624,portrait,480p17,480p33,480p49,480p121,720p --out "$W/e2e"
+  step 140 kernels python3 benchmarks/bench_kernels.py --quick --out "$W/kernels" ;;
+s2)
+  step 110 family python3 benchmarks/bench_family.py --out "$W/family-ltxv13b.json"
+  step 150 e2e-14b python3 benchmarks/bench_e2e.py --model 14b --sizes 480p --batches 1 --iters 3 \
+       --out "$W/e2e14" ;;
+esac
+tar czf "$OUT/${PART:-s1}.tgz" -C "$W" .
+ls -la "$OUT"
