@@ -737,8 +737,8 @@ def sol_speed(a, run: Run, q, k, v, shape, sparsities, dense_ms, reps) -> list:
     from salad_pack.kernels import keep_count, num_blocks
     from sol_attn_peer import NODE_DEFAULTS, calibrate_tau, import_kitchen, routed_share, routing_scores
     B, L, H, D = shape
-    ck = import_kitchen() if q.is_cuda else None
-    if ck is None or not ck.sol_attn_is_available(q.device):
+    ck = import_kitchen() if q.is_cuda or a.sol_eager else None      # --sol-eager: CPU eager reference (tests)
+    if ck is None or (q.is_cuda and not ck.sol_attn_is_available(q.device)):
         run.say("  sol_attn speed: skipped (comfy_kitchen or its CUDA kernel not available)")
         return []
     qs, ks, vs = (t.view(B, L, H, D).contiguous() for t in (q, k, v))
@@ -874,7 +874,9 @@ def sweep(a, run: Run):
     b.dense_raw, sec = b.timed(lambda: b.sample(model))
     run.say(f"dense: {sec:.1f} s")
     sol_z = b.record_sol(lambda p: apply_sol_attn(model, p, 0.0), min(n, a.batch)) if have_sol else []
-    steps_per_run = a.steps * len(b.batches())
+    # self-attention calls per block in a run with every step sparse: steps x sampler calls per step; the
+    # sparsity-0 config (all steps sparse) measures it, in case cond and uncond are not batched together
+    calls_per_block = [a.steps * len(b.batches())]
 
     rows, skipped = [], []
     out_json = run.out / "sweep.json"
@@ -922,7 +924,9 @@ def sweep(a, run: Run):
             calls, per_step = patch.calls, blocks
         else:
             calls, per_step = sum(probe.calls.values()), blocks - len(cfg["dense_blocks"])
-        sparse_steps = calls / max(1, per_step * steps_per_run)
+        if s == 0.0 and not cfg["dense_blocks"] and calls:
+            calls_per_block[0] = calls / per_step
+        sparse_steps = min(1.0, calls / max(1.0, per_step * calls_per_block[0]))
         row = dict(cfg, dense_blocks=list(cfg["dense_blocks"]), **b.metrics_row(*b.compare(raw)),
                    seconds=round(sec, 2), sparse_step_share=round(sparse_steps, 4), **extra)
         if method == "sol_attn_default":

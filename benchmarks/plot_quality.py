@@ -79,7 +79,8 @@ def plot_sweep(res: dict, path) -> Path:
         curves.setdefault(curve_label(r), []).append((_x(r, have_speed), r["psnr"], r))
     xs = [p[0] for c in curves.values() for p in c]
     ys = [p[1] for c in curves.values() for p in c]
-    x0, x1 = min(1.0, min(xs)), max(xs) * 1.05
+    x0, x1 = min(1.0, min(xs)), max(max(xs), 1.0)
+    x0, x1 = x0 - 0.04 * (x1 - x0 + 0.1), x1 + 0.06 * (x1 - x0 + 0.1)
     y0, y1 = math.floor(min(ys) - 0.5), math.ceil(max(ys) + 0.5)
     img = Image.new("RGB", (W, H), (255, 255, 255))
     d = ImageDraw.Draw(img)
@@ -94,6 +95,10 @@ def plot_sweep(res: dict, path) -> Path:
         return LEFT + (x - x0) / (x1 - x0) * pw, TOP + (1 - (y - y0) / (y1 - y0)) * ph
 
     d.rectangle([LEFT, TOP, LEFT + pw, TOP + ph], outline=(0, 0, 0))
+    if have_speed:                                        # dense speed: x = 1
+        X, _ = px(1.0, y0)
+        d.line([X, TOP, X, TOP + ph], fill=(160, 160, 160), width=1)
+        d.text((X + 3, TOP + 3), "dense", fill=(120, 120, 120), font=font)
     for t in _nice_ticks(x0, x1):
         X, _ = px(t, y0)
         d.line([X, TOP, X, TOP + ph], fill=(230, 230, 230))
