@@ -637,7 +637,10 @@ def say_row(run: Run, row: dict, seconds: float, label: str | None = None):
 # (benchmarks/results/2026-11-27-e2e-nvidia_h100_80gb_hbm3-after-cleanup.log): the dense forward took
 # 574.2 ms and one SDPA self-attention call 12.17 ms, 30 calls = 365 ms -> a = 0.636.  Check: SALAD topk
 # 0.9 with weights ran the call in 2.42 ms (5.03x); the model below predicts 1 / (0.364 + 0.636 / 5.03) =
-# 2.04x for the forward, measured 2.00x (the estimate is ~2% optimistic).  FLOPs give a similar 0.70:
+# 2.04x for the forward, measured 2.00x (the estimate is ~2% optimistic).  H200 (2026-11-28 e2e and
+# kernels-quick logs): 30 x 11.59 ms of a 551.9 ms forward = 0.630; the SALAD layer at 5.17x predicts
+# 2.03x, measured 2.04x.  The op speed-ups timed by the sweep are the same kind ("layer": selection,
+# layout, sparse kernel, linear branch + Proj with weights).  FLOPs give a similar 0.70:
 # 2 L^2 d = 3.3 TMAC of self-attention vs 1.42 TMAC of projections, cross-attention and FFN.
 ATTN_SHARE_1P3B_480P = 0.636
 TIME_SHAPE = "1,12,32760,128"        # B, H, L, D of one Wan2.1-1.3B 480p self-attention call
