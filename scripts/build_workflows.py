@@ -27,8 +27,8 @@ TESTBED_STEPS = 10      # 2 x 10 model calls: the demo stays under 2 minutes on 
 TESTBED_SEED = 0
 TESTBED_START = 0.2     # first 20% of the steps dense: the layout forms without tile seams
 FINETUNE_TITLE = "Fine-tune SALAD weights (Wan 2.1 T2V 1.3B)"
-SALAD = dict(sparsity=0.9, pattern="topk", start_percent=0.0, end_percent=1.0, dense_blocks="", backend="auto",
-             min_tokens=0, verbose=False)
+SALAD = dict(sparsity=0.9, pattern="topk", start_percent=0.2, end_percent=1.0, dense_blocks="", backend="auto",
+             min_tokens=12288, verbose=False)   # the node's defaults (salad_core/options.py)
 
 
 def N(nid, typ, pos, widgets=None, links=None, mode=0, title=None, size=None):
@@ -47,7 +47,8 @@ WORKFLOWS = {
              "call at 480p/81 frames on an H100).\n2. Without SALAD weights it runs sparse attention only. "
              "With a trained weight file in ComfyUI/models/salad (SALAD Train Weights writes "
              "<prefix>_00001.safetensors), unmute 'SALAD Weights Loader' (Ctrl+M) and pick the file.\n"
-             "3. Raise start_percent (e.g. 0.1) to keep the first steps dense."),
+             "3. start_percent 0.2 keeps the first 20% of the steps dense (better layout; set 0 for the most "
+             "speed). Clips under min_tokens (12,288 tokens) stay dense."),
         N(1, "UNETLoader", [-420, 0], {"unet_name": "wan2.1_t2v_1.3B_fp16.safetensors", "weight_dtype": "default"}),
         N(2, "CLIPLoader", [-420, 160], {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
                                          "device": "default"}),
@@ -183,7 +184,7 @@ WORKFLOWS = {
              "bounces / stays / circles', clauses separated by commas."),
         N(1, "UNETLoader", [-420, 0], {"unet_name": "salad_testbed_wan21.safetensors", "weight_dtype": "default"}),
         N(2, "SALADWeightsLoader", [-420, 160], {"weights_name": "salad_testbed_wan21_topk90.safetensors"}),
-        N(3, "SALADApplyAttention", [0, 0], dict(SALAD, start_percent=TESTBED_START),
+        N(3, "SALADApplyAttention", [0, 0], dict(SALAD, start_percent=TESTBED_START, min_tokens=0),
           {"model": (1, 0), "salad_weights": (2, 0)}),
         N(4, "SALADTestbedCaption", [0, 360], {"caption": TESTBED_CAPTION}, title="Positive caption"),
         N(5, "SALADTestbedCaption", [0, 520], {"caption": ""}, title="Negative (empty caption)"),
@@ -207,7 +208,7 @@ WORKFLOWS = {
         note(100, [-420, -200], "Developer demo (scripts/demo.sh): a tiny random-weight Wan 2.1 and test-only "
              "conditioning, so it runs on a CPU without real checkpoints. Not a user template."),
         N(1, "UNETLoader", [-420, 0], {"unet_name": "wan21_t2v_tiny.safetensors", "weight_dtype": "default"}),
-        N(2, "SALADApplyAttention", [0, 0], dict(SALAD, verbose=True), {"model": (1, 0)}),
+        N(2, "SALADApplyAttention", [0, 0], dict(SALAD, start_percent=0.0, min_tokens=0, verbose=True), {"model": (1, 0)}),
         N(3, "SALADTest_Conditioning", [0, 260], {"seed": 11, "tokens": 16, "dim": 4096}, title="positive"),
         N(4, "SALADTest_Conditioning", [0, 420], {"seed": 12, "tokens": 16, "dim": 4096}, title="negative"),
         N(5, "SALADTest_EmptyLatentVideo", [0, 580], {"channels": 16, "frames": 5, "height": 32, "width": 32,
