@@ -386,7 +386,8 @@ def run_shape(name, shape, grid, sparsities, fx, fmask, ck):
     ol = guard("linear out", lambda: lin(q, k, v))
     if ol is not None:
         hs = slice(0, min(H, 2))
-        res["linear_relerr_vs_ref"] = guard("lin ref", lambda: rel(ol[:, hs], R.linear_attention_ref(q[:, hs], k[:, hs], v[:, hs])))
+        res["linear_relerr_vs_ref"] = guard(
+            "lin ref", lambda: rel(ol[:, hs], R.linear_attention_ref(q[:, hs], k[:, hs], v[:, hs])))
     for sp in sparsities:
         if over_budget():
             log("budget reached, skipping", name, sp)
@@ -473,7 +474,8 @@ def run_shape(name, shape, grid, sparsities, fx, fmask, ck):
         # comfy-kitchen sol_attn (own selection, 64-token blocks, topk_ratio = keep fraction)
         if ck is not None:
             def kit():
-                f = lambda: ck.sol_attn(qb, kb, vb, topk_ratio=1.0 - sp, tail=False)
+                def f():
+                    return ck.sol_attn(qb, kb, vb, topk_ratio=1.0 - sp, tail=False)
                 return {"kitchen_sol_attn_ms": bench(f), "kitchen_peak_mb": peak_mb(f)}
             r.update(guard("kitchen", kit, {}) or {})
         # ratios
@@ -505,7 +507,8 @@ def table(res):
     hdr = ("shape", "sparsity", "SDPA ms", "Flex ms", "ours sparse", "ours sel+sparse+lin", "x SDPA (whole)",
            "Flex/ours", "kitchen ms", "SDPA bwd", "Flex bwd", "ours bwd", "x SDPA bwd")
     rows.append(hdr)
-    f = lambda x: "-" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x))
+    def f(x):
+        return "-" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x))
     for name, sr in res.items():
         if not isinstance(sr, dict) or "L" not in sr:
             continue
@@ -543,7 +546,8 @@ def main():
     sps = [float(s) for s in ARGS.sparsities.split(",")]
     RESULTS["meta"] = {
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "card": torch.cuda.get_device_name() if DEV.type == "cuda" else f"cpu ({platform.processor() or 'cpu'}) interpreter",
+        "card": (torch.cuda.get_device_name() if DEV.type == "cuda"
+                 else f"cpu ({platform.processor() or 'cpu'}) interpreter"),
         "torch": torch.__version__, "python": platform.python_version(),
         "dtype": str(DT), "smoke": ARGS.smoke, "quick": ARGS.quick,
     }

@@ -208,7 +208,8 @@ WORKFLOWS = {
         note(100, [-420, -200], "Developer demo (scripts/demo.sh): a tiny random-weight Wan 2.1 and test-only "
              "conditioning, so it runs on a CPU without real checkpoints. Not a user template."),
         N(1, "UNETLoader", [-420, 0], {"unet_name": "wan21_t2v_tiny.safetensors", "weight_dtype": "default"}),
-        N(2, "SALADApplyAttention", [0, 0], dict(SALAD, start_percent=0.0, min_tokens=0, verbose=True), {"model": (1, 0)}),
+        N(2, "SALADApplyAttention", [0, 0], dict(SALAD, start_percent=0.0, min_tokens=0, verbose=True),
+          {"model": (1, 0)}),
         N(3, "SALADTest_Conditioning", [0, 260], {"seed": 11, "tokens": 16, "dim": 4096}, title="positive"),
         N(4, "SALADTest_Conditioning", [0, 420], {"seed": 12, "tokens": 16, "dim": 4096}, title="negative"),
         N(5, "SALADTest_EmptyLatentVideo", [0, 580], {"channels": 16, "frames": 5, "height": 32, "width": 32,

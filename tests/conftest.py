@@ -11,6 +11,8 @@ from seeds import replay_seed, seed_all, stable_seed
 
 bootstrap()
 
+pytest_plugins = ["kernel_fixtures"]   # seed / poison / fwd_path for the kernel tests
+
 TINY = ["wan21_t2v_tiny", "wan21_i2v_tiny", "wan22_5b_tiny", "wan21_t2v_tiny_3blk"]
 
 
@@ -19,7 +21,7 @@ def _test_seed(request) -> int:
     """Every test starts from seeded global generators (torch, random, numpy) and prints the seed:
     a fixed one per test id (the same on every run, whatever ran before), or SALAD_TEST_SEED to
     replay.  Tests that want fresh random inputs each run draw their own (seeds.fresh_seed, or
-    test_kernels' ``seed`` fixture) and print that too."""
+    the kernel tests' ``seed`` fixture, kernel_fixtures.py) and print that too."""
     s = replay_seed()
     return seed_all(stable_seed(request.node.nodeid) if s is None else s, request.node.name)
 

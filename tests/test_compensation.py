@@ -19,9 +19,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 
-from test_kernels import (  # noqa: E402,F401  (fixtures seed / poison / fwd_path are used by name)
-    DEV, HAVE_TRITON, TIGHT, TOL, TRITON, _grads, assert_close, full_lut, fwd_path, needs_triton, poison, qkv,
-    random_lut, seed)
+from test_kernels import (  # noqa: E402  (seed / poison / fwd_path fixtures: tests/kernel_fixtures.py)
+    DEV, TIGHT, TOL, TRITON, _grads, assert_close, full_lut, needs_triton, qkv, random_lut)
 
 import salad_pack.kernels as K  # noqa: E402
 from salad_pack.kernels import reference as R  # noqa: E402

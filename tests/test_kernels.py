@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -45,20 +44,6 @@ except Exception:  # pragma: no cover
 
 DEV = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
 needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton cannot be imported")
-
-
-@pytest.fixture
-def seed():
-    s = int(os.environ.get("SALAD_TEST_SEED", random.SystemRandom().randrange(2**31)))
-    torch.manual_seed(s)
-    print(f"[seed {s}]")
-    return s
-
-
-@pytest.fixture
-def poison():
-    """Triton options for a test: every output buffer pre-filled with NaN (unwritten elements fail)."""
-    return K.TritonOptions(poison=True)
 
 
 def TRITON(opts):
@@ -129,9 +114,6 @@ def check_lut(idx, cnt, nk, k_expect, seed, forced=None):
     assert (vi[~valid] == -1).all(), f"padding not -1 [seed {seed}]"
     big = torch.where(valid, vi, torch.full_like(vi, 10**9))
     assert (big[..., 1:] > big[..., :-1])[valid[..., 1:]].all(), f"lists not strictly ascending [seed {seed}]"
-    if forced is not None:
-        for f in forced:
-            pass
     # own block present
     own = torch.arange(nq, device=idx.device).clamp(max=nk - 1).view(1, 1, nq, 1)
     assert ((vi == own) & valid).any(-1).all(), f"own block missing [seed {seed}]"
@@ -290,14 +272,6 @@ FWD_CASES = [  # B, H, L, D, block, dtype, layout
     (1, 1, 300, 128, 128, torch.float16, "blhd"),
     (1, 3, 96, 64, 32, torch.float32, "blhd"),
 ]
-
-
-@pytest.fixture(params=[False, True], ids=["ptr", "tma"])
-def fwd_path(request):
-    """Triton options that run the kernels through their pointer loads, or through tensor
-    descriptors (TMA) wherever the tensors allow them (also where the tuned config says no);
-    outputs poisoned as with the `poison` fixture."""
-    return K.TritonOptions(poison=True, tma=request.param)
 
 
 @needs_triton
