@@ -19,20 +19,28 @@ NODES = {"Caption": "Caption", "EmptyLatent": "Empty Latent", "Decode": "Decode"
          "ProceduralVideo": "Procedural Video"}
 
 
+def _node(description: str, returns: tuple, tooltips: tuple, function: str, names: tuple | None = None):
+    """Class decorator: the ComfyUI node attributes every testbed node declares, in one place."""
+    def wrap(cls):
+        cls.DESCRIPTION, cls.CATEGORY, cls.RETURN_TYPES = description, CATEGORY, returns
+        cls.OUTPUT_TOOLTIPS, cls.FUNCTION = tooltips, function
+        if names:
+            cls.RETURN_NAMES = names
+        return cls
+    return wrap
+
+
 def _codec() -> PatchPCACodec:
     from ..testbed.codec import load_codec
     return load_codec()
 
 
+@_node(("Encodes a testbed caption (e.g. 'a red square moves left, the camera pans right') into Wan "
+       "text conditioning with the testbed's fixed, weight-free encoder. Use it instead of a "
+       "CLIP Text Encode for the SALAD testbed model."),
+       ("CONDITIONING",), ("Conditioning holding a (1, 512, 4096) context: one token per clause, then zeros.",),
+       "encode")
 class SALADTestbedCaption:
-    DESCRIPTION = ("Encodes a testbed caption (e.g. 'a red square moves left, the camera pans right') into Wan "
-                   "text conditioning with the testbed's fixed, weight-free encoder. Use it instead of a "
-                   "CLIP Text Encode for the SALAD testbed model.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("CONDITIONING",)
-    OUTPUT_TOOLTIPS = ("Conditioning holding a (1, 512, 4096) context: one token per clause, then zeros.",)
-    FUNCTION = "encode"
-
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict[str, tuple]]:
         return {"required": {"caption": ("STRING", {
@@ -47,13 +55,10 @@ class SALADTestbedCaption:
         return ([[caption_context([caption]), {}]],)
 
 
+@_node("An all-zero latent of the testbed codec's shape, to sample the testbed model into.",
+       ("LATENT",), ("Latent (batch, 16, frames/ft, size/fs, size/fs) of zeros.",),
+       "generate")
 class SALADTestbedEmptyLatent:
-    DESCRIPTION = "An all-zero latent of the testbed codec's shape, to sample the testbed model into."
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("LATENT",)
-    OUTPUT_TOOLTIPS = ("Latent (batch, 16, frames/ft, size/fs, size/fs) of zeros.",)
-    FUNCTION = "generate"
-
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict[str, tuple]]:
         c = _codec()
@@ -75,13 +80,10 @@ class SALADTestbedEmptyLatent:
         return ({"samples": torch.zeros(batch_size, c.channels, frames // c.ft, size // c.fs, size // c.fs)},)
 
 
+@_node("Decodes a testbed latent to video frames with the testbed's linear PCA codec (no VAE needed).",
+       ("IMAGE",), ("All frames of all videos, (batch*frames, H, W, 3), as VAE Decode gives for video.",),
+       "decode")
 class SALADTestbedDecode:
-    DESCRIPTION = "Decodes a testbed latent to video frames with the testbed's linear PCA codec (no VAE needed)."
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("IMAGE",)
-    OUTPUT_TOOLTIPS = ("All frames of all videos, (batch*frames, H, W, 3), as VAE Decode gives for video.",)
-    FUNCTION = "decode"
-
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict[str, tuple]]:
         return {"required": {"samples": ("LATENT", {"tooltip": "A 16-channel testbed latent (B, 16, T, h, w)."})}}
@@ -94,13 +96,10 @@ class SALADTestbedDecode:
         return (v.reshape(-1, *v.shape[2:]),)
 
 
+@_node("Encodes video frames (one clip) into a testbed latent with the testbed's linear PCA codec.",
+       ("LATENT",), ("Latent (1, 16, frames/ft, H/fs, W/fs) in ComfyUI's raw Wan 2.1 latent space.",),
+       "encode")
 class SALADTestbedEncode:
-    DESCRIPTION = "Encodes video frames (one clip) into a testbed latent with the testbed's linear PCA codec."
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("LATENT",)
-    OUTPUT_TOOLTIPS = ("Latent (1, 16, frames/ft, H/fs, W/fs) in ComfyUI's raw Wan 2.1 latent space.",)
-    FUNCTION = "encode"
-
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict[str, tuple]]:
         return {"required": {"pixels": ("IMAGE", {
@@ -116,14 +115,10 @@ class SALADTestbedEncode:
         return ({"samples": c.encode(pixels[..., :3].float().cpu().unsqueeze(0))},)
 
 
+@_node("Renders one procedural testbed clip (coloured shapes moving on a dark background) and its caption.",
+       ("IMAGE", "STRING"), ("The clip's frames (frames, size, size, 3).", "The caption that describes the clip."),
+       "render", ("frames", "caption"))
 class SALADTestbedProceduralVideo:
-    DESCRIPTION = "Renders one procedural testbed clip (coloured shapes moving on a dark background) and its caption."
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("IMAGE", "STRING")
-    RETURN_NAMES = ("frames", "caption")
-    OUTPUT_TOOLTIPS = ("The clip's frames (frames, size, size, 3).", "The caption that describes the clip.")
-    FUNCTION = "render"
-
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict[str, tuple]]:
         return {"required": {
