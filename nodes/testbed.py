@@ -19,7 +19,7 @@ NODES = {"Caption": "Caption", "EmptyLatent": "Empty Latent", "Decode": "Decode"
          "ProceduralVideo": "Procedural Video"}
 
 
-def _node(description: str, returns: tuple, tooltips: tuple, function: str, names: tuple | None = None):
+def _node(description: str, *, returns: tuple, tooltips: tuple, function: str, names: tuple | None = None):
     """Class decorator: the ComfyUI node attributes every testbed node declares, in one place."""
     def wrap(cls):
         cls.DESCRIPTION, cls.CATEGORY, cls.RETURN_TYPES = description, CATEGORY, returns
@@ -38,8 +38,9 @@ def _codec() -> PatchPCACodec:
 @_node(("Encodes a testbed caption (e.g. 'a red square moves left, the camera pans right') into Wan "
        "text conditioning with the testbed's fixed, weight-free encoder. Use it instead of a "
        "CLIP Text Encode for the SALAD testbed model."),
-       ("CONDITIONING",), ("Conditioning holding a (1, 512, 4096) context: one token per clause, then zeros.",),
-       "encode")
+       returns=("CONDITIONING",),
+       tooltips=("Conditioning holding a (1, 512, 4096) context: one token per clause, then zeros.",),
+       function="encode")
 class SALADTestbedCaption:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict[str, tuple]]:
@@ -56,8 +57,9 @@ class SALADTestbedCaption:
 
 
 @_node("An all-zero latent of the testbed codec's shape, to sample the testbed model into.",
-       ("LATENT",), ("Latent (batch, 16, frames/ft, size/fs, size/fs) of zeros.",),
-       "generate")
+       returns=("LATENT",),
+       tooltips=("Latent (batch, 16, frames/ft, size/fs, size/fs) of zeros.",),
+       function="generate")
 class SALADTestbedEmptyLatent:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict[str, tuple]]:
@@ -81,8 +83,9 @@ class SALADTestbedEmptyLatent:
 
 
 @_node("Decodes a testbed latent to video frames with the testbed's linear PCA codec (no VAE needed).",
-       ("IMAGE",), ("All frames of all videos, (batch*frames, H, W, 3), as VAE Decode gives for video.",),
-       "decode")
+       returns=("IMAGE",),
+       tooltips=("All frames of all videos, (batch*frames, H, W, 3), as VAE Decode gives for video.",),
+       function="decode")
 class SALADTestbedDecode:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict[str, tuple]]:
@@ -97,8 +100,9 @@ class SALADTestbedDecode:
 
 
 @_node("Encodes video frames (one clip) into a testbed latent with the testbed's linear PCA codec.",
-       ("LATENT",), ("Latent (1, 16, frames/ft, H/fs, W/fs) in ComfyUI's raw Wan 2.1 latent space.",),
-       "encode")
+       returns=("LATENT",),
+       tooltips=("Latent (1, 16, frames/ft, H/fs, W/fs) in ComfyUI's raw Wan 2.1 latent space.",),
+       function="encode")
 class SALADTestbedEncode:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict[str, tuple]]:
@@ -116,8 +120,9 @@ class SALADTestbedEncode:
 
 
 @_node("Renders one procedural testbed clip (coloured shapes moving on a dark background) and its caption.",
-       ("IMAGE", "STRING"), ("The clip's frames (frames, size, size, 3).", "The caption that describes the clip."),
-       "render", ("frames", "caption"))
+       returns=("IMAGE", "STRING"),
+       tooltips=("The clip's frames (frames, size, size, 3).", "The caption that describes the clip."),
+       function="render", names=("frames", "caption"))
 class SALADTestbedProceduralVideo:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, dict[str, tuple]]:
