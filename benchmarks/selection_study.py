@@ -41,6 +41,12 @@ sink     ``+first`` key block 0 always kept (inside the same budget)
          ``+col``   per head, the key block with the largest estimated mass summed over query blocks
          ``+tok``   per head, the 128 tokens with the largest estimated received attention (query block
                     means vs every key) as an extra key set, with k-1 blocks (study only: not a block)
+         ``+augT``  token_aug (core Sol-Attn's routed tokens): the product's top-k at ceil(T/128) fewer
+                    blocks, plus per query block the T key tokens outside its kept blocks with the largest
+                    scale * mean(q block) . k_t, attended exactly (equal attended count for T a multiple of
+                    128; T=64 attends 64 fewer).  With centroids, a skipped block's pseudo-token stands for
+                    its tokens not routed (weight exp(scale q . kbar + log(128 - routed))).  Study only.
+         ``+oaugT`` the same with the T tokens of the largest exact mean attention of the query block
 
 Findings (CPU, 2026-11-28; results/2026-11-28-selection-cpu*.json: 24 calls = 6 blocks x steps 0/3/6/9 of
 10 x 2 pairs' cond rows x 2 heads = 96 heads; mean relative error, change vs the product's mean/topk):
@@ -65,8 +71,30 @@ Findings (CPU, 2026-11-28; results/2026-11-28-selection-cpu*.json: 24 calls = 6 
 * centroid compensation lowers the per-head attention error by 14-24% at every sparsity, unlike the
   whole-model CPU check (-1.1 dB): per-layer error on the dense trajectory does not predict the video.
 
+token_aug at equal attended count (results/2026-11-28-selection-cpu-tokenaug.json, same 96 heads; mean
+relative error vs mean/topk at the same compensation, share of heads where it wins):
+
+  sparsity  compensation  mean/topk  +aug64 (-64 tok)  +aug128         +aug256         +oaug128 (oracle)
+  0.8       none          0.158      +6.3%  (0.51)     +1.6%  (0.62)   +5.5%  (0.58)   -6.2%  (0.65)
+  0.8       centroid      0.137      -12.4% (0.85)     -22.0% (0.96)   -25.1% (0.91)   -36.8% (1.00)
+  0.9       none          0.257      +20.6% (0.31)     +9.7%  (0.57)   +16.7% (0.51)   +3.1%  (0.60)
+  0.9       centroid      0.211      -9.1%  (0.70)     -20.8% (0.94)   -21.3% (0.88)   -37.1% (1.00)
+  0.95      none          0.329      +34.3% (0.20)     +15.3% (0.50)   (0 blocks)      +10.2% (0.59)
+  0.95      centroid      0.251      -3.0%  (0.61)     -17.1% (0.84)   (0 blocks)      -33.8% (1.00)
+
+* without compensation, trading a block for routed tokens is worse on the mean (+2% to +34%) although the
+  kept mass rises (0.48 -> 0.53 at 0.9): even oracle-chosen tokens lose at 0.9/0.95.  The median head gains
+  (aug128: -1% / -10% / -4% at 0.8 / 0.9 / 0.95); the loss is a tail, mostly block 4 (0.32 -> 0.44 at 0.9)
+  and block 0, where the dropped block's mass is spread and the routed tokens skew the renormalised output.
+* with centroids it is the largest gain in this study: -17% to -25% (T = 128..384, wins on 84-96% of heads),
+  oracle tokens -34% to -42%; T=128 (one block traded) takes most of it.  Per-head error with centroids
+  did not predict the video before (see above): check it end to end before building a kernel.
+
   python benchmarks/selection_study.py record --pairs 2 --steps 10 --record-steps 0,3,6,9
   python benchmarks/selection_study.py study --out benchmarks/results/2026-11-28-selection-cpu.json
+  python benchmarks/selection_study.py study --variants mean/topk,mean/topk+aug64,mean/topk+aug128,\
+      mean/topk+aug256,mean/topk+aug384,mean/topk+oaug128,mean/topk+oaug256 \
+      --out benchmarks/results/2026-11-28-selection-cpu-tokenaug.json
   python benchmarks/selection_study.py e2e --variants mean/topk,lse32/topk --pairs 2 --steps 10
 """
 from __future__ import annotations
@@ -76,6 +104,7 @@ import datetime as dt
 import json
 import math
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -223,10 +252,33 @@ def sink_tokens(q: torch.Tensor, k: torch.Tensor, scale: float, n: int = SINK_TO
     return a.sum(2).topk(n, -1).indices
 
 
+def aug_tokens(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, n: int, scale: float, oracle: bool = False,
+               block: int = BLOCK) -> torch.Tensor:
+    """(B,H,nq,n) key token indices per query block outside its kept blocks (token_aug): the n best by
+    scale * mean(q block) . k_t, or (``oracle``) by the query block's exact mean attention on token t."""
+    if oracle:
+        sc = torch.stack([torch.stack([torch.softmax(scale * q[b, h].float() @ k[b, h].float().T, -1)
+                                       .view(-1, block, k.shape[2]).mean(1) for h in range(q.shape[1])])
+                          for b in range(q.shape[0])])
+    else:
+        sc = scale * _pool(q, block) @ k.float().transpose(-1, -2)                  # (B,H,nq,L)
+    sc = sc.masked_fill(keep.repeat_interleave(block, -1), -math.inf)
+    return sc.topk(n, -1).indices
+
+
+def parse_aug(sink: str):
+    """``augT`` / ``oaugT`` -> (T, oracle) or None."""
+    m = re.fullmatch(r"(o?)aug(\d+)", sink)
+    return (int(m.group(2)), m.group(1) == "o") if m else None
+
+
 def parse_variant(name: str):
     base, _, sink = name.partition("+")
     scoring, _, rule = base.partition("/")
-    if rule not in ("topk", "thr", "thr2", "cumrow", "cumhead") or sink not in ("", "first", "col", "tok"):
+    if parse_aug(sink) and rule != "topk":
+        raise ValueError(f"selection_study: {name}: token_aug (+augT) only with topk")
+    if (rule not in ("topk", "thr", "thr2", "cumrow", "cumhead")
+            or (sink not in ("", "first", "col", "tok") and not parse_aug(sink))):
         raise ValueError(f"selection_study: bad variant {name!r} (scoring/rule[+sink])")
     if scoring.startswith("max") and rule != "topk":
         raise ValueError(f"selection_study: {name}: max scores are not masses; only topk")
@@ -241,6 +293,13 @@ def select(q, k, variant: str, k_blocks: int, scale: float, oracle=None, block: 
     forced = own_blocks(B, H, nq, nk, logm.device)
     toks = None
     kb = k_blocks
+    aug = parse_aug(sink)
+    if aug:
+        kb = k_blocks - -(-aug[0] // block)          # the block budget drops by ceil(T / block)
+        if kb < 1:
+            raise ValueError(f"selection_study: {variant} needs at least 2 kept blocks")
+        keep = rule_topk(logm, forced, kb)
+        return keep, None, aug_tokens(q, k, keep, aug[0], scale, oracle=aug[1], block=block)
     if sink == "tok":
         toks = sink_tokens(q, k, scale, block=block)
         kb = k_blocks - 1
@@ -300,7 +359,16 @@ class HeadPartials:
         mr = keep_blocks.repeat_interleave(self.block, 0).float()                 # (L, nk)
         num = torch.einsum("rj,rjd->rd", mr, self.num)
         den = (mr * self.den).sum(1)
-        if toks is not None:
+        if toks is not None and toks.dim() == 2:   # token_aug: (nq, T) tokens per query block, outside keep
+            nq, T = toks.shape
+            D = self.v.shape[1]
+            pg = self.p.view(nq, self.block, -1).gather(2, toks[:, None, :].expand(nq, self.block, T))
+            num = num + torch.bmm(pg, self.v[toks]).reshape(-1, D)
+            den = den + pg.sum(-1).reshape(-1)
+            if compensate:        # a skipped block's centroid stands for its tokens not routed (weight share)
+                routed = torch.zeros(nq, self.nk).scatter_add_(1, toks // self.block, torch.ones(nq, T))
+                mr = mr + (routed / self.block).repeat_interleave(self.block, 0)
+        elif toks is not None:
             tmask = torch.zeros(self.p.shape[1], dtype=torch.bool)
             tmask[toks] = True
             outside = (1 - mr).repeat_interleave(self.block, 1).bool() & tmask      # (L, L): sink keys not kept
@@ -423,8 +491,9 @@ def study(a):
                     if "at least 2" in str(e):
                         continue
                     raise
+                aug = parse_aug(parse_variant(var)[2])
                 for comp in comps:
-                    if comp and toks is not None:
+                    if comp and toks is not None and not aug:
                         continue
                     r = acc.setdefault((var, s, comp), dict(err=[], mass=[], share=[], param=[], layer=[]))
                     for b in range(B):
@@ -433,7 +502,8 @@ def study(a):
                             r["err"].append(rel_err(o, parts[b][h].o))
                             r["mass"].append(mass)
                             r["layer"].append(c["block_id"])
-                    share = float(keep.float().sum(-1).mean()) / nk + (SINK_TOKENS / L if toks is not None else 0)
+                    extra = aug[0] if aug else SINK_TOKENS if toks is not None else 0
+                    share = float(keep.float().sum(-1).mean()) / nk + extra / L
                     r["share"].append(share)
                     if param is not None:
                         r["param"].append(param)
@@ -495,7 +565,8 @@ def print_table(rows):
 def make_selector(variant: str):
     """A ``salad_core.attention.select_blocks`` stand-in running ``variant`` (block-level variants)."""
     from salad_pack.kernels import keep_count, pool_blocks  # noqa: F401
-    if parse_variant(variant)[2] == "tok" or variant.startswith("oracle"):
+    sink = parse_variant(variant)[2]
+    if sink == "tok" or parse_aug(sink) or variant.startswith("oracle"):
         raise ValueError(f"selection_study: {variant} is not a block-level selection (study only)")
 
     def select_blocks(qh, kh, layout, config, q_rowmap=None, k_pooled=None):

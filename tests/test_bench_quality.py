@@ -252,6 +252,23 @@ def test_selection_study_pieces():
     for comp in (False, True):
         o_ref, _ = ref.block_sparse_attention_ref(q, k, v, idx, cnt, blk, scale, compensate=comp)
         assert torch.allclose(hp.output(keep[0, 0], comp)[0], o_ref[0, 0], atol=1e-5)
+    # token_aug: top-1 block + 128 routed tokens outside it = the softmax over exactly those keys
+    keep, _, toks = ss.select(q, k, "mean/topk+aug128", 2, scale, block=blk)
+    assert int(keep[0, 0].sum(-1).max()) == 1 and toks.shape == (B, H, L // blk, 128)
+    assert not keep[0, 0].gather(1, toks[0, 0] // blk).any()
+    mask = keep[0, 0].repeat_interleave(blk, 0).repeat_interleave(blk, 1)
+    mask.view(L // blk, blk, L).scatter_(2, toks[0, 0][:, None, :].expand(-1, blk, -1), True)
+    s = (scale * q[0, 0] @ k[0, 0].T).masked_fill(~mask, -math.inf)
+    assert torch.allclose(hp.output(keep[0, 0], toks=toks[0, 0])[0], torch.softmax(s, -1) @ v[0, 0], atol=1e-5)
+    # with centroids: a skipped block's pseudo-token stands for its tokens not routed (log of their count)
+    kbar, vbar = (x[0, 0].view(L // blk, blk, D).mean(1) for x in (k, v))
+    n = blk - torch.zeros(L // blk, L // blk).scatter_add_(1, toks[0, 0] // blk, torch.ones(L // blk, 128))
+    n = n.masked_fill(keep[0, 0], 0).repeat_interleave(blk, 0)
+    sc = (scale * q[0, 0] @ kbar.T + n.log()).masked_fill(n == 0, -math.inf)
+    want = torch.softmax(torch.cat([s, sc], 1), -1) @ torch.cat([v[0, 0], vbar])
+    assert torch.allclose(hp.output(keep[0, 0], True, toks[0, 0])[0], want, atol=1e-5)
+    with pytest.raises(ValueError, match="not a block-level"):
+        ss.make_selector("mean/topk+aug128")
 
 
 def test_selection_study_selector_matches_product():
