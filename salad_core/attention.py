@@ -275,28 +275,33 @@ def mix_branches(o_sparse: Tensor, o_linear: Tensor, proj: torch.nn.Module,
     return (o_sparse.to(y.dtype) + y).to(out_dtype)
 
 
+def _oom_message(e: BaseException, q: Tensor, heads: int, grid, block_id) -> str:
+    """What an out-of-memory error inside SALAD attention tells the user: the call's size and what to change."""
+    B, L = (int(s) for s in q.shape[:2])
+    D = int(q.shape[-1]) // max(int(heads), 1)
+    gib = q.numel() * q.element_size() / 2**30
+    where = f" in block {block_id}" if block_id is not None else ""
+    cause = str(e).splitlines()[0][:300] if str(e) else "out of memory"
+    return (f"SALAD attention{where} ran out of GPU memory on {q.device} at batch {B}, {L:,} tokens "
+            f"(latent grid {'x'.join(str(int(g)) for g in grid)}), {heads} heads of {D}, {q.dtype}: q, k and v "
+            f"take {gib:.2f} GiB each and SALAD needs about as much again for tile-ordered K/V and its "
+            f"output. Use fewer frames or a lower resolution, a smaller batch, or free GPU memory "
+            f"(--lowvram / --reserve-vram). ({cause})")
+
+
 def _name_oom(fn):
     """Re-raise a GPU out-of-memory error inside SALAD attention with the call's size in the message.
 
     The error stays a ``torch.OutOfMemoryError``, so ComfyUI still treats it as an OOM (it unloads the
-    models and the next prompt starts clean); the message says which tensors did not fit and what to change.
+    models and the next prompt starts clean).  The call's arguments pass through untouched; the size is
+    read only when the error happens.
     """
     @functools.wraps(fn)
-    def wrapper(q, k, v, heads, *, grid, block_id=None, **kw):
+    def wrapper(q, k, v, heads, **kw):
         try:
-            return fn(q, k, v, heads, grid=grid, block_id=block_id, **kw)
+            return fn(q, k, v, heads, **kw)
         except torch.OutOfMemoryError as e:
-            B, L = (int(s) for s in q.shape[:2])
-            D = int(q.shape[-1]) // max(int(heads), 1)
-            gib = q.numel() * q.element_size() / 2**30
-            where = f" in block {block_id}" if block_id is not None else ""
-            raise torch.OutOfMemoryError(
-                f"SALAD attention{where} ran out of GPU memory on {q.device} at batch {B}, {L:,} tokens "
-                f"(latent grid {'x'.join(str(int(g)) for g in grid)}), {heads} heads of {D}, {q.dtype}: q, k and v "
-                f"take {gib:.2f} GiB each and SALAD needs about as much again for tile-ordered K/V and its "
-                f"output. Use fewer frames or a lower resolution, a smaller batch, or free GPU memory "
-                f"(--lowvram / --reserve-vram). ({str(e).splitlines()[0][:300] if str(e) else 'out of memory'})"
-            ) from e
+            raise torch.OutOfMemoryError(_oom_message(e, q, heads, kw.get("grid", ()), kw.get("block_id"))) from e
     return wrapper
 
 
