@@ -36,6 +36,20 @@ def N(nid, typ, pos, widgets=None, links=None, mode=0, title=None, size=None):
                 size=size)
 
 
+def testbed_branch(nid, y, model, prefix, sampler_title, save_title):
+    """KSampler -> Testbed Decode -> SaveAnimatedWEBP of the testbed workflow, sampling ``model`` (a link)
+    with the shared captions (nodes 4, 5) and latent (node 6); node ids nid..nid+2, row ``y``."""
+    return [
+        N(nid, "KSampler", [420, y], {"seed": TESTBED_SEED, "steps": TESTBED_STEPS, "cfg": 5.0,
+                                      "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0},
+          {"model": model, "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)}, title=sampler_title),
+        N(nid + 1, "SALADTestbedDecode", [820, y], {}, {"samples": (nid, 0)}),
+        N(nid + 2, "SaveAnimatedWEBP", [1060, y], {"filename_prefix": prefix, "fps": 16.0, "lossless": False,
+                                                   "quality": 90, "method": "default"},
+          {"images": (nid + 1, 0)}, title=save_title),
+    ]
+
+
 def note(nid, pos, text):
     return dict(id=nid, type="Note", pos=pos, text=text)
 
@@ -189,20 +203,8 @@ WORKFLOWS = {
         N(4, "SALADTestbedCaption", [0, 360], {"caption": TESTBED_CAPTION}, title="Positive caption"),
         N(5, "SALADTestbedCaption", [0, 520], {"caption": ""}, title="Negative (empty caption)"),
         N(6, "SALADTestbedEmptyLatent", [0, 640], {"frames": 64, "size": 128, "batch_size": 1}),
-        N(7, "KSampler", [420, 0], {"seed": TESTBED_SEED, "steps": TESTBED_STEPS, "cfg": 5.0,
-                                    "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0},
-          {"model": (3, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)}, title="KSampler (SALAD)"),
-        N(8, "SALADTestbedDecode", [820, 0], {}, {"samples": (7, 0)}),
-        N(9, "SaveAnimatedWEBP", [1060, 0], {"filename_prefix": "salad_demo/testbed_salad", "fps": 16.0,
-                                             "lossless": False, "quality": 90, "method": "default"},
-          {"images": (8, 0)}, title="SALAD 90%"),
-        N(10, "KSampler", [420, 400], {"seed": TESTBED_SEED, "steps": TESTBED_STEPS, "cfg": 5.0,
-                                       "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0},
-          {"model": (1, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)}, title="KSampler (dense)"),
-        N(11, "SALADTestbedDecode", [820, 400], {}, {"samples": (10, 0)}),
-        N(12, "SaveAnimatedWEBP", [1060, 400], {"filename_prefix": "salad_demo/testbed_dense", "fps": 16.0,
-                                                "lossless": False, "quality": 90, "method": "default"},
-          {"images": (11, 0)}, title="dense"),
+        *testbed_branch(7, 0, (3, 0), "salad_demo/testbed_salad", "KSampler (SALAD)", "SALAD 90%"),
+        *testbed_branch(10, 400, (1, 0), "salad_demo/testbed_dense", "KSampler (dense)", "dense"),
     ],
     "dev/salad_demo_tiny_wan": [
         note(100, [-420, -200], "Developer demo (scripts/demo.sh): a tiny random-weight Wan 2.1 and test-only "
