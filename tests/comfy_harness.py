@@ -61,6 +61,22 @@ def make_fixtures(comfyui: Path, diffusion_dir: Path, variants=None) -> list[Pat
     return [Path(x) for x in out.stdout.split()]
 
 
+def stop_process_group(proc: subprocess.Popen | None, grace: float):
+    """End a child started with ``start_new_session``: SIGTERM its process group, SIGKILL it if the
+    child has not exited within ``grace`` seconds.  Nothing to do when it is absent or already gone."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except Exception:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+
 class ComfyServer:
     """A ComfyUI server process.  Use as a context manager; the process is always stopped."""
 
@@ -124,16 +140,7 @@ class ComfyServer:
         raise TimeoutError(f"ComfyUI did not answer within {timeout}s:\n{self.log()[-4000:]}")
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=15)
-            except Exception:
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(timeout=10)
+        stop_process_group(self.proc, grace=15)
         if getattr(self, "_log", None):
             self._log.close()
             self._log = None

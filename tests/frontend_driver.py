@@ -23,6 +23,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from comfy_harness import stop_process_group
+
 # Settings stored for the scratch ComfyUI user before the page opens: no first-run template
 # browser, no minimap or canvas info overlay, no dialogs about files this machine doesn't have.
 QUIET_SETTINGS = {
@@ -171,16 +173,7 @@ class Browser:
             except Exception:
                 pass
             self.ws = None
-        if self.proc and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, 15)
-                self.proc.wait(timeout=10)
-            except Exception:
-                try:
-                    os.killpg(self.proc.pid, 9)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(timeout=10)
+        stop_process_group(self.proc, grace=10)
         if getattr(self, "_log", None):
             self._log.close()
             self._log = None
