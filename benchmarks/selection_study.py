@@ -116,6 +116,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import bench_quality as bq  # noqa: E402  (also puts tests/ on sys.path)
+from sol_attn_peer import bisect_falling  # noqa: E402
 
 BLOCK = 128
 SINK_TOKENS = 128
@@ -182,15 +183,9 @@ def rule_topk(score: torch.Tensor, forced: torch.Tensor, k: int) -> torch.Tensor
     return keep | forced
 
 
-def _calibrate(count_fn, k: float, lo: float, hi: float, iters: int = 40):
+def _calibrate(count_fn, k: float, lo: float, hi: float) -> float:
     """Parameter p in [lo, hi] (count falls as p rises) with the largest mean count <= k."""
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        if count_fn(mid) > k:
-            lo = mid
-        else:
-            hi = mid
-    return hi
+    return bisect_falling(count_fn, k, lo, hi)[1]
 
 
 def rule_thr(logm: torch.Tensor, forced: torch.Tensor, k: int, floor: int = 1):

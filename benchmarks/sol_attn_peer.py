@@ -102,17 +102,24 @@ def routed_share(z: torch.Tensor, tau: float) -> float:
     return float(exact.float().mean())
 
 
+def bisect_falling(count_fn, target: float, lo: float, hi: float, iters: int = 40) -> tuple[float, float]:
+    """Bisect [lo, hi] for the parameter p where ``count_fn(p)`` (falling as p rises) drops to ``target``:
+    the final bracket (lo, hi), count above target at lo's probes, at most target at hi's."""
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if count_fn(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    return lo, hi
+
+
 def calibrate_tau(zs: list, target: float, lo: float = -4.0, hi: float = 8.0, iters: int = 40) -> float:
     """tau whose mean routed share over the score tensors ``zs`` is ``target`` (bisection; the
     share falls as tau rises).  Shares below the diagonal band's floor give the largest tau tried."""
     def share(tau):
         return sum(routed_share(z, tau) * z.numel() for z in zs) / sum(z.numel() for z in zs)
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        if share(mid) > target:
-            lo = mid
-        else:
-            hi = mid
+    lo, hi = bisect_falling(share, target, lo, hi, iters)
     return 0.5 * (lo + hi)
 
 
