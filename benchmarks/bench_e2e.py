@@ -87,15 +87,8 @@ class Timer:
         if first < 1000:
             from triton.testing import do_bench
             return do_bench(fn, warmup=max(self.rep_ms // 6, 100), rep=self.rep_ms, return_mode="median")
-        times = []
-        for _ in range(self.iters):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e))
-        return statistics.median(times)
+        from bench_quality import timed_ms
+        return statistics.median(timed_ms(fn, self.iters))
 
 
 def build_model(a, dev, dtype):

@@ -662,11 +662,9 @@ def e2e_speedup(attn_speedup: float, attn_share: float, dense_fraction: float, d
     return 1.0 / (dense_steps + (1.0 - dense_steps) / step_speedup(attn_speedup, attn_share, dense_fraction))
 
 
-def _cuda_ms(fn, warmup: int = 3, reps: int = 10) -> float:
-    """Median milliseconds of fn() (CUDA events on the GPU, perf_counter on the CPU)."""
+def timed_ms(fn, reps: int) -> list:
+    """Milliseconds of each of ``reps`` calls of fn() (CUDA events on the GPU, perf_counter on the CPU)."""
     cuda = torch.cuda.is_available()
-    for _ in range(warmup):
-        fn()
     times = []
     for _ in range(reps):
         if cuda:
@@ -680,7 +678,14 @@ def _cuda_ms(fn, warmup: int = 3, reps: int = 10) -> float:
             t0 = time.perf_counter()
             fn()
             times.append(1000 * (time.perf_counter() - t0))
-    return float(torch.tensor(times).median())
+    return times
+
+
+def _cuda_ms(fn, warmup: int = 3, reps: int = 10) -> float:
+    """Median milliseconds of fn() after ``warmup`` untimed calls (see timed_ms)."""
+    for _ in range(warmup):
+        fn()
+    return float(torch.tensor(timed_ms(fn, reps)).median())
 
 
 def attention_speed_table(a, run: Run, sparsities, combos, device) -> dict:
