@@ -209,10 +209,10 @@ def topk_lut(scores: Tensor, k: int, always_kept: Optional[Tensor] = None) -> Tu
     n_ak = 0 if always_kept is None else int(always_kept.numel())
     kmax = min(nk, max(k, 1 + n_ak))
     sc = scores.float().contiguous()
-    ak = (always_kept.to(device=sc.device, dtype=torch.int32).reshape(-1).contiguous() if n_ak
-          else torch.zeros(1, device=sc.device, dtype=torch.int32))
     idx = _empty(B, H, nq, kmax, device=sc.device, dtype=torch.int32)
     cnt = _empty(B, H, nq, device=sc.device, dtype=torch.int32)
+    # without forced blocks the kernel never reads AK: pass cnt as a placeholder (no allocation)
+    ak = always_kept.to(device=sc.device, dtype=torch.int32).reshape(-1).contiguous() if n_ak else cnt
     nkp = max(16, triton_next_pow2(nk))
     tk._topk_lut_kernel[(nq, B * H)](sc, ak, idx, cnt, nq, nk, k, kmax, n_ak,
                                      NKP=nkp, KMAXP=max(16, triton_next_pow2(kmax)), SHIFT=12,
@@ -254,7 +254,7 @@ def _lin_operands(S: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor, bool]:
     dots at ~fp32 accuracy); for fp32 q, S itself (fp32 dots)."""
     if dtype in (torch.bfloat16, torch.float16):
         hi = S.to(dtype)
-        lo = (S - hi.float()).to(dtype)
+        lo = (S - hi).to(dtype)  # fp32 - 16-bit promotes to fp32: no upcast copy of hi
         return hi.contiguous(), lo.contiguous(), True
     S = S.contiguous()
     return S, S, False
@@ -492,12 +492,12 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Te
     return _SparseAttnFn.apply(q, k, v, idx, cnt, block, scale, layout, bool(compensate), opts)
 
 
-@torch.no_grad()
 def block_sparse_attention_rowmap(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block: int,
                                   scale: Optional[float], rowmap: Tensor, bias: Optional[Tensor] = None,
                                   layout: str = "blhd", comp: Comp = None,
                                   opts: TritonOptions = DEFAULT_OPTIONS) -> Tensor:
-    """Inference only (no autograd): q and the output in the caller's row order, k/v in tile order.
+    """Inference only (no autograd; its caller kernels.block_sparse_attention_rowmap runs under
+    no_grad, so it is not entered twice): q and the output in the caller's row order, k/v in tile order.
     comp: None | True | (k_mean, v_mean): centroid compensation (see _sparse_fwd)."""
     q, k, v, scale = _prep(q, k, v, block, scale)
     o, _, _ = _sparse_fwd(q, k, v, idx, cnt, block, scale, layout=layout, rowmap=rowmap, bias=bias, comp=comp,
