@@ -87,7 +87,7 @@ def _use_triton(t: Tensor, backend: str) -> bool:
                 "(needs CUDA + triton, or TRITON_INTERPRET=1)")
         return True
     if backend == "auto":
-        return t.is_cuda and triton_available(t.device)
+        return t.is_cuda and _triton_importable()  # = triton_available(t.device) for a CUDA tensor
     raise ValueError(f"unknown backend {backend!r}")
 
 
