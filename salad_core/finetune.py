@@ -89,6 +89,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .options import DEFAULT_PATTERN, DEFAULT_SPARSITY, PATTERNS
+from .trainer import warmup_cosine
 from .weights import (SaladWeights, atomic_write_safetensors, format_block_spec, load_salad_weights,
                       parse_block_spec, save_salad_weights)
 
@@ -182,10 +183,7 @@ class FinetuneConfig:
 
     def lr_at(self, step: int) -> float:
         """lr of 0-based ``step``: linear warm-up over ``warmup`` steps, then cosine to min_lr_ratio x lr."""
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        t = (step - self.warmup) / max(1, self.steps - self.warmup)
-        return self.lr * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0))))
+        return warmup_cosine(step, self.warmup, self.steps, self.lr, self.min_lr_ratio)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -656,7 +654,7 @@ def finetune(forward: FORWARD, weights: SaladWeights, data: PairFolder, config: 
         if dist and world > 1:
             dist.all_reduce(stat)
             stat = stat / world
-        lv, gv = float(stat[0]), float(stat[1])
+        lv, gv = stat.tolist()          # the step's one host sync
         if not (math.isfinite(lv) and math.isfinite(gv)):
             where = (f"the last good checkpoint {ckpt_path} (step {last_good}) is kept unchanged"
                      if ckpt_path is not None and last_good > 0 and ckpt_path.exists()
@@ -735,9 +733,10 @@ def make_weights(info: dict, cfg: FinetuneConfig, init_weights=None, blocks=None
         full = SaladWeights.new(w.dim, w.heads, w.num_blocks, blocks=sorted(set(w.block_ids) | set(missing)))
         full.metadata.update(w.metadata)
         full.path = w.path
+        dst = full.state_tensors()
         with torch.no_grad():
             for name, t in w.state_tensors().items():
-                full.state_tensors()[name].copy_(t.detach().float())
+                dst[name].copy_(t.detach().float())
         full._sync_metadata()
         full.metadata["init_blocks"] = format_block_spec(w.block_ids)
         return full

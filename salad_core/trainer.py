@@ -238,6 +238,16 @@ def _salad_out(xm: Optional[Tensor], o_s: Tensor, o_l: Tensor, proj: nn.Module, 
     return mix_branches(o_s, o_l, proj, G, out_dtype=torch.float32)
 
 
+def warmup_cosine(step: int, warmup: int, steps: int, peak: float = 1.0, floor: float = 0.0) -> float:
+    """Learning rate of 0-based ``step``: linear warm-up to ``peak`` over ``warmup`` steps, then cosine
+    decay to ``floor`` x ``peak`` at ``steps`` (and there after).  Shared by :class:`TrainConfig` (as a
+    multiplier, peak 1) and ``finetune.FinetuneConfig.lr_at``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return peak * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0))))
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How :func:`train_salad` optimises each block (its own AdamW on fp32 copies of proj and gate).
@@ -272,11 +282,7 @@ class TrainConfig:
 
     def lr_factor(self, step: int) -> float:
         """Learning-rate multiplier at ``step`` in [0, steps): linear warm-up, then cosine decay."""
-        warmup = self.warmup_steps
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, self.steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * t))
+        return warmup_cosine(step, self.warmup_steps, self.steps)
 
     def generator(self) -> torch.Generator:
         """The random source of sample and token picks (seeded unless ``seed`` is None)."""
