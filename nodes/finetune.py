@@ -181,10 +181,6 @@ def resolve_data_folder(name: str, create: bool = False) -> str:
     return path
 
 
-def _safe(prefix: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(prefix)).strip("._") or "salad"
-
-
 # ----------------------------------------------------------------------------------------------
 # nodes
 # ----------------------------------------------------------------------------------------------
@@ -212,6 +208,7 @@ class SALADSaveTrainingPair:
 
     def save(self, latent, conditioning, data_folder, filename_prefix):
         from ..salad_core.finetune import save_pair
+        from .train import _safe
         folder = resolve_data_folder(data_folder, create=True)
         samples = latent["samples"]
         if samples.ndim != 5:
@@ -296,7 +293,7 @@ class SALADFinetune:
         from .loader import SALADWeightsLoader
         from .patch import wan_model_info
         from .paths import FOLDER_NAME
-        from .train import _unique_path
+        from .train import _safe, _unique_path
 
         info = wan_model_info(model, "SALAD Fine-tune")
         data = PairFolder(resolve_data_folder(data_folder))
@@ -330,7 +327,7 @@ class SALADFinetune:
             if swapped:
                 log.info("SALAD Fine-tune: %d inference-mode tensors of the model copied for autograd", swapped)
             lora = LoraSet(wan_lora_targets(dm), cfg.lora_rank, seed=seed) if cfg.lora_rank else None
-            lora_out = _unique_lora_path(prefix) if lora is not None else None
+            lora_out = _unique_path(prefix, "loras", "_lora") if lora is not None else None
             with salad_wan_hooks(dm, weights, cfg.sparsity, cfg.pattern, grad_checkpointing=cfg.grad_checkpointing,
                                  lora=lora) as st:
                 try:
@@ -354,17 +351,6 @@ class SALADFinetune:
                    if lora_name else ""))
         log.info("%s", text)
         return {"ui": {"text": [text]}, "result": (SALADWeightsLoader.wrap(weights), name, lora_name)}
-
-
-def _unique_lora_path(prefix: str) -> str:
-    """models/loras/<prefix>_lora_NNNNN.safetensors, the first name not taken."""
-    import folder_paths
-    folder = folder_paths.get_folder_paths("loras")[0]
-    os.makedirs(folder, exist_ok=True)
-    n = 1
-    while os.path.exists(os.path.join(folder, f"{_safe(prefix)}_lora_{n:05d}.safetensors")):
-        n += 1
-    return os.path.join(folder, f"{_safe(prefix)}_lora_{n:05d}.safetensors")
 
 
 def _trainable_copy_of_inference_tensors(module) -> int:

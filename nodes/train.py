@@ -33,12 +33,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("SALAD")
 
 
-def _unique_path(prefix: str) -> str:
-    folder = folder_paths.get_folder_paths(FOLDER_NAME)[0]
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in prefix).strip("._") or "salad"
+def _safe(prefix: str) -> str:
+    """``prefix`` as a file-name stem: characters other than letters, digits, ``-_.`` become ``_``."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(prefix)).strip("._") or "salad"
+
+
+def _unique_path(prefix: str, folder_name: str = FOLDER_NAME, tag: str = "") -> str:
+    """models/<folder_name>/<prefix><tag>_NNNNN.safetensors, the first name not taken."""
+    folder = folder_paths.get_folder_paths(folder_name)[0]
+    stem = _safe(prefix) + tag
     n = 1
     while True:
-        path = os.path.join(folder, f"{safe}_{n:05d}.safetensors")
+        path = os.path.join(folder, f"{stem}_{n:05d}.safetensors")
         if not os.path.exists(path):
             return path
         n += 1
