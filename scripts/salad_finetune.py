@@ -33,6 +33,9 @@ from salad_pack.salad_core.weights import format_block_spec  # noqa: E402
 
 
 DEFAULT_PROVIDER = "nodes.finetune:cli_provider"
+#: FinetuneConfig fields that are plain ``--name`` options of the same type and default
+CONFIG_OPTIONS = ("steps", "batch", "lr", "warmup", "min_lr_ratio", "weight_decay", "grad_clip", "shift",
+                  "multiplier", "cfg_dropout", "seed", "sparsity", "pattern", "backend", "ckpt_every", "log_every")
 
 
 def _load_provider(spec: str):
@@ -67,8 +70,7 @@ def parse_args(argv=None):
     ap.add_argument("--device", default=None)
     ap.add_argument("--stop-at", type=int, default=None, help="end after this many total steps (no final file)")
     d = FinetuneConfig()
-    for k in ("steps", "batch", "lr", "warmup", "min_lr_ratio", "weight_decay", "grad_clip", "shift",
-              "multiplier", "cfg_dropout", "seed", "sparsity", "pattern", "backend", "ckpt_every", "log_every"):
+    for k in CONFIG_OPTIONS:
         default = getattr(d, k) if k != "warmup" else None
         typ = type(default) if default is not None else int
         ap.add_argument(f"--{k.replace('_', '-')}", type=typ, default=default)
@@ -94,17 +96,15 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"[salad finetune] {msg}", flush=True)
 
-    cfg = FinetuneConfig(**{k: getattr(a, k) for k in (
-        "steps", "batch", "lr", "warmup", "min_lr_ratio", "weight_decay", "grad_clip", "shift", "multiplier",
-        "cfg_dropout", "seed", "sparsity", "pattern", "backend", "ckpt_every", "log_every")},
-        autocast=not a.no_autocast, grad_checkpointing=not a.no_grad_checkpointing, lora_rank=a.lora_rank)
+    cfg = FinetuneConfig(**{k: getattr(a, k) for k in CONFIG_OPTIONS},
+                         autocast=not a.no_autocast, grad_checkpointing=not a.no_grad_checkpointing,
+                         lora_rank=a.lora_rank)
     handle = _load_provider(a.provider)(model=a.model, device=device, comfyui=a.comfyui)
     enc = None
     if a.captions == "testbed":
         from salad_pack.testbed.text import caption_context as enc
     data = PairFolder(a.data, caption_encoder=enc)
-    blocks = None if a.blocks is None else a.blocks
-    weights = make_weights(handle["info"], cfg, a.init_weights, blocks, created_by="scripts/salad_finetune.py")
+    weights = make_weights(handle["info"], cfg, a.init_weights, a.blocks, created_by="scripts/salad_finetune.py")
     weights.to(device)
     lora = lora_out = None
     if cfg.lora_rank:
