@@ -2,11 +2,14 @@
 # One GPU call of speed measurements (issues 9 and 13), run from the repository root on the GPU machine:
 #   PART=s1 bash benchmarks/gpu_speed_suite.sh   (1.3B: before/after the refactor, size x batch table, kernels)
 #   PART=s2 bash benchmarks/gpu_speed_suite.sh   (LTX-Video 13B family timing, Wan 14B 480p)
+#   PART=p1 bash benchmarks/gpu_speed_suite.sh   (issue 9 wave 3: GPU tests of the inference passes, the per-layer
+#                                                profile before/after, 1.3B forward before/after)
 # Needs COMFYUI_DIR (a ComfyUI source tree); writes logs and JSON under $OUT/work and packs them into
 # $OUT/<part>.tgz (the device returns at most 8 files).  Each step has its own timeout so one overrun
-# cannot eat the rest.  .before/ is `git archive` of the tree before the kernel/patch refactor
-# (95dea79: kernels, salad_core, nodes, tests/_pack.py, comfy_harness.py, make_fixtures.py) plus this
-# bench_e2e.py, so "before" and "after" run in the same call on the same card.
+# cannot eat the rest.  .before/ is `git archive` of an earlier tree (kernels, salad_core, nodes,
+# tests/_pack.py, comfy_harness.py, make_fixtures.py, bench_e2e.py, bench_quality.py: for s1/s2 the commit
+# before the kernel/patch refactor, 95dea79; for p1 the commit before the inference passes, 395be3f), so
+# "before" and "after" run in the same call on the same card.
 set -u
 W=$OUT/work; mkdir -p "$W"
 export PYTHONUNBUFFERED=1
@@ -14,6 +17,14 @@ step() { local t=$1 name=$2; shift 2; echo "== $name ($(date +%T))"; timeout "$t
          echo "   rc=$? $(tail -1 "$W/$name.log")"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$W/card.txt"
 case "${PART:-s1}" in
+p1)
+  step 240 gpu-tests python3 -m pytest -q -x tests/test_passes.py tests/test_salad_core_gpu.py ${FP8_TESTS:-}
+  step 200 profile python3 benchmarks/profile_layer.py --before .before --out "$W/profile" \
+       --models 1.3b,14b --grids 480p17,480p33,sq480,al18k,480p,al480
+  step 80 e2e-before python3 .before/benchmarks/bench_e2e.py --model 1.3b --sizes 480p,sq480 --no-layers \
+       --rep-ms 800 --out "$W/before"
+  step 80 e2e-after python3 benchmarks/bench_e2e.py --model 1.3b --sizes 480p,sq480 --no-layers \
+       --rep-ms 800 --out "$W/after" ;;
 s1)
   step 70 e2e-before python3 .before/benchmarks/bench_e2e.py --model 1.3b --sizes 480p,sq480 --no-layers \
        --rep-ms 800 --out "$W/before"

@@ -105,9 +105,14 @@ def _cases(compiled: list) -> dict:
     def linear():
         q, k, v = qkv()
         S, z = ops.linear_state(k, v)
-        SH, SLO, LP = ops._lin_operands(S, dt)
-        ops._linear_apply(q, SH, SLO, LP, z, 1e-5, "blhd")
-        ops._linear_bwd(q, k, v, z, SH, SLO, LP, torch.randn(1, L, 2, 128, dtype=dt).transpose(1, 2), 1e-5)
+        ops._linear_apply(q, S, z, 1e-5, "blhd")
+        ops._linear_bwd(q, k, v, z, S, torch.randn(1, L, 2, 128, dtype=dt).transpose(1, 2), 1e-5)
+
+    def passes(full=True):
+        q, k, v = qkv()
+        rm = torch.randperm(L)
+        st = ops.kv_pass(k, v, rm, blk, full, full, full)[-1]
+        ops.q_pass(q, rm, blk, st, 1e-5, torch.randn(1) if full else None, True)
 
     def select():
         q = qkv()[0]
@@ -120,6 +125,9 @@ def _cases(compiled: list) -> dict:
         "fwd_comp": lambda: fwd(comp=True),
         "fwd_rowmap_bias": lambda: fwd(rowmap=torch.randperm(L), bias=torch.randn(1, 256)),
         "fwd_rowmap_bias_comp": lambda: fwd(rowmap=torch.randperm(L), bias=torch.randn(1, 256), comp=True),
+        "fwd_rowmap_gated_bias": lambda: fwd(rowmap=torch.randperm(L), bias=torch.randn(256, dtype=dt),
+                                             gate_logit=torch.randn(1)),
+        "passes": passes, "passes_gather_pool": lambda: passes(False),
         "linear": linear, "bwd_tma": lambda: bwd(), "bwd_ptr": lambda: bwd(tma=False),
         "bwd_comp_tma": lambda: bwd(comp=True), "bwd_comp_ptr": lambda: bwd(tma=False, comp=True),
         "select": select,

@@ -42,7 +42,7 @@ Tensor = torch.Tensor
 __all__ = [
     "DEFAULT_BLOCK", "PAD_IDX", "num_blocks", "keep_count", "pool_blocks", "select_topk",
     "select_window", "block_sparse_attention", "block_sparse_attention_rowmap", "linear_attention",
-    "sparse_linear_attention",
+    "sparse_linear_attention", "kv_pass", "q_pass", "topk_from_pooled",
     "triton_available", "attention_ref", "masked_attention_ref", "block_mask_dense",
     "compensated_attention_ref", "TritonOptions",
 ]
@@ -124,6 +124,18 @@ def pool_blocks(x: Tensor, block: int = DEFAULT_BLOCK, backend: str = "auto",
     return _ref.pool_blocks_ref(x, block)
 
 
+def topk_from_pooled(pq: Tensor, pk: Tensor, sparsity: float, always_kept: Optional[Tensor] = None,
+                     backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """select_topk from block means already pooled (pq (B,H,nq,D), pk (B,H,nk,D) fp32, e.g. from q_pass /
+    kv_pass): the same (idx, cnt)."""
+    with torch.no_grad():
+        scores = torch.matmul(pq, pk.transpose(-1, -2))
+        k = keep_count(pk.shape[2], sparsity)
+        if _use_triton(pq, backend):
+            return _ops().topk_lut(scores, k, always_kept)
+        return lut_from_scores(scores, k, always_kept)
+
+
 def select_topk(q: Tensor, k: Tensor, sparsity: float, block: int = DEFAULT_BLOCK,
                 always_kept: Optional[Tensor] = None, backend: str = "auto",
                 q_rowmap: Optional[Tensor] = None, k_pooled: Optional[Tensor] = None,
@@ -197,18 +209,20 @@ def block_sparse_attention_rowmap(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, 
                                   block: int = DEFAULT_BLOCK, scale: Optional[float] = None,
                                   bias: Optional[Tensor] = None, backend: str = "auto", compensate: bool = False,
                                   k_mean: Optional[Tensor] = None, v_mean: Optional[Tensor] = None,
+                                  gate_logit: Optional[Tensor] = None,
                                   triton_options: TritonOptions = DEFAULT_OPTIONS) -> Tensor:
     """Inference form of block_sparse_attention (no autograd) for callers whose tokens are not in
     tile order: k and v are in tile order, q is in the caller's order, and tile position r is
-    caller row rowmap[r] (L,) for both the q read and the output write.  bias (B, H*D), if given,
-    is added to every output row.  Returns o (B,H,L,D) in the caller's order, as a view of a
+    caller row rowmap[r] (L,) for both the q read and the output write.  bias ((H*D,) or (B, H*D)),
+    if given, is added to every output row, times sigmoid(gate_logit[b]) when gate_logit (B,) is given.
+    Returns o (B,H,L,D) in the caller's order, as a view of a
     contiguous (B,L,H,D) buffer, so the tile gather of q and the scatter back cost no extra pass.
     compensate / k_mean / v_mean: centroid compensation as in block_sparse_attention (means of the
     tile-ordered k, v blocks)."""
     _check_qkv(q, k, v)
     B, H, L, D = q.shape
     if _pick(q, backend, block):
-        return _ops().block_sparse_attention_rowmap(q, k, v, idx, cnt, block, scale, rowmap, bias,
+        return _ops().block_sparse_attention_rowmap(q, k, v, idx, cnt, block, scale, rowmap, bias, gate_logit,
                                                     comp=(k_mean, v_mean) if compensate else None,
                                                     opts=triton_options)
     rm = rowmap.to(device=q.device, dtype=torch.long)
@@ -217,7 +231,10 @@ def block_sparse_attention_rowmap(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, 
     o = torch.empty(B, L, H, D, device=q.device, dtype=q.dtype)
     o[:, rm] = o_t.transpose(1, 2)
     if bias is not None:
-        o += bias.reshape(B, 1, H, D).to(o.dtype)
+        b = bias.to(device=q.device, dtype=torch.float32).reshape(-1, 1, H, D)
+        if gate_logit is not None:
+            b = b * torch.sigmoid(gate_logit.to(device=q.device, dtype=torch.float32)).reshape(B, 1, 1, 1)
+        o = (o.float() + b).to(o.dtype)
     return o.permute(0, 2, 1, 3)
 
 
@@ -241,3 +258,37 @@ def sparse_linear_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: T
     o_s, _ = block_sparse_attention(q, k, v, idx, cnt, block, scale, backend, out_layout,
                                     triton_options=triton_options)
     return o_s, linear_attention(q, k, v, eps, backend, out_layout, triton_options)
+
+
+def kv_pass(k: Tensor, v: Tensor, rowmap: Tensor, block: int = DEFAULT_BLOCK, pool_k: bool = True,
+            pool_v: bool = False, linear_state: bool = True, backend: str = "auto",
+            triton_options: TritonOptions = DEFAULT_OPTIONS):
+    """Inference: everything SALAD needs from K and V in one read (one kernel on the Triton path).
+
+    k, v: (B,H,L,D) in the caller's row order (any strides, unit last stride); rowmap (L,) int: tile
+    position r is row rowmap[r].  Returns ``(kt, vt, k_mean, v_mean, state)``: kt / vt the tile-ordered
+    copies as (B,H,L,D) views of contiguous (B,L,H,D) buffers (what block_sparse_attention_rowmap reads);
+    k_mean / v_mean fp32 block means of kt / vt (B,H,nb,D) when pool_k / pool_v, else None; state the
+    linear branch's state (B*H, D*D + D) fp32 (S = sum relu(k) v^T row-major, then z = sum relu(k), both
+    divided by L) when linear_state, else None.  No autograd."""
+    _check_qkv(k, k, v)
+    with torch.no_grad():
+        if _pick(k, backend, block):
+            return _ops().kv_pass(k, v, rowmap, block, pool_k, pool_v, linear_state, triton_options)
+        return _ref.kv_pass_ref(k, v, rowmap, block, pool_k, pool_v, linear_state)
+
+
+def q_pass(q: Tensor, rowmap: Tensor, block: int = DEFAULT_BLOCK, state: Optional[Tensor] = None,
+           eps: float = 1e-5, gate_logit: Optional[Tensor] = None, pool: bool = True, backend: str = "auto",
+           triton_options: TritonOptions = DEFAULT_OPTIONS) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """Inference: everything SALAD needs from Q in one read (one kernel on the Triton path).
+
+    q: (B,H,L,D) in the caller's row order; rowmap as in kv_pass.  Returns ``(q_mean, o_linear)``: q_mean
+    fp32 block means of the tile-ordered q (B,H,nb,D) when pool, else None; o_linear (when ``state`` from
+    kv_pass is given) the linear branch relu(q) S / (relu(q).z + eps), times sigmoid(gate_logit[b]) when
+    gate_logit (B,) is given, in q's dtype and row order as a (B,H,L,D) view of a contiguous (B,L,H,D)
+    buffer; else None.  No autograd."""
+    with torch.no_grad():
+        if _pick(q, backend, block):
+            return _ops().q_pass(q, rowmap, block, state, eps, gate_logit, pool, triton_options)
+        return _ref.q_pass_ref(q, rowmap, block, state, eps, gate_logit, pool)

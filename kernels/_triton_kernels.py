@@ -92,13 +92,22 @@ def _dd(X, pid_bh, D: tl.constexpr, TRANS: tl.constexpr = False):
 
 
 @triton.jit
-def _state_operands(SH, SLO, ZL, pid_bh, D: tl.constexpr, LP: tl.constexpr):
-    """Head pid_bh's linear state for the Q side: S (hi part when LP), its lo part (LP; else S
-    again) and z."""
-    sh = _dd(SH, pid_bh, D)
-    slo = sh
+def _split_state(S, dtype, LP: tl.constexpr):
+    """An fp32 D x D state as the Q side's dot operands: (hi, lo) in the 16-bit `dtype` with S = hi + lo
+    to ~fp32 accuracy (two tensor-core dots, LP), else (S, S) in fp32."""
+    hi = S
+    lo = S
     if LP:
-        slo = _dd(SLO, pid_bh, D)
+        hi = S.to(dtype)
+        lo = (S - hi.to(tl.float32)).to(dtype)
+    return hi, lo
+
+
+@triton.jit
+def _state_operands(S, ZL, pid_bh, dtype, D: tl.constexpr, LP: tl.constexpr):
+    """Head pid_bh's linear state for the Q side ((B*H, D, D) / (B*H, D) fp32): S as its hi and lo dot
+    operands in the 16-bit `dtype` (LP; else S twice, fp32) and z."""
+    sh, slo = _split_state(_dd(S, pid_bh, D), dtype, LP)
     return sh, slo, tl.load(ZL + pid_bh.to(tl.int64) * D + tl.arange(0, D))
 
 
@@ -147,6 +156,12 @@ def _phi_q(q, sh, slo, z, eps, LP: tl.constexpr):
         pq = pqf
     den = tl.sum(pqf * z[None, :], 1) + eps
     return num, den, pq, pqf
+
+
+@triton.jit
+def _sigmoid(x):
+    """The gate G = sigmoid(x) of one sample, in fp32."""
+    return 1.0 / (1.0 + tl.exp(-x.to(tl.float32)))
 
 
 @triton.jit
@@ -304,15 +319,17 @@ def _topk_lut_kernel(SC, AK, IDX, CNT, NQ, NK, K, KMAX, N_AK,
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _sparse_fwd_kernel(Q, K, V, O, LSE, IDX, CNT, ROWMAP, BIAS, KM, VM,
-                       q_str, k_str, v_str, o_str, lut_str, H, L, LK, qk_scale,
+def _sparse_fwd_kernel(Q, K, V, O, LSE, IDX, CNT, ROWMAP, BIAS, GL, KM, VM,
+                       q_str, k_str, v_str, o_str, lut_str, H, L, LK, qk_scale, bias_sb,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, NUM_STAGES: tl.constexpr,
                        USE_TMA: tl.constexpr, ROWMAP_IO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       COMPENSATE: tl.constexpr, BLOCK_C: tl.constexpr, KMAXP: tl.constexpr):
+                       HAS_GATE: tl.constexpr, COMPENSATE: tl.constexpr, BLOCK_C: tl.constexpr,
+                       KMAXP: tl.constexpr):
     """Online-softmax attention of one query block (BLOCK_M rows = one key block) over its listed
     key blocks, walked in BLOCK_N-key tiles.  ROWMAP_IO: tile row r reads q row ROWMAP[r] and
     stores its output at row ROWMAP[r] (the caller's token order; plain loads for q, TMA has no row
-    gather on sm90).  HAS_BIAS: add BIAS[b, h*D:(h+1)*D] (fp32, (B, H*D) contiguous) to O.
+    gather on sm90).  HAS_BIAS: add BIAS[b * bias_sb + h*D + d] (any float dtype; bias_sb = 0 for one
+    bias shared by the batch) to O, times sigmoid(GL[b]) (fp32 gate logits, (B,)) when HAS_GATE.
     COMPENSATE: after the listed blocks, the centroids of all NK key blocks are walked in tiles of
     BLOCK_C, the listed ones masked out by comparing with the list (KMAXP >= kmax entries)."""
     pid_m, offs_m, row_ok = _query_rows(L, BLOCK_M)
@@ -355,7 +372,10 @@ def _sparse_fwd_kernel(Q, K, V, O, LSE, IDX, CNT, ROWMAP, BIAS, KM, VM,
     o = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, -float("inf"), (m_i + tl.log2(l_safe)) * _LN2)
     if HAS_BIAS:
-        o = o + tl.load(BIAS + b.to(tl.int64) * (H * D) + h.to(tl.int64) * D + offs_d)[None, :]
+        bias_row = tl.load(BIAS + b.to(tl.int64) * bias_sb + h.to(tl.int64) * D + offs_d).to(tl.float32)
+        if HAS_GATE:
+            bias_row = bias_row * _sigmoid(tl.load(GL + b))
+        o = o + bias_row[None, :]
     rows = _io_rows(ROWMAP, offs_m, row_ok, ROWMAP_IO)
     tl.store(_head(O, o_str, b, h) + rows[:, None].to(tl.int64) * o_str[2] + offs_d[None, :],
              o.to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -385,11 +405,11 @@ def _linear_state_kernel(K, V, SP, ZP, k_str, v_str, H, LK, CHUNK, NSPLIT, INV_C
 
 
 @triton.jit
-def _linear_apply_kernel(Q, SH, SLO, ZL, OL, q_str, o_str, H, L, CHUNK, eps,
+def _linear_apply_kernel(Q, S, ZL, OL, q_str, o_str, H, L, CHUNK, eps,
                          BLOCK_M: tl.constexpr, D: tl.constexpr, LP: tl.constexpr):
     """o = relu(q) S / (relu(q).z + eps) for the rows of split program_id(0); S loaded once."""
     pid_bh, q_base, o_base = _two_heads(Q, OL, q_str, o_str, H)
-    sh, slo, z = _state_operands(SH, SLO, ZL, pid_bh, D, LP)
+    sh, slo, z = _state_operands(S, ZL, pid_bh, Q.dtype.element_ty, D, LP)
     offs_d = tl.arange(0, D)
     start, end = _split_rows(CHUNK, L)
     for m0 in tl.range(start, end, BLOCK_M):
@@ -402,15 +422,13 @@ def _linear_apply_kernel(Q, SH, SLO, ZL, OL, q_str, o_str, H, L, CHUNK, eps,
 
 
 @triton.jit
-def _linear_bwd_q_kernel(Q, SH, SLO, ZL, DO, DQ, DSP, DZP, q_str, do_str, H, L, CHUNK, NSPLIT, eps,
+def _linear_bwd_q_kernel(Q, S, ZL, DO, DQ, DSP, DZP, q_str, do_str, H, L, CHUNK, NSPLIT, eps,
                          BLOCK_M: tl.constexpr, D: tl.constexpr, LP: tl.constexpr):
     """Per split of L: dq rows, partial dS = relu(q)^T (do/den), partial dz = sum dden * relu(q).
     LP: 16-bit operands (S as hi+lo, do/den rounded to q's dtype) on tensor cores; else fp32."""
     pid_bh, q_base, do_base = _two_heads(Q, DO, q_str, do_str, H)
-    sh, slo, z = _state_operands(SH, SLO, ZL, pid_bh, D, LP)
-    shT = _dd(SH, pid_bh, D, TRANS=True)
-    if LP:
-        sloT = _dd(SLO, pid_bh, D, TRANS=True)
+    sh, slo, z = _state_operands(S, ZL, pid_bh, Q.dtype.element_ty, D, LP)
+    shT, sloT = _split_state(_dd(S, pid_bh, D, TRANS=True), Q.dtype.element_ty, LP)
     offs_d = tl.arange(0, D)
     ds_acc, dz_acc = _zero_partials(D)
     start, end = _split_rows(CHUNK, L)
@@ -457,6 +475,96 @@ def _linear_bwd_kv_kernel(K, V, DSL, DZL, DK, DV, k_str, v_str, H, LK, CHUNK,
         out_off = pid_bh.to(tl.int64) * LK * D + offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
         tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=msk[:, None])
         tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=msk[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# one pass over K and V, one pass over Q (inference: tile order, pooling and the linear branch)
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _kv_pass_kernel(K, V, KT, VT, KM, VM, SP, ROWMAP, k_str, v_str, kt_str, vt_str, H, L, NB, BPS, NSPLIT, INV_C,
+                    BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, POOL_K: tl.constexpr,
+                    POOL_V: tl.constexpr, STATE: tl.constexpr):
+    """Blocks [s*BPS, (s+1)*BPS) of the tile order for split s = program_id(0), read once: tile position r
+    takes row ROWMAP[r] of K / V (the caller's order) and writes it to row r of KT / VT; POOL_K / POOL_V:
+    each block's mean of k / v goes to KM / VM ((B*H, NB, D) fp32); STATE: the split's partial linear
+    state, relu(k)^T v and sum relu(k) times INV_C, goes to SP ((B*H, NSPLIT, D*D + D) fp32, S row-major
+    then z)."""
+    pid_bh, b, h = _program_head(H)
+    k_base, v_base = _head(K, k_str, b, h), _head(V, v_str, b, h)
+    kt_base, vt_base = _head(KT, kt_str, b, h), _head(VT, vt_str, b, h)
+    offs_d = tl.arange(0, D)
+    s_acc, z_acc = _zero_partials(D)
+    blk0, blk1 = _split_rows(BPS, NB)
+    for j in tl.range(blk0, blk1):
+        k_sum = tl.zeros([D], tl.float32)
+        v_sum = tl.zeros([D], tl.float32)
+        for r0 in tl.static_range(0, BLOCK, BLOCK_N):
+            offs = j * BLOCK + r0 + tl.arange(0, BLOCK_N)
+            ok = offs < L
+            rows = tl.load(ROWMAP + offs, mask=ok, other=0)
+            k = _rows(k_base, rows, k_str[2], offs_d, ok)
+            v = _rows(v_base, rows, v_str[2], offs_d, ok)
+            out = offs[:, None].to(tl.int64)
+            tl.store(kt_base + out * kt_str[2] + offs_d[None, :], k, mask=ok[:, None])
+            tl.store(vt_base + out * vt_str[2] + offs_d[None, :], v, mask=ok[:, None])
+            if POOL_K:
+                k_sum += tl.sum(k.to(tl.float32), 0)
+            if POOL_V:
+                v_sum += tl.sum(v.to(tl.float32), 0)
+            if STATE:
+                pk = tl.maximum(k, 0.0).to(v.dtype)
+                s_acc += tl.dot(tl.trans(pk), v)
+                z_acc += tl.sum(pk.to(tl.float32), 0)
+        inv_n = 1.0 / tl.minimum(L - j * BLOCK, BLOCK).to(tl.float32)
+        m_off = (pid_bh.to(tl.int64) * NB + j) * D + offs_d
+        if POOL_K:
+            tl.store(KM + m_off, k_sum * inv_n)
+        if POOL_V:
+            tl.store(VM + m_off, v_sum * inv_n)
+    if STATE:
+        sp = SP + (pid_bh.to(tl.int64) * NSPLIT + tl.program_id(0)) * (D * D + D)
+        tl.store(sp + offs_d[:, None] * D + offs_d[None, :], s_acc * INV_C)
+        tl.store(sp + D * D + offs_d, z_acc * INV_C)
+
+
+@triton.jit
+def _q_pass_kernel(Q, QM, OL, ST, GL, ROWMAP, q_str, o_str, H, L, NB, BPS, eps,
+                   BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, POOL: tl.constexpr,
+                   LINEAR: tl.constexpr, LP: tl.constexpr, HAS_GATE: tl.constexpr):
+    """Blocks [s*BPS, (s+1)*BPS) of the tile order for split s = program_id(0), read once through ROWMAP (tile
+    position -> row of Q): POOL: each block's mean of q to QM ((B*H, NB, D) fp32); LINEAR: the linear
+    branch's rows relu(q) S / (relu(q).z + eps), times G = sigmoid(GL[b]) when HAS_GATE, stored at the
+    rows' own places in OL (the caller's order).  ST: the summed state ((B*H, D*D + D) fp32: S row-major,
+    then z), loaded once and split into 16-bit hi + lo parts in registers (LP)."""
+    pid_bh, b, h = _program_head(H)
+    q_base, o_base = _head(Q, q_str, b, h), _head(OL, o_str, b, h)
+    offs_d = tl.arange(0, D)
+    if LINEAR:
+        st = ST + pid_bh.to(tl.int64) * (D * D + D)
+        sh, slo = _split_state(tl.load(st + offs_d[:, None] * D + offs_d[None, :]), Q.dtype.element_ty, LP)
+        z = tl.load(st + D * D + offs_d)
+        g = 1.0
+        if HAS_GATE:
+            g = _sigmoid(tl.load(GL + b))
+    blk0, blk1 = _split_rows(BPS, NB)
+    for j in tl.range(blk0, blk1):
+        q_sum = tl.zeros([D], tl.float32)
+        for r0 in tl.static_range(0, BLOCK, BLOCK_M):
+            offs = j * BLOCK + r0 + tl.arange(0, BLOCK_M)
+            ok = offs < L
+            rows = tl.load(ROWMAP + offs, mask=ok, other=0)
+            q = _rows(q_base, rows, q_str[2], offs_d, ok)
+            if POOL:
+                q_sum += tl.sum(q.to(tl.float32), 0)
+            if LINEAR:
+                num, den, _, _ = _phi_q(q, sh, slo, z, eps, LP)
+                ol = num * (g / den)[:, None]
+                tl.store(o_base + rows[:, None].to(tl.int64) * o_str[2] + offs_d[None, :],
+                         ol.to(OL.dtype.element_ty), mask=ok[:, None])
+        if POOL:
+            inv_n = 1.0 / tl.minimum(L - j * BLOCK, BLOCK).to(tl.float32)
+            tl.store(QM + (pid_bh.to(tl.int64) * NB + j) * D + offs_d, q_sum * inv_n)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -42,6 +42,10 @@ _TUNED_16BIT: Dict[Tuple[str, int], triton.Config] = {
     **{("lin_state", d): _cfg(8, 3, BLOCK_N=128, PROGRAMS=528) for d in (64, 128)},
     **{("lin_apply", d): _cfg(4, 3, BLOCK_M=64, PROGRAMS=1056) for d in (64, 128)},
     **{("lin_bwd", d): _cfg(8, 3, BLOCK_M=64, PROGRAMS=528) for d in (64, 128)},
+    # inference passes (kv_pass: tile-order copy + pooling + linear state; q_pass: pooling + linear
+    # branch): rows per step and about PROGRAMS programs, as the linear-branch kernels above
+    **{("kv_pass", d): _cfg(8, 2, BLOCK_N=64, PROGRAMS=528) for d in (64, 128)},
+    **{("q_pass", d): _cfg(4, 2, BLOCK_M=64, PROGRAMS=1056) for d in (64, 128)},
 }
 TUNED_D = (64, 128)          # other head dims (16, 32) use the D=128 entries
 LONG_L = 65536               # length bucket "long": L >= LONG_L (no long-specific tuning yet)
@@ -56,8 +60,10 @@ def _fp32_variant(kernel: str, c: triton.Config) -> triton.Config:
         return _cfg(c.num_warps, 1, **kw)
     if kernel == "lin_state":
         kw["BLOCK_N"] = 64
-    elif kernel == "lin_apply":
+    elif kernel in ("lin_apply", "q_pass"):
         kw["BLOCK_M"] = 32
+    elif kernel == "kv_pass":
+        kw["BLOCK_N"] = 32
     return _cfg(c.num_warps, c.num_stages, **kw)
 
 
@@ -249,30 +255,25 @@ def linear_state(k: Tensor, v: Tensor, opts: TritonOptions = DEFAULT_OPTIONS) ->
     return sp.sum(1), zp.sum(1)
 
 
-def _lin_operands(S: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor, bool]:
-    """S (fp32) -> (hi, lo, LP): for 16-bit q, S = hi + lo with both in q's dtype (two tensor-core
-    dots at ~fp32 accuracy); for fp32 q, S itself (fp32 dots)."""
-    if dtype in (torch.bfloat16, torch.float16):
-        hi = S.to(dtype)
-        lo = (S - hi).to(dtype)  # fp32 - 16-bit promotes to fp32: no upcast copy of hi
-        return hi.contiguous(), lo.contiguous(), True
-    S = S.contiguous()
-    return S, S, False
+def _low_precision(dtype: torch.dtype) -> bool:
+    """LP: the kernels split the fp32 linear state S into hi + lo parts in q's 16-bit dtype (two
+    tensor-core dots at ~fp32 accuracy); for fp32 q they use S itself (fp32 dots)."""
+    return dtype in (torch.bfloat16, torch.float16)
 
 
-def _linear_apply(q: Tensor, SH: Tensor, SLO: Tensor, LP: bool, z: Tensor, eps: float,
+def _linear_apply(q: Tensor, S: Tensor, z: Tensor, eps: float,
                   layout: str = "bhld", opts: TritonOptions = DEFAULT_OPTIONS) -> Tensor:
     B, H, L, D = q.shape
     out = _out(B, H, L, D, q.device, q.dtype, layout, opts.poison)
     c = config_for("lin_apply", D, q.dtype, L, opts)
     bm = c.kwargs["BLOCK_M"]
     nsplit, chunk = _splits(L, bm, B * H, c.kwargs["PROGRAMS"])
-    tk._linear_apply_kernel[(nsplit, B * H)](q, SH, SLO, z, out, _bhl(q), _bhl(out), H, L, chunk, eps,
-                                             BLOCK_M=bm, D=D, LP=LP, num_warps=c.num_warps)
+    tk._linear_apply_kernel[(nsplit, B * H)](q, S, z, out, _bhl(q), _bhl(out), H, L, chunk, eps,
+                                             BLOCK_M=bm, D=D, LP=_low_precision(q.dtype), num_warps=c.num_warps)
     return out
 
 
-def _linear_bwd(q: Tensor, k: Tensor, v: Tensor, z: Tensor, SH: Tensor, SLO: Tensor, LP: bool, do: Tensor,
+def _linear_bwd(q: Tensor, k: Tensor, v: Tensor, z: Tensor, S: Tensor, do: Tensor,
                 eps: float, opts: TritonOptions = DEFAULT_OPTIONS) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients through the scaled formulation (S' = S/LK, z' = z/LK, eps' = eps/LK)."""
     B, H, L, D = q.shape
@@ -284,9 +285,9 @@ def _linear_bwd(q: Tensor, k: Tensor, v: Tensor, z: Tensor, SH: Tensor, SLO: Ten
     dq = _empty(B, H, L, D, device=q.device, dtype=q.dtype, poison=opts.poison)
     dsp = _empty(B * H, nsplit, D, D, device=q.device, dtype=torch.float32, poison=opts.poison)
     dzp = _empty(B * H, nsplit, D, device=q.device, dtype=torch.float32, poison=opts.poison)
-    tk._linear_bwd_q_kernel[(nsplit, B * H)](q, SH, SLO, z, do, dq, dsp, dzp, _bhl(q), _bhl(do),
-                                             H, L, chunk, nsplit, eps, BLOCK_M=bm, D=D, LP=LP,
-                                             num_warps=c.num_warps)
+    tk._linear_bwd_q_kernel[(nsplit, B * H)](q, S, z, do, dq, dsp, dzp, _bhl(q), _bhl(do),
+                                             H, L, chunk, nsplit, eps, BLOCK_M=bm, D=D,
+                                             LP=_low_precision(q.dtype), num_warps=c.num_warps)
     inv = 1.0 / max(1, LK)
     dS = dsp.sum(1) * inv  # dL/dS' -> dL/d(sum_j phi(k_j) v_j^T)
     dz = dzp.sum(1) * inv
@@ -296,6 +297,71 @@ def _linear_bwd(q: Tensor, k: Tensor, v: Tensor, z: Tensor, SH: Tensor, SLO: Ten
     tk._linear_bwd_kv_kernel[(nsk, B * H)](k, v, dS, dz, dk, dv, _bhl(k), _bhl(v), H, LK, chk,
                                            BLOCK_N=bm, D=D, num_warps=c.num_warps)
     return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# inference passes: K and V read once, Q read once
+# ----------------------------------------------------------------------------------------------
+
+def kv_pass(k: Tensor, v: Tensor, rowmap: Tensor, block: int, pool_k: bool, pool_v: bool, state: bool,
+            opts: TritonOptions = DEFAULT_OPTIONS
+            ) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """One read of k and v (B,H,L,D, the caller's row order): (kt, vt) tile-ordered copies (tile position r =
+    row rowmap[r]) as (B,H,L,D) views of contiguous (B,L,H,D) buffers, fp32 block means of kt / vt
+    (B,H,nb,D) when pool_k / pool_v, and when `state` the linear state (B*H, D*D + D) fp32: S = relu(k)^T v
+    row-major then z = sum relu(k), both divided by L (see linear_state)."""
+    _grid_ok(block)
+    B, H, L, D = k.shape
+    _check_d(D)
+    nb = num_blocks(L, block)
+    c = config_for("kv_pass", D, k.dtype, L, opts)
+    bn = min(c.kwargs["BLOCK_N"], block)
+    nsplit, bps = _splits(nb, 1, B * H, c.kwargs["PROGRAMS"])
+    kt = _out(B, H, L, D, k.device, k.dtype, "blhd", opts.poison)
+    vt = _out(B, H, L, D, v.device, v.dtype, "blhd", opts.poison)
+    km = _empty(B, H, nb, D, device=k.device, dtype=torch.float32, poison=opts.poison) if pool_k else None
+    vm = _empty(B, H, nb, D, device=k.device, dtype=torch.float32, poison=opts.poison) if pool_v else None
+    sp = (_empty(B * H, nsplit, D * D + D, device=k.device, dtype=torch.float32, poison=opts.poison)
+          if state else None)
+    rm = _rowmap(rowmap, L, k.device)
+    tk._kv_pass_kernel[(nsplit, B * H)](
+        k, v, kt, vt, km if pool_k else rm, vm if pool_v else rm, sp if state else rm, rm, _bhl(k), _bhl(v),
+        _bhl(kt), _bhl(vt), H, L, nb, bps, nsplit, 1.0 / max(1, L), BLOCK=block, BLOCK_N=bn, D=D,
+        POOL_K=pool_k, POOL_V=pool_v, STATE=state, **_launch(c))
+    st = (sp[:, 0] if nsplit == 1 else sp.sum(1)) if state else None
+    return kt, vt, km, vm, st
+
+
+def q_pass(q: Tensor, rowmap: Tensor, block: int, state: Optional[Tensor], eps: float,
+           gate_logit: Optional[Tensor], pool: bool, opts: TritonOptions = DEFAULT_OPTIONS
+           ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """One read of q (B,H,L,D, the caller's row order) in tile order (tile position r = row rowmap[r]):
+    (q block means (B,H,nb,D) fp32 when `pool`, the linear branch's output when `state` (from kv_pass) is
+    given, times sigmoid(gate_logit[b]) when gate_logit (B,) is given, in q's dtype and row order as a
+    (B,H,L,D) view of a contiguous (B,L,H,D) buffer).  eps: the branch's denominator epsilon (for the
+    unscaled state; divided by L here as the state is)."""
+    _grid_ok(block)
+    B, H, L, D = q.shape
+    _check_d(D)
+    nb = num_blocks(L, block)
+    linear = state is not None
+    if linear and tuple(state.shape) != (B * H, D * D + D):
+        raise ValueError(f"linear state must be (B*H, D*D + D) = {(B * H, D * D + D)}, got {tuple(state.shape)}")
+    c = config_for("q_pass", D, q.dtype, L, opts)
+    bm = min(c.kwargs["BLOCK_M"], block)
+    nsplit, bps = _splits(nb, 1, B * H, c.kwargs["PROGRAMS"])
+    qm = _empty(B, H, nb, D, device=q.device, dtype=torch.float32, poison=opts.poison) if pool else None
+    ol = _out(B, H, L, D, q.device, q.dtype, "blhd", opts.poison) if linear else None
+    gl = None
+    if linear and gate_logit is not None:
+        gl = gate_logit.to(device=q.device, dtype=torch.float32).reshape(B).contiguous()
+    rm = _rowmap(rowmap, L, q.device)
+    st = state.contiguous() if linear else rm
+    tk._q_pass_kernel[(nsplit, B * H)](
+        q, qm if pool else rm, ol if linear else q, st, gl if gl is not None else rm, rm, _bhl(q),
+        _bhl(ol if linear else q), H, L, nb, bps, float(eps) / max(1, L), BLOCK=block, BLOCK_M=bm, D=D,
+        POOL=pool, LINEAR=linear, LP=_low_precision(q.dtype), HAS_GATE=gl is not None, **_launch(c))
+    return qm, ol
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,13 +389,30 @@ def _centroid_tiles(nk: int, kmax: int, widest: int = 64) -> Dict[str, int]:
     return dict(BLOCK_C=max(16, min(widest, triton_next_pow2(nk))), KMAXP=max(16, triton_next_pow2(kmax)))
 
 
+def _bias_args(bias: Optional[Tensor], gate_logit: Optional[Tensor], B: int, HD: int, device: torch.device
+               ) -> Tuple[Optional[Tensor], int, Optional[Tensor]]:
+    """(bias, its batch stride, gate logits) for the forward kernel: bias (H*D,) shared by the batch
+    (stride 0) or (B, H*D), any float dtype, on the device; gate_logit (B,) fp32 or None."""
+    if bias is None:
+        return None, 0, None
+    if bias.numel() not in (HD, B * HD):
+        raise ValueError(f"bias must have H*D = {HD} or B*H*D = {B * HD} elements, got shape {tuple(bias.shape)}")
+    bias = bias.to(device=device).reshape(-1, HD).contiguous()
+    if gate_logit is not None:
+        if gate_logit.numel() != B:
+            raise ValueError(f"gate_logit must have B = {B} elements, got shape {tuple(gate_logit.shape)}")
+        gate_logit = gate_logit.to(device=device, dtype=torch.float32).reshape(B).contiguous()
+    return bias, (HD if bias.shape[0] > 1 else 0), gate_logit
+
+
 def _sparse_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block: int, scale: float, *,
                 layout: str = "bhld", rowmap: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                comp: Comp = None, opts: TritonOptions = DEFAULT_OPTIONS
+                gate_logit: Optional[Tensor] = None, comp: Comp = None, opts: TritonOptions = DEFAULT_OPTIONS
                 ) -> Tuple[Tensor, Tensor, Optional[Means]]:
     """Returns (o, lse, means).  rowmap (L,): q is in the caller's row order; tile position r reads
     q row rowmap[r] and its output is stored at row rowmap[r] (k, v are in tile order).  bias
-    (B, H*D) fp32 is added to o.  comp: None, True or (k_mean, v_mean): centroid compensation of
+    ((H*D,) or (B, H*D)) is added to o, times sigmoid(gate_logit[b]) when gate_logit (B,) is given.
+    comp: None, True or (k_mean, v_mean): centroid compensation of
     the key blocks each query block skips (see reference.block_sparse_attention_ref); means: the
     fp32 block means it used (for the backward), None without compensation."""
     B, H, L, D = q.shape
@@ -343,18 +426,19 @@ def _sparse_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block
     o = _out(B, H, L, D, q.device, q.dtype, layout, opts.poison)
     lse = _empty(B, H, L, device=q.device, dtype=torch.float32, poison=opts.poison)
     rm = _rowmap(rowmap, L, q.device)
-    if bias is not None:
-        bias = bias.to(device=q.device, dtype=torch.float32).reshape(B, H * D).contiguous()
+    bias, bias_sb, gl = _bias_args(bias, gate_logit, B, H * D, q.device)
     use_tma = _use_tma(c, opts, q, k, v)
     qd, kd, vd = _descs(use_tma, (q, block), (k, bn), (v, bn))
     if rm is not None:
         qd = q  # q rows are gathered through the row map with plain loads
     km, vm = means if means is not None else (lse, lse)
     tk._sparse_fwd_kernel[(nq, B * H)](
-        qd, kd, vd, o, lse, idx, cnt, rm if rm is not None else lse, bias if bias is not None else lse, km, vm,
-        _bhl(q), _bhl(k), _bhl(v), _bhl(o), lut_str, H, L, LK, scale * tk.LOG2E,
+        qd, kd, vd, o, lse, idx, cnt, rm if rm is not None else lse, bias if bias is not None else lse,
+        gl if gl is not None else lse, km, vm,
+        _bhl(q), _bhl(k), _bhl(v), _bhl(o), lut_str, H, L, LK, scale * tk.LOG2E, bias_sb,
         BLOCK_M=block, BLOCK_N=bn, D=D, NUM_STAGES=c.num_stages, USE_TMA=use_tma, ROWMAP_IO=rm is not None,
-        HAS_BIAS=bias is not None, COMPENSATE=means is not None, **_centroid_tiles(nk, idx.shape[-1]),
+        HAS_BIAS=bias is not None, HAS_GATE=gl is not None, COMPENSATE=means is not None,
+        **_centroid_tiles(nk, idx.shape[-1]),
         **_launch(c))
     return o, lse, means
 
@@ -469,17 +553,17 @@ class _LinearAttnFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, eps: float, layout: str, opts: TritonOptions) -> Tensor:
         S, z = linear_state(k, v, opts)
-        SH, SLO, LP = _lin_operands(S, q.dtype)
+        S, z = S.contiguous(), z.contiguous()
         eps_s = eps / max(1, k.shape[2])
-        o = _linear_apply(q, SH, SLO, LP, z, eps_s, layout, opts)
-        ctx.save_for_backward(q, k, v, z, SH, SLO)
-        ctx.eps, ctx.LP, ctx.opts = eps_s, LP, opts
+        o = _linear_apply(q, S, z, eps_s, layout, opts)
+        ctx.save_for_backward(q, k, v, z, S)
+        ctx.eps, ctx.opts = eps_s, opts
         return o
 
     @staticmethod
     def backward(ctx: Any, do: Tensor) -> Tuple[Optional[Tensor], ...]:
-        q, k, v, z, SH, SLO = ctx.saved_tensors
-        dq, dk, dv = _linear_bwd(q, k, v, z, SH, SLO, ctx.LP, do, ctx.eps, ctx.opts)
+        q, k, v, z, S = ctx.saved_tensors
+        dq, dk, dv = _linear_bwd(q, k, v, z, S, do, ctx.eps, ctx.opts)
         return dq, dk, dv, None, None, None
 
 
@@ -494,14 +578,14 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Te
 
 def block_sparse_attention_rowmap(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block: int,
                                   scale: Optional[float], rowmap: Tensor, bias: Optional[Tensor] = None,
-                                  layout: str = "blhd", comp: Comp = None,
+                                  gate_logit: Optional[Tensor] = None, layout: str = "blhd", comp: Comp = None,
                                   opts: TritonOptions = DEFAULT_OPTIONS) -> Tensor:
     """Inference only (no autograd; its caller kernels.block_sparse_attention_rowmap runs under
     no_grad, so it is not entered twice): q and the output in the caller's row order, k/v in tile order.
     comp: None | True | (k_mean, v_mean): centroid compensation (see _sparse_fwd)."""
     q, k, v, scale = _prep(q, k, v, block, scale)
-    o, _, _ = _sparse_fwd(q, k, v, idx, cnt, block, scale, layout=layout, rowmap=rowmap, bias=bias, comp=comp,
-                          opts=opts)
+    o, _, _ = _sparse_fwd(q, k, v, idx, cnt, block, scale, layout=layout, rowmap=rowmap, bias=bias,
+                          gate_logit=gate_logit, comp=comp, opts=opts)
     return o
 
 
@@ -522,7 +606,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float, layout: str = 
 
 
 __all__: Sequence[str] = (
-    "CONFIGS", "LONG_L", "TUNED_D", "config_for", "pool_blocks", "topk_lut", "linear_state",
+    "CONFIGS", "LONG_L", "TUNED_D", "config_for", "pool_blocks", "topk_lut", "linear_state", "kv_pass", "q_pass",
     "transpose_lut", "block_sparse_attention", "block_sparse_attention_rowmap", "block_sparse_attention_fwd",
     "linear_attention",
 )

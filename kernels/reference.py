@@ -239,6 +239,44 @@ def linear_attention_ref(q: Tensor, k: Tensor, v: Tensor, eps: float = 1e-5) -> 
 
 
 # ----------------------------------------------------------------------------------------------
+# inference passes (torch): what kernels.kv_pass / kernels.q_pass compute
+# ----------------------------------------------------------------------------------------------
+
+def _gather_blhd(x: Tensor, rowmap: Tensor) -> Tensor:
+    """(B,H,L,D) rows rowmap[r] -> a (B,H,L,D) view of a new contiguous (B,L,H,D) buffer."""
+    return x.transpose(1, 2).index_select(1, rowmap.to(device=x.device, dtype=torch.long)).transpose(1, 2)
+
+
+def pack_state(S: Tensor, z: Tensor, n_keys: int) -> Tensor:
+    """(S (B,H,D,D), z (B,H,D)) -> the passes' packed state (B*H, D*D + D) fp32, divided by n_keys."""
+    B, H, D = z.shape
+    return torch.cat([S.reshape(B * H, D * D), z.reshape(B * H, D)], 1).float() / max(1, n_keys)
+
+
+def kv_pass_ref(k: Tensor, v: Tensor, rowmap: Tensor, block: int = DEFAULT_BLOCK, pool_k: bool = True,
+                pool_v: bool = False, state: bool = True):
+    """(kt, vt, k means, v means, packed linear state) as kernels.kv_pass returns them."""
+    kt, vt = _gather_blhd(k, rowmap), _gather_blhd(v, rowmap)
+    st = pack_state(*linear_state_ref(k, v), k.shape[2]) if state else None
+    return (kt, vt, pool_blocks_ref(kt, block) if pool_k else None,
+            pool_blocks_ref(vt, block) if pool_v else None, st)
+
+
+def q_pass_ref(q: Tensor, rowmap: Tensor, block: int = DEFAULT_BLOCK, state: Optional[Tensor] = None,
+               eps: float = 1e-5, gate_logit: Optional[Tensor] = None, pool: bool = True):
+    """(q block means in tile order, G * linear branch in q's order) as kernels.q_pass returns them."""
+    B, H, L, D = q.shape
+    qm = pool_blocks_ref(_gather_blhd(q, rowmap), block) if pool else None
+    if state is None:
+        return qm, None
+    st = state.reshape(B, H, D * D + D)
+    ol = linear_apply_ref(q, st[..., :D * D].reshape(B, H, D, D), st[..., D * D:], eps / max(1, L))
+    if gate_logit is not None:
+        ol = (ol.float() * torch.sigmoid(gate_logit.float()).reshape(B, 1, 1, 1)).to(q.dtype)
+    return qm, ol.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
 # dense helpers for tests (small sizes only: these DO build L x L)
 # ----------------------------------------------------------------------------------------------
 

@@ -238,19 +238,33 @@ def linear_params(mod: torch.nn.Module, like: Tensor, what: str = "SALAD weights
     return w, b
 
 
-def gate_value(x: Optional[Tensor], gate: Optional[torch.nn.Module], batch: int,
-               what: str = "SALAD gate weights") -> Optional[Tensor]:
-    """G (B,1,1) = sigmoid(gate(mean over tokens of x)); None means G = 1.  The token mean is
-    accumulated in fp32 (no fp32 copy of x); the gate runs in fp32 on x's device."""
-    if gate is None or x is None:
-        return None
+def _token_mean(x: Tensor, batch: int) -> Tensor:
+    """(B, dim) fp32 mean over the tokens of the block input x (B, L, dim), accumulated in fp32 (no fp32
+    copy of x)."""
     if x.dim() != 3 or x.shape[0] != batch:
         raise ValueError(f"x must be (B={batch}, L, dim), got {tuple(x.shape)}")
-    xm = torch.mean(x, dim=1, dtype=torch.float32)
-    if _needs_autograd(gate):
-        return torch.sigmoid(gate(xm.to(gate.weight.dtype))).reshape(batch, 1, 1)
+    return torch.mean(x, dim=1, dtype=torch.float32)
+
+
+def gate_logit(x: Optional[Tensor], gate: Optional[torch.nn.Module], batch: int,
+               what: str = "SALAD gate weights") -> Optional[Tensor]:
+    """(B,) fp32 logits of G (inference: the kernels apply the sigmoid); None means G = 1."""
+    if gate is None or x is None:
+        return None
+    xm = _token_mean(x, batch)
     w, b = linear_params(gate, xm, what)
-    return torch.sigmoid(F.linear(xm, w, b)).reshape(batch, 1, 1)
+    return F.linear(xm, w, b).reshape(batch)
+
+
+def gate_value(x: Optional[Tensor], gate: Optional[torch.nn.Module], batch: int,
+               what: str = "SALAD gate weights") -> Optional[Tensor]:
+    """G (B,1,1) = sigmoid(gate(mean over tokens of x)); None means G = 1.  The gate runs in fp32 on x's
+    device (in the parameters' dtype when they are trained)."""
+    if gate is None or x is None:
+        return None
+    if _needs_autograd(gate):
+        return torch.sigmoid(gate(_token_mean(x, batch).to(gate.weight.dtype))).reshape(batch, 1, 1)
+    return torch.sigmoid(gate_logit(x, gate, batch, what)).reshape(batch, 1, 1)
 
 
 def mix_branches(o_sparse: Tensor, o_linear: Tensor, proj: torch.nn.Module,
@@ -328,36 +342,51 @@ def salad_self_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, *, grid: S
     B, L, H, D = _check_inputs(q, k, v, heads)
     layout = TileLayout.get(grid, n_front, n_back, config.tile, q.device)
     layout.check_length(L)
-    kh = _to_heads_tiled(k, layout, B, L, H, D)
-    vh = _to_heads_tiled(v, layout, B, L, H, D)
     where = f" of block {block_id}" if block_id is not None else ""
-    G = gate_value(x, gate, B, f"SALAD gate weights{where}") if proj is not None else None
     if _needs_autograd(q, k, v, x, proj, gate):
+        kh = _to_heads_tiled(k, layout, B, L, H, D)
+        vh = _to_heads_tiled(v, layout, B, L, H, D)
+        G = gate_value(x, gate, B, f"SALAD gate weights{where}") if proj is not None else None
         out = _sparse_branch(q, kh, vh, layout, B, L, H, D, config)
         if proj is not None:
             out = mix_branches(out, _linear_branch(q, k, v, B, L, H, D, config), proj, G, out_dtype=out.dtype)
         return out.to(q.dtype)
-    # inference: the kernel reads q through the tile permutation and writes its output back in
-    # raster order (plus G * proj.bias), so q needs no gather and the output no scatter pass
-    q4 = _heads_view(q, B, L, H, D)
+    return _infer(q, k, v, B, L, H, D, layout, config, x, proj, gate, where)
+
+
+def _infer(q: Tensor, k: Tensor, v: Tensor, B: int, L: int, H: int, D: int, layout: TileLayout,
+           config: SaladConfig, x: Optional[Tensor], proj: Optional[torch.nn.Module],
+           gate: Optional[torch.nn.Module], where: str) -> Tensor:
+    """Inference: K and V are read once (tile-order copies, k block means for top-k, the linear state), Q
+    once (q block means, G * linear branch in raster order); the sparse kernel reads q through the tile
+    permutation and writes raster order plus G * proj.bias; the Proj GEMM accumulates into its output.
+    About ten launches per call whatever the size (see benchmarks/profile_layer.py)."""
     comp = config.compensation == "centroid"
-    # centroid compensation: pool K once (shared with top-k selection) and V in the same way
-    k_mean = K.pool_blocks(kh, config.block, backend=config.backend) if comp else None
-    v_mean = K.pool_blocks(vh, config.block, backend=config.backend) if comp else None
-    idx, cnt = select_blocks(q4, kh, layout, config, q_rowmap=layout.perm32, k_pooled=k_mean)
-    w = bias = None
-    if proj is not None:
-        w, b = linear_params(proj, q, f"SALAD Proj weights{where}")
-        if b is not None:
-            g = G.reshape(B, 1) if G is not None else torch.ones(B, 1, device=q.device)
-            bias = g * b.float().reshape(1, -1)
-    o = K.block_sparse_attention_rowmap(q4, kh, vh, idx, cnt, layout.perm32, block=config.block,
-                                        scale=1.0 / math.sqrt(D), bias=bias, backend=config.backend,
-                                        compensate=comp, k_mean=k_mean, v_mean=v_mean)
-    del kh, vh
+    topk = config.pattern == "topk"
+    linear = proj is not None
+    rowmap = layout.perm32
+    q4, k4, v4 = (_heads_view(t, B, L, H, D) for t in (q, k, v))
+    kt, vt, k_mean, v_mean, state = K.kv_pass(k4, v4, rowmap, config.block, pool_k=topk or comp, pool_v=comp,
+                                              linear_state=linear, backend=config.backend)
+    gl = gate_logit(x, gate, B, f"SALAD gate weights{where}") if linear else None
+    q_mean = o_lin = None
+    if topk or linear:
+        q_mean, o_lin = K.q_pass(q4, rowmap, config.block, state=state, eps=config.eps, gate_logit=gl, pool=topk,
+                                 backend=config.backend)
+    if topk:
+        extra = layout.extra_blocks(config.block)
+        idx, cnt = K.topk_from_pooled(q_mean, k_mean, config.sparsity, always_kept=extra if extra.numel() else None,
+                                      backend=config.backend)
+    else:
+        idx, cnt = _window_lut(layout, config)
+    mats, bias = _proj_factors(proj, q, f"SALAD Proj weights{where}") if linear else ((), None)
+    o = K.block_sparse_attention_rowmap(q4, kt, vt, idx, cnt, rowmap, block=config.block, scale=1.0 / math.sqrt(D),
+                                        bias=bias, gate_logit=gl, backend=config.backend, compensate=comp,
+                                        k_mean=k_mean, v_mean=v_mean)
+    del kt, vt
     out = o.transpose(1, 2).reshape(B, L, H * D)
-    if w is not None:
-        out = _add_gated_linear(out, _linear_branch(q, k, v, B, L, H, D, config), w, G)
+    if linear:
+        _proj_add_(out.view(B * L, H * D), o_lin.transpose(1, 2).reshape(B * L, H * D), mats)
     return out.to(q.dtype)
 
 
@@ -376,14 +405,19 @@ def _needs_autograd(*items) -> bool:
     return False
 
 
-def _add_gated_linear(out: Tensor, o_linear: Tensor, w: Tensor, G: Optional[Tensor]) -> Tensor:
-    """``out += G * o_linear @ w.T`` (inference, bias already added) as one batched GEMM
-    accumulating into ``out`` in place; G (B,1,1) is folded into the weight."""
-    B = o_linear.shape[0]
-    g = (G.reshape(B, 1, 1).to(w.dtype) if G is not None
-         else torch.ones(B, 1, 1, device=w.device, dtype=w.dtype))
-    out = out.to(o_linear.dtype)
-    return out.baddbmm_(o_linear, g * w.t().unsqueeze(0))        # (B, dim, dim) effective weight
+def _proj_factors(proj: torch.nn.Module, like: Tensor, what: str) -> Tuple[Tuple[Tensor, ...], Optional[Tensor]]:
+    """Proj's GEMM factors and bias on ``like``'s device and dtype (see :func:`linear_params`): ``((W,), b)``
+    for an ``nn.Linear``."""
+    if not isinstance(proj, torch.nn.Linear):
+        raise TypeError(f"{what}: expected an nn.Linear Proj, got {type(proj).__name__}")
+    w, b = linear_params(proj, like, what)
+    return (w,), b
+
+
+def _proj_add_(out2d: Tensor, o_lin2d: Tensor, mats: Sequence[Tensor]) -> Tensor:
+    """``out2d += o_lin2d @ W^T`` in place (one GEMM accumulating into the sparse output; G is already in
+    o_lin2d and G * bias in out2d)."""
+    return out2d.addmm_(o_lin2d, mats[0].t())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -558,7 +558,8 @@ def test_kernels_compile_for_sm90(tmp_path):
     names = {key.split(":")[1] for key in ks}
     assert names == {"_pool_kernel", "_topk_lut_kernel", "_sparse_fwd_kernel", "_linear_state_kernel",
                      "_linear_apply_kernel", "_linear_bwd_q_kernel", "_linear_bwd_kv_kernel", "_bwd_preprocess_kernel",
-                     "_sparse_bwd_dq_kernel", "_sparse_bwd_dkdv_kernel", "_centroid_bwd_kernel"}, names
+                     "_sparse_bwd_dq_kernel", "_sparse_bwd_dkdv_kernel", "_centroid_bwd_kernel", "_kv_pass_kernel",
+                     "_q_pass_kernel"}, names
     assert all(k["shared"] <= 227 * 1024 for k in ks.values()), {n: k["shared"] for n, k in ks.items()}
     fwd = ks["fwd_tma:_sparse_fwd_kernel"]
     assert (fwd["num_warps"], fwd["num_stages"]) == (4, 2)          # the D=128 16-bit entry of the table

@@ -1,0 +1,246 @@
+"""Where one SALAD self-attention call spends its time, per Wan grid: GPU time of each part, host (launch) time,
+number of kernels, against SDPA, and against an earlier version of the pack in the same run (issue 9 item 1).
+
+    python benchmarks/profile_layer.py --out DIR [--before .before] [--models 1.3b,14b] [--grids 480p,sq480,...]
+
+Per (model, grid, sparsity), batch 1 (``--batch``), top-k pattern, random bf16 q/k/v/x and random gate + Proj:
+
+* ``sdpa_ms``: ``F.scaled_dot_product_attention`` on the same q, k, v (what dense Wan runs);
+* ``layer_ms``: the whole inference call ``salad_self_attention`` with gate + Proj; ``sparse_only_ms``: without
+  weights (no linear branch); ``whole_op_ms``: selection + sparse kernel + linear branch (no gate/Proj GEMM);
+* parts (each timed alone on the same inputs): ``kv_pass`` (K/V tile order + k block means + linear state),
+  ``q_pass`` (q block means + linear branch), ``topk`` (scores + LUT), ``sparse`` (the sparse kernel with
+  G*bias), ``proj`` (the Proj GEMM into the output), ``gate`` (token mean + gate linear);
+* ``host_us``: time the host needs to enqueue one call while the GPU is kept busy (``torch.cuda._sleep``), i.e.
+  the call's launch + Python cost; a call is launch-bound when host_us exceeds its GPU time;
+* ``kernels``: CUDA kernels one call launches (torch.profiler);
+* ``before_*``: the same numbers for the pack snapshot in ``--before`` (``git archive`` of an earlier commit),
+  imported under another package name, so the comparison is one run on one card.
+
+Grids (latent tokens F x H x W): 480p 21x30x52, sq480 21x30x30 (ragged: 30 is not a multiple of the 8-token
+tile side), al18k 18x32x32 (the tile-aligned grid nearest sq480 in tokens), 480p17 5x30x52, 480p33 9x30x52,
+al480 20x32x52->20x32x48 ... see GRIDS.  Times: medians of ``triton.testing.do_bench``.
+
+CPU: ``--smoke`` runs tiny shapes with the torch backend (checks the script, numbers mean nothing).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.machinery
+import importlib.util
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+MODELS = {"1.3b": (12, 128), "14b": (40, 128)}          # heads, head dim
+GRIDS = {"480p": (21, 30, 52), "sq480": (21, 30, 30), "al18k": (18, 32, 32), "480p17": (5, 30, 52),
+         "480p33": (9, 30, 52), "480p49": (13, 30, 52), "al480": (20, 32, 48), "sq624": (21, 39, 39),
+         "al624": (20, 40, 40), "720p": (21, 45, 80), "al720": (22, 48, 72)}
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--before", default=None, help="folder of an earlier pack snapshot (kernels/, salad_core/)")
+    ap.add_argument("--models", default="1.3b,14b")
+    ap.add_argument("--grids", default="480p17,480p33,sq480,al18k,480p,al480")
+    ap.add_argument("--sparsities", default="0.9,0.95")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--rep-ms", type=int, default=200)
+    ap.add_argument("--no-parts", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=400.0)
+    ap.add_argument("--smoke", action="store_true")
+    return ap.parse_args(argv)
+
+
+def load_snapshot(folder: str, name: str = "salad_before"):
+    """Import the pack snapshot in `folder` as package `name` (its relative imports resolve inside it)."""
+    spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    mod = importlib.util.module_from_spec(spec)
+    mod.__path__ = [str(Path(folder).resolve())]
+    sys.modules[name] = mod
+    return importlib.import_module(f"{name}.salad_core.attention")
+
+
+class Clock:
+    def __init__(self, dev, rep_ms):
+        self.dev, self.rep_ms = dev, rep_ms
+
+    def gpu_ms(self, fn):
+        if self.dev.type != "cuda":
+            fn()
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1000
+        from triton.testing import do_bench
+        return do_bench(fn, warmup=max(25, self.rep_ms // 4), rep=self.rep_ms, return_mode="median")
+
+    def host_us(self, fn, n=20):
+        """Enqueue time per call with the GPU kept busy (so the host never waits for it)."""
+        import torch
+        if self.dev.type != "cuda":
+            return None
+        fn()
+        torch.cuda.synchronize()
+        torch.cuda._sleep(int(2e9))          # ~1 s of GPU spin: the queue stays ahead of the host
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        host = (time.perf_counter() - t0) / n * 1e6
+        torch.cuda.synchronize()
+        return host
+
+    def kernels(self, fn):
+        import torch
+        if self.dev.type != "cuda":
+            return None
+        fn()
+        torch.cuda.synchronize()
+        try:
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize()
+            return sum(1 for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA"))
+        except Exception as e:  # pragma: no cover - profiler availability
+            return f"n/a ({type(e).__name__})"
+
+
+def make_inputs(H, D, grid, B, dev, dtype, seed=1):
+    import torch
+    L = grid[0] * grid[1] * grid[2]
+    g = torch.Generator(device=dev).manual_seed(seed)
+    q, k, v = (torch.randn(B, L, H * D, device=dev, dtype=dtype, generator=g) for _ in range(3))
+    x = torch.randn(B, L, H * D, device=dev, dtype=dtype, generator=g)
+    proj = torch.nn.Linear(H * D, H * D).to(device=dev, dtype=dtype)
+    gate = torch.nn.Linear(H * D, 1).to(device=dev, dtype=dtype)
+    with torch.no_grad():
+        for p in list(proj.parameters()) + list(gate.parameters()):
+            p.normal_(0.0, 0.01, generator=g)
+    return q, k, v, x, proj, gate
+
+
+def parts(A, K, q, k, v, x, proj, gate, H, D, grid, conf, clock):
+    """The inference call taken apart (the current pack's functions), each part timed on its own."""
+    import torch
+    from salad_pack.salad_core.tiling import TileLayout
+    B, L = q.shape[:2]
+    layout = TileLayout.get(grid, 0, 0, conf.tile, q.device)
+    rm = layout.perm32
+    q4, k4, v4 = (t.view(B, L, H, D).transpose(1, 2) for t in (q, k, v))
+    out = {}
+    with torch.inference_mode():
+        kt, vt, km, _, st = K.kv_pass(k4, v4, rm, conf.block, pool_k=True, linear_state=True)
+        gl = A.gate_logit(x, gate, B)
+        qm, ol = K.q_pass(q4, rm, conf.block, state=st, eps=conf.eps, gate_logit=gl)
+        idx, cnt = K.topk_from_pooled(qm, km, conf.sparsity)
+        mats, bias = A._proj_factors(proj, q, "proj")
+        o = K.block_sparse_attention_rowmap(q4, kt, vt, idx, cnt, rm, block=conf.block, scale=1 / math.sqrt(D),
+                                            bias=bias, gate_logit=gl)
+        o2 = o.transpose(1, 2).reshape(B * L, H * D)
+        ol2 = ol.transpose(1, 2).reshape(B * L, H * D)
+        out["kv_pass_ms"] = clock.gpu_ms(lambda: K.kv_pass(k4, v4, rm, conf.block, pool_k=True, linear_state=True))
+        out["gate_ms"] = clock.gpu_ms(lambda: A.gate_logit(x, gate, B))
+        out["q_pass_ms"] = clock.gpu_ms(lambda: K.q_pass(q4, rm, conf.block, state=st, eps=conf.eps, gate_logit=gl))
+        out["topk_ms"] = clock.gpu_ms(lambda: K.topk_from_pooled(qm, km, conf.sparsity))
+        out["sparse_ms"] = clock.gpu_ms(lambda: K.block_sparse_attention_rowmap(
+            q4, kt, vt, idx, cnt, rm, block=conf.block, scale=1 / math.sqrt(D), bias=bias, gate_logit=gl))
+        out["proj_ms"] = clock.gpu_ms(lambda: A._proj_add_(o2, ol2, mats))
+
+        def whole():
+            kt, vt, km, _, st = K.kv_pass(k4, v4, rm, conf.block, pool_k=True, linear_state=True)
+            qm, ol = K.q_pass(q4, rm, conf.block, state=st, eps=conf.eps)
+            idx, cnt = K.topk_from_pooled(qm, km, conf.sparsity)
+            return K.block_sparse_attention_rowmap(q4, kt, vt, idx, cnt, rm, block=conf.block,
+                                                   scale=1 / math.sqrt(D)), ol
+        out["whole_op_ms"] = clock.gpu_ms(whole)
+        out["whole_op_host_us"] = clock.host_us(whole)
+    return out
+
+
+def measure(A, q, k, v, x, proj, gate, H, grid, conf, clock, prefix=""):
+    import torch
+    with torch.inference_mode():
+        def layer():
+            return A.salad_self_attention(q, k, v, H, grid=grid, x=x, proj=proj, gate=gate, config=conf)
+
+        def sparse_only():
+            return A.salad_self_attention(q, k, v, H, grid=grid, config=conf)
+        return {f"{prefix}layer_ms": clock.gpu_ms(layer), f"{prefix}sparse_only_ms": clock.gpu_ms(sparse_only),
+                f"{prefix}host_us": clock.host_us(layer), f"{prefix}kernels": clock.kernels(layer),
+                f"{prefix}sparse_only_host_us": clock.host_us(sparse_only)}
+
+
+def main(argv=None):
+    a = parse(argv)
+    from _pack import register
+    register()
+    import torch
+    import torch.nn.functional as F
+    import salad_pack.kernels as K
+    from salad_pack.salad_core import attention as A
+    dev = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    before = load_snapshot(a.before) if a.before else None
+    models = a.models.split(",")
+    grids = a.grids.split(",")
+    if a.smoke:
+        MODELS["smoke"], GRIDS["smoke"], models, grids, a.rep_ms = (2, 32), (3, 10, 12), ["smoke"], ["smoke"], 10
+    clock = Clock(dev, a.rep_ms)
+    card = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    res = {"card": card, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "torch": torch.__version__, "before": a.before, "batch": a.batch, "rows": []}
+    t_start = time.time()
+    for model in models:
+        H, D = MODELS[model]
+        for gname in grids:
+            grid = GRIDS[gname]
+            if time.time() - t_start > a.budget_s:
+                print(f"[profile] budget spent, skipping {model} {gname}", flush=True)
+                continue
+            q, k, v, x, proj, gate = make_inputs(H, D, grid, a.batch, dev, dtype)
+            B, L = q.shape[:2]
+            q4, k4, v4 = (t.view(B, L, H, D).transpose(1, 2) for t in (q, k, v))
+            with torch.inference_mode():
+                sdpa = clock.gpu_ms(lambda: F.scaled_dot_product_attention(q4, k4, v4))
+            for s in (float(t) for t in a.sparsities.split(",")):
+                conf = A.SaladConfig(sparsity=s, pattern="topk", backend="auto" if dev.type == "cuda" else "torch")
+                row = dict(model=model, grid=list(grid), tokens=L, batch=B, sparsity=s, sdpa_ms=sdpa)
+                row.update(measure(A, q, k, v, x, proj, gate, H, grid, conf, clock))
+                if not a.no_parts:
+                    row.update(parts(A, K, q, k, v, x, proj, gate, H, D, grid, conf, clock))
+                if before is not None:
+                    bconf = before.SaladConfig(sparsity=s, pattern="topk", backend=conf.backend)
+                    row.update(measure(before, q, k, v, x, proj, gate, H, grid, bconf, clock, prefix="before_"))
+                row["layer_vs_sdpa"] = sdpa / row["layer_ms"]
+                if row.get("whole_op_ms"):
+                    row["whole_op_vs_sdpa"] = sdpa / row["whole_op_ms"]
+                res["rows"].append(row)
+                print(f"[profile] {json.dumps(row)}", flush=True)
+            del q, k, v, x
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = card.replace(" ", "_").lower()
+    (out / f"profile-layer-{dt.date.today().isoformat()}-{tag}.json").write_text(json.dumps(res, indent=1))
+    hdr = f"{'model':<6}{'grid':<12}{'tok':>7}{'sp':>5}{'sdpa':>8}{'layer':>8}{'x':>6}{'whole':>8}{'x':>6}" \
+          f"{'host us':>9}{'kern':>5}{'before':>8}{'b.host':>8}{'b.kern':>7}"
+    print(hdr)
+    for r in res["rows"]:
+        print(f"{r['model']:<6}{'x'.join(map(str, r['grid'])):<12}{r['tokens']:>7}{r['sparsity']:>5}"
+              f"{r['sdpa_ms']:>8.3f}{r['layer_ms']:>8.3f}{r['layer_vs_sdpa']:>6.2f}{r.get('whole_op_ms') or 0:>8.3f}"
+              f"{r.get('whole_op_vs_sdpa') or 0:>6.2f}{r.get('host_us') or 0:>9.0f}{str(r.get('kernels')):>5}"
+              f"{r.get('before_layer_ms') or 0:>8.3f}{r.get('before_host_us') or 0:>8.0f}"
+              f"{str(r.get('before_kernels')):>7}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Tune the inference passes (kernels.kv_pass, kernels.q_pass) on the GPU, and profile the host side of one
+SALAD call (issue 9 items 1 and 3).
+
+    python benchmarks/sweep_passes.py --out DIR [--shapes 1.3b-480p,14b-480p,1.3b-sq480] [--host-profile]
+
+Per shape (B1, tokens of a Wan grid, H heads of 128, bf16, random inputs): each candidate config
+(rows per step, warps, stages, programs) of both passes timed with ``triton.testing.do_bench`` (median) through
+``TritonOptions(configs=...)`` (the checked-in table is never touched), next to what memory bandwidth allows:
+``copy_ms`` (``index_select`` of K and V into tile order, the pre-pass way) and ``bytes`` moved.  The best
+config per shape is printed as a table entry for kernels/_triton_ops.py.
+
+``--host-profile``: cProfile of 200 inference calls of one SALAD layer at the smallest shape while the GPU is
+kept busy (so only the host's work is seen): the functions where the host spends its time.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime as dt
+import io
+import itertools
+import json
+import pstats
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+SHAPES = {"1.3b-480p": (12, (21, 30, 52)), "14b-480p": (40, (21, 30, 52)), "1.3b-sq480": (12, (21, 30, 30)),
+          "14b-sq480": (40, (21, 30, 30)), "1.3b-480p17": (12, (5, 30, 52))}
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--shapes", default="1.3b-480p,14b-480p,1.3b-sq480")
+    ap.add_argument("--host-profile", action="store_true")
+    ap.add_argument("--rep-ms", type=int, default=60)
+    ap.add_argument("--budget-s", type=float, default=240)
+    ap.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shape, two candidates")
+    return ap.parse_args(argv)
+
+
+def candidates(kind: str, smoke: bool):
+    import triton
+    rows = (32, 64, 128)
+    if smoke:
+        return [triton.Config({"BLOCK_N" if kind == "kv_pass" else "BLOCK_M": 32, "PROGRAMS": p}, num_warps=4,
+                              num_stages=1) for p in (4, 8)]
+    out = []
+    for r, w, s, p in itertools.product(rows, (4, 8), (1, 2, 3), (528, 1056, 2112, 4224)):
+        key = "BLOCK_N" if kind == "kv_pass" else "BLOCK_M"
+        out.append(triton.Config({key: r, "PROGRAMS": p}, num_warps=w, num_stages=s))
+    return out
+
+
+def main(argv=None):
+    a = parse(argv)
+    import os
+    if a.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+    from _pack import register
+    register()
+    import torch
+    import salad_pack.kernels as K
+    from salad_pack.salad_core import attention as A
+    from salad_pack.salad_core.tiling import TileLayout
+    dev = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float16
+    if a.smoke:
+        SHAPES["smoke"] = (2, (2, 8, 8))
+        a.shapes = "smoke"
+
+    def bench(fn):
+        if dev.type != "cuda":
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1000
+        from triton.testing import do_bench
+        return do_bench(fn, warmup=15, rep=a.rep_ms, return_mode="median")
+
+    card = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    res = {"card": card, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "shapes": {}}
+    t_start = time.time()
+    for name in a.shapes.split(","):
+        H, grid = SHAPES[name]
+        D = 32 if a.smoke else 128
+        L = grid[0] * grid[1] * grid[2]
+        lay = TileLayout.get(grid, 0, 0, (2, 8, 8), dev)
+        rm = lay.perm32
+        q, k, v = (torch.randn(1, L, H, D, device=dev, dtype=dtype).transpose(1, 2) for _ in range(3))
+        with torch.inference_mode():
+            st = K.kv_pass(k, v, rm)[-1]
+            gl = torch.zeros(1, device=dev)
+            copy_ms = bench(lambda: (k.transpose(1, 2).index_select(1, lay.perm), v.transpose(1, 2).index_select(
+                1, lay.perm)))
+            entry = {"H": H, "L": L, "copy_ms": copy_ms, "kv_bytes": 4 * k.numel() * k.element_size(),
+                     "q_bytes": 2 * q.numel() * q.element_size(), "kv_pass": [], "q_pass": []}
+            for kind in ("kv_pass", "q_pass"):
+                for c in candidates(kind, a.smoke):
+                    if time.time() - t_start > a.budget_s:
+                        break
+                    opts = K.TritonOptions(configs={kind: c})
+                    if kind == "kv_pass":
+                        def fn():
+                            return K.kv_pass(k, v, rm, pool_k=True, linear_state=True, triton_options=opts)
+                    else:
+                        def fn():
+                            return K.q_pass(q, rm, state=st, gate_logit=gl, triton_options=opts)
+                    try:
+                        ms = bench(fn)
+                    except Exception as e:  # e.g. out of shared memory / registers for this config
+                        ms = None
+                        print(f"[sweep] {name} {kind} {c} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                    entry[kind].append(dict(config=dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages),
+                                            ms=ms))
+                ok = [r for r in entry[kind] if r["ms"] is not None]
+                if ok:
+                    best = min(ok, key=lambda r: r["ms"])
+                    default = bench(lambda: (K.kv_pass(k, v, rm) if kind == "kv_pass"
+                                             else K.q_pass(q, rm, state=st, gate_logit=gl)))
+                    entry[f"{kind}_best"] = best
+                    entry[f"{kind}_default_ms"] = default
+                    nbytes = entry["kv_bytes"] if kind == "kv_pass" else entry["q_bytes"]
+                    print(f"[sweep] {card} {name} {kind}: default {default:.3f} ms, best {best['ms']:.3f} ms "
+                          f"{best['config']} ({nbytes / best['ms'] / 1e9:.2f} TB/s; K/V index_select copy "
+                          f"{copy_ms:.3f} ms)", flush=True)
+        res["shapes"][name] = entry
+        del q, k, v
+
+    if a.host_profile:
+        H, grid = SHAPES["smoke" if a.smoke else "1.3b-480p17"]
+        D = 32 if a.smoke else 128
+        L = grid[0] * grid[1] * grid[2]
+        q, k, v, x = (torch.randn(1, L, H * D, device=dev, dtype=dtype) for _ in range(4))
+        proj = torch.nn.Linear(H * D, H * D).to(device=dev, dtype=dtype)
+        gate = torch.nn.Linear(H * D, 1).to(device=dev, dtype=dtype)
+        conf = A.SaladConfig(sparsity=0.9, backend="auto" if dev.type == "cuda" else "triton")
+
+        def call():
+            return A.salad_self_attention(q, k, v, H, grid=grid, x=x, proj=proj, gate=gate, config=conf)
+        with torch.inference_mode():
+            call()
+            n = 5 if a.smoke else 200
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda._sleep(int(5e9))
+            pr = cProfile.Profile()
+            t0 = time.perf_counter()
+            pr.enable()
+            for _ in range(n):
+                call()
+            pr.disable()
+            host_us = (time.perf_counter() - t0) / n * 1e6
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+        s = io.StringIO()
+        pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(30)
+        s2 = io.StringIO()
+        pstats.Stats(pr, stream=s2).sort_stats("cumulative").print_stats(40)
+        res["host_profile"] = {"calls": n, "host_us_per_call_under_cprofile": host_us}
+        print(f"[host] {host_us:.0f} us per call under cProfile\n{s.getvalue()}\n{s2.getvalue()}", flush=True)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"sweep-passes-{dt.date.today().isoformat()}-{card.replace(' ', '_').lower()}.json").write_text(
+        json.dumps(res, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""The inference passes (kernels.kv_pass / kernels.q_pass) and the inference path of SALAD attention built on
+them: Triton kernels (CPU interpreter) vs the plain-torch references, and the whole inference call vs the
+autograd path (separate branches + mix_branches), on fresh random inputs (seed printed, outputs poisoned).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+if "TRITON_INTERPRET" not in os.environ:
+    try:
+        import torch as _t
+        _cuda = _t.cuda.is_available()
+    except Exception:  # pragma: no cover
+        _cuda = False
+    if not _cuda:
+        os.environ["TRITON_INTERPRET"] = "1"
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _pack import register  # noqa: E402
+
+register()
+
+import torch  # noqa: E402
+
+import salad_pack.kernels as K  # noqa: E402
+from salad_pack.kernels import reference as R  # noqa: E402
+from salad_pack.salad_core.attention import SaladConfig, salad_self_attention  # noqa: E402
+
+try:
+    import triton  # noqa: F401
+    HAVE_TRITON = True
+except Exception:  # pragma: no cover
+    HAVE_TRITON = False
+
+pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="triton cannot be imported")
+DEV = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
+# fp32 dots: exact fp32 in the interpreter, TF32 tensor cores on the GPU
+TOL32 = 1e-5 if DEV.type == "cpu" else 2e-3
+
+
+def _close(a, b, tol, what, seed):
+    a, b = a.float(), b.float()
+    err = ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+    assert torch.isfinite(a).all(), f"{what}: non-finite values (unwritten?) [seed {seed}]"
+    assert err < tol, f"{what}: relative error {err:.3g} >= {tol} [seed {seed}]"
+
+
+def _blhd(B, H, L, D, dtype):
+    return torch.randn(B, L, H, D, device=DEV).to(dtype).transpose(1, 2)
+
+
+@pytest.mark.parametrize("L,D,block", [(300, 32, 64), (256, 64, 128), (77, 16, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kv_pass_matches_reference(seed, poison, L, D, block, dtype):
+    """One read of K and V: tile-ordered copies (exact), k / v block means and the packed linear state."""
+    B, H = 2, 2
+    k, v = _blhd(B, H, L, D, dtype), _blhd(B, H, L, D, dtype)
+    perm = torch.randperm(L, device=DEV)
+    got = K.kv_pass(k, v, perm, block, pool_k=True, pool_v=True, backend="triton", triton_options=poison)
+    want = R.kv_pass_ref(k, v, perm, block, True, True, True)
+    for name, a, b in zip(("kt", "vt"), got[:2], want[:2]):
+        assert a.shape == (B, H, L, D) and a.transpose(1, 2).is_contiguous(), name
+        assert torch.equal(a, b), f"{name} differs [seed {seed}]"
+    for name, a, b in zip(("k_mean", "v_mean", "state"), got[2:], want[2:]):
+        assert a.shape == b.shape, (name, a.shape, b.shape)
+        _close(a, b, TOL32 if dtype == torch.float32 else 2e-3, name, seed)
+    # the flags switch the extra outputs off (a pure tile-order gather is left)
+    kt, vt, km, vm, st = K.kv_pass(k, v, perm, block, pool_k=False, pool_v=False, linear_state=False,
+                                   backend="triton", triton_options=poison)
+    assert km is None and vm is None and st is None and torch.equal(kt, want[0]) and torch.equal(vt, want[1])
+
+
+@pytest.mark.parametrize("L,D,block", [(300, 32, 64), (200, 64, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])   # (the interpreter's bf16 tl.dot is wrong)
+@pytest.mark.parametrize("gated", [False, True])
+def test_q_pass_matches_reference(seed, poison, L, D, block, dtype, gated):
+    """One read of Q: block means in tile order and G * the linear branch in the caller's row order."""
+    B, H = 2, 3
+    q, k, v = (_blhd(B, H, L, D, dtype) for _ in range(3))
+    perm = torch.randperm(L, device=DEV)
+    st = R.kv_pass_ref(k, v, perm, block)[-1]
+    gl = torch.randn(B, device=DEV) if gated else None
+    qm, ol = K.q_pass(q, perm, block, state=st, eps=1e-5, gate_logit=gl, backend="triton", triton_options=poison)
+    rqm, rol = R.q_pass_ref(q, perm, block, st, 1e-5, gl)
+    _close(qm, rqm, TOL32 if dtype == torch.float32 else 1e-3, "q_mean", seed)
+    assert ol.dtype == dtype and ol.transpose(1, 2).is_contiguous()
+    _close(ol, rol, TOL32 if dtype == torch.float32 else 1.5e-2, "o_linear", seed)
+    # == the linear branch of kernels.linear_attention, times G
+    lin = R.linear_attention_ref(q.float(), k.float(), v.float())
+    G = torch.sigmoid(gl).view(B, 1, 1, 1) if gated else 1.0
+    _close(ol, lin * G, 10 * TOL32 if dtype == torch.float32 else 1.5e-2, "o_linear vs linear_attention", seed)
+    qm2, ol2 = K.q_pass(q, perm, block, state=None, backend="triton", triton_options=poison)
+    assert ol2 is None
+    _close(qm2, rqm, TOL32 if dtype == torch.float32 else 1e-3, "q_mean (pool only)", seed)
+    with pytest.raises(ValueError, match="linear state"):
+        K.q_pass(q, perm, block, state=st[:, :-1], backend="triton")
+
+
+def test_topk_from_pooled_equals_select_topk(seed):
+    B, H, L, D, block = 2, 2, 300, 32, 64
+    q, k = _blhd(B, H, L, D, torch.float32), _blhd(B, H, L, D, torch.float32)
+    pq, pk = R.pool_blocks_ref(q, block), R.pool_blocks_ref(k, block)
+    for backend in ("torch", "triton"):
+        a = K.topk_from_pooled(pq, pk, 0.5, always_kept=torch.tensor([4]), backend=backend)
+        b = K.select_topk(q, k, 0.5, block=block, always_kept=torch.tensor([4]), backend="torch")
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), backend
+
+
+@pytest.mark.parametrize("pattern,compensation,n_front,gated", [
+    ("topk", "none", 0, True), ("window", "none", 3, True), ("topk", "centroid", 0, False),
+    ("topk", "none", 5, False)])
+def test_inference_path_equals_autograd_path(seed, pattern, compensation, n_front, gated):
+    """salad_self_attention without autograd (kv_pass, q_pass, sparse kernel with G*bias, one Proj GEMM
+    into the output) == with autograd (separate branches, mix_branches), Triton kernels (interpreter)
+    and torch path alike; a ragged grid (not a multiple of the tile) with extra tokens."""
+    B, H, D = 2, 2, 32
+    grid = (3, 5, 6)
+    L = n_front + 3 * 5 * 6
+    dim = H * D
+    q, k, v, x = (torch.randn(B, L, dim, device=DEV) for _ in range(4))
+    proj = torch.nn.Linear(dim, dim).to(DEV)
+    gate = torch.nn.Linear(dim, 1).to(DEV) if gated else None
+    for backend in ("torch", "triton"):
+        cfg = SaladConfig(sparsity=0.5, pattern=pattern, block=32, tile=(2, 4, 4), backend=backend,
+                          compensation=compensation)
+        kw = dict(grid=grid, n_front=n_front, x=x, proj=proj, gate=gate, config=cfg)
+        with torch.no_grad():
+            fast = salad_self_attention(q, k, v, H, **kw)
+        slow = salad_self_attention(q.requires_grad_(), k, v, H, **kw).detach()   # the autograd path
+        q = q.detach()
+        _close(fast, slow, 10 * TOL32, f"{backend} inference vs autograd", seed)
+        with torch.no_grad():   # sparse-only (no weights): no linear branch
+            only = salad_self_attention(q, k, v, H, grid=grid, n_front=n_front, config=cfg)
+        slow0 = salad_self_attention(q.requires_grad_(), k, v, H, grid=grid, n_front=n_front, config=cfg).detach()
+        q = q.detach()
+        _close(only, slow0, 10 * TOL32, f"{backend} sparse-only inference vs autograd", seed)
+
+
+def test_rowmap_bias_shared_and_gated(seed, poison):
+    """A (H*D,) bias shared by the batch, scaled per sample by sigmoid(gate_logit), in any float dtype."""
+    B, H, L, D, block = 2, 2, 150, 32, 32
+    q, k, v = (_blhd(B, H, L, D, torch.float32) for _ in range(3))
+    perm = torch.randperm(L, device=DEV)
+    nq = K.num_blocks(L, block)
+    idx = torch.arange(nq, dtype=torch.int32, device=DEV).expand(B, H, nq, nq)
+    cnt = torch.full((B, H, nq), nq, dtype=torch.int32, device=DEV)
+    bias = torch.randn(H * D, device=DEV).to(torch.bfloat16)
+    gl = torch.randn(B, device=DEV)
+    outs = [K.block_sparse_attention_rowmap(q, k, v, idx, cnt, perm, block=block, bias=bias, gate_logit=gl,
+                                            backend=b, triton_options=poison) for b in ("torch", "triton")]
+    plain = K.block_sparse_attention_rowmap(q, k, v, idx, cnt, perm, block=block, backend="torch")
+    want = plain + torch.sigmoid(gl).view(B, 1, 1, 1) * bias.float().view(1, H, 1, D)
+    for o in outs:
+        _close(o, want, TOL32, "gated bias", seed)
+    with pytest.raises(ValueError, match="bias"):
+        K.block_sparse_attention_rowmap(q, k, v, idx, cnt, perm, block=block, bias=torch.randn(3), backend="triton")
