@@ -7,9 +7,12 @@ block (so the linear branch and Proj really run; ``--no-weights`` for sparse-onl
 call (batch 1 = one CFG branch, batch 2 = cond + uncond in one call).  Times are medians of
 ``triton.testing.do_bench`` (1.3B) or of CUDA-event timed forwards (14B, where one forward takes seconds).
 
-Per layer, at each size's shape (batch 1): SDPA vs the whole SALAD call, and the SALAD call taken apart by
-cumulative variants -- layout (K/V into tile order), + selection, + sparse kernel (= sparse-only SALAD), + linear
-branch and Proj/gate (= full layer) -- and the linear branch alone.
+Per layer, at each size's shape (batch 1): SDPA vs the whole SALAD call, the call without weights (sparse-only),
+the whole op (selection + sparse kernel + linear branch, no Proj GEMM) and each part timed alone (the K/V pass, the
+gate, the Q pass, top-k, the sparse kernel, the Proj GEMM; see benchmarks/profile_layer.py).
+
+``--precision fp8``: the opt-in FP8 sparse kernel (rows carry ``precision``); ``--proj-rank r``: random rank-r
+Proj weights instead of full dim x dim ones (rows carry ``proj_rank``).
 
 Sizes (``--sizes``, comma list of names or ``WxHxF``):
   480p 832x480x81, 720p 1280x720x81, sq480 480x480x81, sq624 624x624x81, portrait 480x832x81,
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import platform
 import statistics
@@ -55,6 +59,8 @@ def parse(argv=None):
     ap.add_argument("--iters", type=int, default=3, help="timed forwards per config when one takes > 1 s")
     ap.add_argument("--no-layers", action="store_true", help="skip the per-layer breakdown")
     ap.add_argument("--no-weights", action="store_true", help="sparse-only (no gate/Proj)")
+    ap.add_argument("--precisions", default="bf16", help="comma list: bf16 (default), fp8")
+    ap.add_argument("--proj-rank", type=int, default=0, help="rank of the random Proj weights (0 = full)")
     ap.add_argument("--append", action="store_true", help="merge into --out/latest-e2e.json")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -119,9 +125,11 @@ class Installer:
         self.orig_embed = model.patch_embedding.forward
         self.orig_blocks = [b.self_attn.forward for b in model.blocks]
 
-    def install(self, sparsity, pattern, weights):
+    def install(self, sparsity, pattern, weights, precision="bf16"):
         from salad_pack.nodes.patch import PatchOptions, SaladPatch
-        state = SaladPatch(self.model, PatchOptions(sparsity=sparsity, pattern=pattern, backend="auto"), weights)
+        extra = {} if precision == "bf16" else {"precision": precision}
+        state = SaladPatch(self.model, PatchOptions(sparsity=sparsity, pattern=pattern, backend="auto", **extra),
+                           weights)
         self.model.patch_embedding.forward = state.make_patch_embedding_forward(self.orig_embed)
         for i, b in enumerate(self.model.blocks):
             b.self_attn.forward = state.make_self_attn_forward(i, self.orig_blocks[i])
@@ -133,51 +141,33 @@ class Installer:
             b.self_attn.forward = self.orig_blocks[i]
 
 
-def layer_parts(cfg, grid, dev, dtype, sparsities, patterns, sw, timeit):
-    """One self-attention call at this grid (batch 1): SDPA vs SALAD, taken apart by cumulative variants."""
+def layer_parts(cfg, grid, dev, dtype, sparsities, patterns, sw, rep_ms):
+    """One self-attention call at this grid (batch 1): SDPA vs SALAD, and the call taken apart (profile_layer)."""
     import torch
     import torch.nn.functional as F
+    import salad_pack.kernels as K
     from salad_pack.salad_core import attention as A
-    from salad_pack.salad_core.tiling import TileLayout
+    from profile_layer import Clock, make_inputs, measure, parts
     H, D = cfg["num_heads"], cfg["dim"] // cfg["num_heads"]
-    L = grid[0] * grid[1] * grid[2]
-    g = torch.Generator(device=dev).manual_seed(1)
-    q, k, v = (torch.randn(1, L, H * D, device=dev, dtype=dtype, generator=g) for _ in range(3))
-    xb = torch.randn(1, L, cfg["dim"], device=dev, dtype=dtype, generator=g)
-
-    def sdpa():
-        qh, kh, vh = (t.view(1, L, H, D).transpose(1, 2) for t in (q, k, v))
-        return F.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2).reshape(1, L, H * D)
-
-    out = {"grid": list(grid), "tokens": L, "sdpa_ms": timeit(sdpa), "runs": []}
+    clock = Clock(dev, rep_ms)
+    q, k, v, x, proj, gate = make_inputs(H, D, grid, 1, dev, dtype)
+    if sw is not None:
+        proj, gate = sw.proj_for(0), sw.gate_for(0)
+    L = q.shape[1]
+    q4, k4, v4 = (t.view(1, L, H, D).transpose(1, 2) for t in (q, k, v))
     with torch.inference_mode():
-        for pattern in patterns:
-            for s in sparsities:
-                conf = A.SaladConfig(sparsity=s, pattern=pattern)
-                layout = TileLayout.get(grid, 0, 0, conf.tile, q.device)
-
-                def lay():
-                    return A._to_heads_tiled(k, layout, 1, L, H, D), A._to_heads_tiled(v, layout, 1, L, H, D)
-
-                def lay_sel():
-                    kh, vh = lay()
-                    return A.select_blocks(A._heads_view(q, 1, L, H, D), kh, layout, conf, q_rowmap=layout.perm32)
-
-                t_layout = timeit(lay)
-                t_sel = timeit(lay_sel)
-                t_sparse = timeit(lambda: A.salad_self_attention(q, k, v, H, grid=grid, config=conf))
-                t_lin = timeit(lambda: A._linear_branch(q, k, v, 1, L, H, D, conf))
-                row = dict(pattern=pattern, sparsity=s, layout_ms=t_layout, selection_ms=t_sel - t_layout,
-                           sparse_kernel_ms=t_sparse - t_sel, sparse_only_ms=t_sparse, linear_branch_ms=t_lin,
-                           whole_op_ms=None, layer_ms=None)
-                if sw is not None:
-                    t_full = timeit(lambda: A.salad_self_attention(q, k, v, H, grid=grid, x=xb, config=conf,
-                                                                   proj=sw.proj_for(0), gate=sw.gate_for(0)))
-                    row.update(layer_ms=t_full, linear_proj_gate_ms=t_full - t_sparse,
-                               layer_speedup_vs_sdpa=out["sdpa_ms"] / t_full)
-                row["whole_op_ms"] = t_sparse + t_lin   # selection + sparse + linear branch, no Proj
+        out = {"grid": list(grid), "tokens": L,
+               "sdpa_ms": clock.gpu_ms(lambda: F.scaled_dot_product_attention(q4, k4, v4)), "runs": []}
+    for pattern in patterns:
+        for s in sparsities:
+            conf = A.SaladConfig(sparsity=s, pattern=pattern)
+            row = dict(pattern=pattern, sparsity=s)
+            row.update(measure(A, q, k, v, x, proj, gate, H, grid, conf, clock))
+            if pattern == "topk" and isinstance(proj, torch.nn.Linear):
+                row.update(parts(A, K, q, k, v, x, proj, gate, H, D, grid, conf, clock))
                 row["whole_op_speedup_vs_sdpa"] = out["sdpa_ms"] / row["whole_op_ms"]
-                out["runs"].append(row)
+            row["layer_speedup_vs_sdpa"] = out["sdpa_ms"] / row["layer_ms"]
+            out["runs"].append(row)
     return out
 
 
@@ -203,6 +193,7 @@ def main(argv=None):
     batches = [int(b) for b in a.batches.split(",")]
     sparsities = [float(s) for s in a.sparsities.split(",")]
     patterns = a.patterns.split(",")
+    precisions = a.precisions.split(",")
     model, cfg = build_model(a, dev, dtype)
     inst = Installer(model)
     timeit = Timer(dev, a.rep_ms, a.iters)
@@ -213,8 +204,9 @@ def main(argv=None):
 
     weights = sw = None
     if not a.no_weights:
+        rank = {"proj_rank": a.proj_rank} if a.proj_rank else {}
         sw = SaladWeights.new(dim=cfg["dim"], heads=cfg["num_heads"], num_blocks=cfg["num_layers"],
-                              base_model="bench-random")
+                              base_model="bench-random", **rank)
         with torch.no_grad():
             for p in sw.parameters():
                 p.normal_(0.0, 0.01)
@@ -250,23 +242,22 @@ def main(argv=None):
             dense_ms = timeit(forward)
             print(f"[e2e] {card} {a.model} {W}x{Hh}x{Fr} (grid {grid}) batch {batch}: dense {dense_ms:.1f} ms",
                   flush=True)
-            for pattern in patterns:
-                for s in sparsities:
-                    state = inst.install(s, pattern, weights)
-                    out = forward().float()
-                    calls = int(sum(state.stats.sparse_calls.values()))
-                    ms = timeit(forward)
-                    row = dict(model=res["model"], height=Hh, width=W, frames=Fr, batch=batch,
-                               tokens=grid[0] * grid[1] * grid[2],
-                               sparsity=s, pattern=pattern, dense_ms=dense_ms, ms=ms, speedup=dense_ms / ms,
-                               rel_diff_vs_dense=float((out - ref).norm() / ref.norm()))
-                    assert calls == cfg["num_layers"], f"SALAD ran on {calls} of {cfg['num_layers']} blocks"
-                    res["rows"].append(row)
-                    print(f"[e2e]   SALAD {pattern} {s:.2f}: {ms:.1f} ms -> {dense_ms / ms:.2f}x", flush=True)
+            for pattern, s, prec in itertools.product(patterns, sparsities, precisions):
+                state = inst.install(s, pattern, weights, prec)
+                out = forward().float()
+                calls = int(sum(state.stats.sparse_calls.values()))
+                ms = timeit(forward)
+                row = dict(model=res["model"], height=Hh, width=W, frames=Fr, batch=batch,
+                           tokens=grid[0] * grid[1] * grid[2], sparsity=s, pattern=pattern, precision=prec,
+                           proj_rank=a.proj_rank if weights else None, dense_ms=dense_ms, ms=ms,
+                           speedup=dense_ms / ms, rel_diff_vs_dense=float((out - ref).norm() / ref.norm()))
+                assert calls == cfg["num_layers"], f"SALAD ran on {calls} of {cfg['num_layers']} blocks"
+                res["rows"].append(row)
+                print(f"[e2e]   SALAD {pattern} {s:.2f} {prec}: {ms:.1f} ms -> {dense_ms / ms:.2f}x "
+                      f"(rel. diff vs dense {row['rel_diff_vs_dense']:.3f})", flush=True)
             inst.uninstall()
         if not a.no_layers:
-            lp = layer_parts(cfg, grid, dev, dtype, sparsities, patterns, sw,
-                             Timer(dev, min(a.rep_ms, 400), a.iters))
+            lp = layer_parts(cfg, grid, dev, dtype, sparsities, patterns, sw, min(a.rep_ms, 300))
             lp.update(model=res["model"], height=Hh, width=W, frames=Fr)
             res["layers"].append(lp)
             print(f"[e2e]   layer: {json.dumps(lp)}", flush=True)
@@ -286,10 +277,11 @@ def main(argv=None):
             merged = dict(res, rows=prev["rows"] + res["rows"], layers=prev.get("layers", []) + res["layers"],
                           model=f"{prev.get('model')}+{res['model']}")
     latest.write_text(json.dumps(merged, indent=1))
-    print(f"\n{'size':<18}{'batch':>6}{'pattern':>8}{'sparsity':>9}{'dense ms':>10}{'ms':>10}{'speedup':>9}")
+    print(f"\n{'size':<18}{'batch':>6}{'pattern':>8}{'sparsity':>9}{'prec':>6}{'dense ms':>10}{'ms':>10}"
+          f"{'speedup':>9}")
     for r in res["rows"]:
         print(f"{r['width']}x{r['height']}x{r['frames']:<8}{r['batch']:>6}{r['pattern']:>8}{r['sparsity']:>9}"
-              f"{r['dense_ms']:>10.1f}{r['ms']:>10.1f}{r['speedup']:>9.2f}")
+              f"{r['precision']:>6}{r['dense_ms']:>10.1f}{r['ms']:>10.1f}{r['speedup']:>9.2f}")
     print(f"[e2e] wrote {path}")
     return res
 

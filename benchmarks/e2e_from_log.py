@@ -3,7 +3,7 @@
     python benchmarks/e2e_from_log.py --log A.log [--json B.json ...] --card "NVIDIA H200" --out latest-e2e.json
 
 Rows come from the log's "[e2e] <card> <model> WxHxF (grid ...) batch N: dense X ms" and
-"SALAD <pattern> <sparsity>: Y ms" lines, layers from its "layer:" lines; a cut-off size keeps the
+"SALAD <pattern> <sparsity> [<precision>]: Y ms" lines, layers from its "layer:" lines; a cut-off size keeps the
 rows it printed.  --json adds the rows and layers of finished runs.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 HEAD = re.compile(r"\[e2e\] .*? (?P<model>1\.3b|14b) (?P<w>\d+)x(?P<h>\d+)x(?P<f>\d+) \(grid \((?P<g>[\d, ]+)\)\) "
                   r"batch (?P<b>\d+): dense (?P<dense>[\d.]+) ms")
-RUN = re.compile(r"\[e2e\]\s+SALAD (?P<pattern>\w+) (?P<s>[\d.]+): (?P<ms>[\d.]+) ms")
+RUN = re.compile(r"\[e2e\]\s+SALAD (?P<pattern>\w+) (?P<s>[\d.]+)(?: (?P<prec>bf16|fp8))?: (?P<ms>[\d.]+) ms")
 
 
 def rows_from_log(text: str):
@@ -29,7 +29,8 @@ def rows_from_log(text: str):
             dense, ms = float(cur["dense"]), float(m["ms"])
             rows.append(dict(model=cur["model"], height=int(cur["h"]), width=int(cur["w"]), frames=int(cur["f"]),
                              batch=int(cur["b"]), tokens=g[0] * g[1] * g[2], sparsity=float(m["s"]),
-                             pattern=m["pattern"], dense_ms=dense, ms=ms, speedup=dense / ms))
+                             pattern=m["pattern"], precision=m["prec"] or "bf16", dense_ms=dense, ms=ms,
+                             speedup=dense / ms))
         elif "layer: " in line and cur:
             lay = json.loads(line.split("layer: ", 1)[1])
             layers.append(lay)

@@ -122,6 +122,17 @@ def main(argv=None):
                     default = bench(lambda: (K.kv_pass(k, v, rm) if kind == "kv_pass"
                                              else K.q_pass(q, rm, state=st, gate_logit=gl)))
                     entry[f"{kind}_best"] = best
+                    if kind == "kv_pass":   # which part bounds it: the gather alone, + pooling, + state
+                        bo = K.TritonOptions(configs={kind: candidates(kind, a.smoke)[0].__class__(
+                            {k_: v_ for k_, v_ in best["config"].items() if k_ not in ("num_warps", "num_stages")},
+                            num_warps=best["config"]["num_warps"], num_stages=best["config"]["num_stages"])})
+                        entry["kv_gather_only_ms"] = bench(lambda: K.kv_pass(k, v, rm, pool_k=False, linear_state=False,
+                                                                             triton_options=bo))
+                        entry["kv_gather_pool_ms"] = bench(lambda: K.kv_pass(k, v, rm, pool_k=True, linear_state=False,
+                                                                             triton_options=bo))
+                        print(f"[sweep] {name} kv_pass parts at best config: gather {entry['kv_gather_only_ms']:.3f}"
+                              f" ms, + pool {entry['kv_gather_pool_ms']:.3f} ms, + state {best['ms']:.3f} ms",
+                              flush=True)
                     entry[f"{kind}_default_ms"] = default
                     nbytes = entry["kv_bytes"] if kind == "kv_pass" else entry["q_bytes"]
                     print(f"[sweep] {card} {name} {kind}: default {default:.3f} ms, best {best['ms']:.3f} ms "

@@ -43,9 +43,11 @@ _TUNED_16BIT: Dict[Tuple[str, int], triton.Config] = {
     **{("lin_apply", d): _cfg(4, 3, BLOCK_M=64, PROGRAMS=1056) for d in (64, 128)},
     **{("lin_bwd", d): _cfg(8, 3, BLOCK_M=64, PROGRAMS=528) for d in (64, 128)},
     # inference passes (kv_pass: tile-order copy + pooling + linear state; q_pass: pooling + linear
-    # branch): rows per step and about PROGRAMS programs, as the linear-branch kernels above
-    **{("kv_pass", d): _cfg(8, 2, BLOCK_N=64, PROGRAMS=528) for d in (64, 128)},
-    **{("q_pass", d): _cfg(4, 2, BLOCK_M=64, PROGRAMS=1056) for d in (64, 128)},
+    # branch): rows per step and about PROGRAMS programs.  Best of benchmarks/sweep_passes.py on the H200
+    # (72 candidates each, Wan-1.3B/14B 480p and the 21x30x30 grid; within 1% of each shape's best):
+    # kv_pass 0.337 -> 0.209 ms at 1.3B 480p (the gather alone takes 0.109, index_select 0.114)
+    **{("kv_pass", d): _cfg(4, 3, BLOCK_N=64, PROGRAMS=528) for d in (64, 128)},
+    **{("q_pass", d): _cfg(4, 1, BLOCK_M=64, PROGRAMS=528) for d in (64, 128)},
 }
 TUNED_D = (64, 128)          # other head dims (16, 32) use the D=128 entries
 LONG_L = 65536               # length bucket "long": L >= LONG_L (no long-specific tuning yet)
