@@ -2,14 +2,24 @@
 
 Tensors (for each covered self-attention block ``i``)::
 
-    blocks.{i}.proj.weight  (dim, dim)
+    blocks.{i}.proj.weight  (dim, dim)         full Proj (proj_rank 0)
     blocks.{i}.proj.bias    (dim,)
+  or, for a rank-r Proj (proj_rank r, 1 <= r < dim, see salad_core/proj.py)::
+    blocks.{i}.proj.down.weight  (r, dim)
+    blocks.{i}.proj.up.weight    (dim, r)
+    blocks.{i}.proj.up.bias      (dim,)
+  and always::
     blocks.{i}.gate.weight  (1, dim)
     blocks.{i}.gate.bias    (1,)
 
+All covered blocks of a file share one Proj form and rank.
+
 Metadata (safetensors ``__metadata__``, all values strings):
 
-    salad_format_version  "1"
+    salad_format_version  "1" (full Proj) or "2" (low-rank Proj: older readers refuse it by version,
+                          "update the node pack", instead of by a confusing tensor mismatch)
+    proj_rank             r of a low-rank Proj (1..dim-1); missing or "0" = full dim x dim Proj (every
+                          older file; full files are written without the key, byte-for-byte as before)
     base_model            e.g. "wan2.1-t2v-1.3b"
     model_family          "wan"
     dim, heads, num_blocks  of the base model (num_blocks = transformer blocks of the base model)
@@ -22,9 +32,13 @@ Metadata (safetensors ``__metadata__``, all values strings):
 The structural keys (format version, model_family, dim, heads, num_blocks, blocks) are required;
 the descriptive ones get defaults when missing but must parse when present.
 
-Fresh weights (:meth:`SaladWeights.new`): ``proj`` weight and bias are zero, so SALAD output
-equals sparse-only attention; ``gate`` weight and bias are zero, so ``G = sigmoid(0) = 0.5`` for
-every input until trained (the gate weight still receives gradient once proj is non-zero).
+Fresh weights (:meth:`SaladWeights.new`): ``proj`` weight and bias are zero (a low-rank Proj: ``up``
+zero, ``down`` seeded orthonormal rows, see salad_core/proj.py), so SALAD output equals sparse-only
+attention; ``gate`` weight and bias are zero, so ``G = sigmoid(0) = 0.5`` for every input until
+trained (the gate weight still receives gradient once proj is non-zero).
+
+A full file becomes a low-rank one without training by :meth:`SaladWeights.to_low_rank` (truncated
+SVD of every block's Proj, the best rank-r approximation; metadata ``proj_compression`` says so).
 
 Files are read only with safetensors (never pickle); the header is checked by hand first so that
 truncated / foreign / lying files produce a :class:`SaladWeightsError` naming the file.
@@ -34,7 +48,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import stat
 import struct
 import tempfile
@@ -46,9 +59,11 @@ from torch import nn
 
 from .options import (DEFAULT_PATTERN, DEFAULT_SPARSITY, ERROR_QUOTE_LIMIT, MAX_NUM_BLOCKS, PATTERNS,  # noqa: F401
                       clip, format_block_list, parse_block_list)
+from .proj import LowRankProj, make_proj, proj_matrix, svd_truncate
 
-SALAD_FORMAT_VERSION = "1"
-SUPPORTED_FORMAT_VERSIONS = ("1",)
+SALAD_FORMAT_VERSION = "1"             # written for full-Proj files (unchanged since the first release)
+LOW_RANK_FORMAT_VERSION = "2"          # written for low-rank Proj files (proj_rank > 0)
+SUPPORTED_FORMAT_VERSIONS = ("1", "2")
 REQUIRED_KEYS = ("salad_format_version", "model_family", "dim", "heads", "num_blocks", "blocks")
 DEFAULT_META = {
     "base_model": "unknown",
@@ -60,7 +75,7 @@ DEFAULT_META = {
 }
 _MAX_HEADER = 100 * 1024 * 1024
 _MAX_META_VALUE = {               # characters per metadata value (free text may be long, the rest is short)
-    "training_data": 1 << 20, "created_by": 1 << 20, "block_errors": 1 << 20,
+    "training_data": 1 << 20, "created_by": 1 << 20, "block_errors": 1 << 20, "proj_rank": 4096,
 }
 _MAX_META_DEFAULT = 4096
 _MAX_META_OTHER = 1 << 20         # keys this format does not define
@@ -69,7 +84,6 @@ _MAX_META_OTHER = 1 << 20         # keys this format does not define
 _DTYPE_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-_NAME_RE = re.compile(r"^blocks\.(\d+)\.(proj|gate)\.(weight|bias)$")
 
 PathLike = Union[str, os.PathLike]
 
@@ -98,14 +112,40 @@ format_block_spec = format_block_list
 # module
 # ----------------------------------------------------------------------------------------------
 
-class SaladWeights(nn.Module):
-    """Per-block ``proj`` (Linear dim->dim) and ``gate`` (Linear dim->1) of SALAD attention.
+def _proj_seed(block: int, seed: int = 0) -> int:
+    """Seed of a fresh low-rank Proj's ``down`` for one block (distinct per block, stable across runs)."""
+    return int(seed) * 1_000_003 + 7919 * (int(block) + 1)
 
-    ``proj`` and ``gate`` are ``nn.ModuleDict`` keyed by ``str(block_index)``.
+
+def normalize_proj_rank(rank, dim: int, what: str = "proj_rank") -> int:
+    """0 (full Proj) or 1..dim-1: ``rank`` >= dim gives no saving and means the full Proj (0).  Raises
+    SaladWeightsError for a negative / non-integer rank."""
+    if isinstance(rank, bool) or not isinstance(rank, (int, float, str)):
+        raise SaladWeightsError(f"{what} must be an integer >= 0 (0: full dim x dim Proj), got {clip(rank)}")
+    try:
+        r = int(str(rank).strip()) if isinstance(rank, str) else int(rank)
+    except ValueError:
+        raise SaladWeightsError(f"{what} must be an integer >= 0 (0: full dim x dim Proj), got {clip(rank)}") from None
+    if r != rank and not isinstance(rank, str):
+        raise SaladWeightsError(f"{what} must be an integer >= 0, got {clip(rank)}")
+    if r < 0:
+        raise SaladWeightsError(f"{what} must be >= 0 (0: full dim x dim Proj), got {r}")
+    return 0 if r >= int(dim) else r
+
+
+class SaladWeights(nn.Module):
+    """Per-block ``proj`` (full ``nn.Linear`` dim->dim, or a rank-r :class:`~.proj.LowRankProj`) and ``gate``
+    (Linear dim->1) of SALAD attention.
+
+    ``proj`` and ``gate`` are ``nn.ModuleDict`` keyed by ``str(block_index)``.  ``proj_rank``: 0 = full Proj,
+    r = rank-r Proj in every block (r >= dim means full); None takes the metadata's ``proj_rank`` (default 0),
+    so a copy made from another file's metadata keeps its form.  New modules follow the zero-init rule
+    (see :func:`~.proj.make_proj`; :meth:`new` also zeroes the gates).
     """
 
     def __init__(self, dim: int, heads: int, num_blocks: int, block_ids: Sequence[int],
-                 metadata: Optional[Dict[str, str]] = None, path: Optional[str] = None):
+                 metadata: Optional[Dict[str, str]] = None, path: Optional[str] = None,
+                 proj_rank: Optional[int] = None, seed: int = 0):
         super().__init__()
         dim, heads, num_blocks = int(dim), int(heads), int(num_blocks)
         if dim < 1 or heads < 1 or dim % heads:
@@ -114,10 +154,13 @@ class SaladWeights(nn.Module):
         bad = [i for i in ids if i < 0 or i >= num_blocks]
         if bad:
             raise SaladWeightsError(f"block indices {bad} out of range for num_blocks={num_blocks}")
+        if proj_rank is None:
+            proj_rank = (metadata or {}).get("proj_rank", 0)
+        self.proj_rank: int = normalize_proj_rank(proj_rank, dim)
         self.dim, self.heads, self.num_blocks = dim, heads, num_blocks
         self.block_ids: List[int] = ids
         self.path = path
-        self.proj = nn.ModuleDict({str(i): nn.Linear(dim, dim) for i in ids})
+        self.proj = nn.ModuleDict({str(i): make_proj(dim, self.proj_rank, seed=_proj_seed(i, seed)) for i in ids})
         self.gate = nn.ModuleDict({str(i): nn.Linear(dim, 1) for i in ids})
         meta = dict(DEFAULT_META)
         meta.update({k: str(v) for k, v in (metadata or {}).items()})
@@ -126,20 +169,28 @@ class SaladWeights(nn.Module):
 
     def _sync_metadata(self) -> None:
         self.metadata.update({
-            "salad_format_version": SALAD_FORMAT_VERSION,
+            "salad_format_version": LOW_RANK_FORMAT_VERSION if self.proj_rank else SALAD_FORMAT_VERSION,
             "model_family": self.metadata.get("model_family", "wan") or "wan",
             "dim": str(self.dim),
             "heads": str(self.heads),
             "num_blocks": str(self.num_blocks),
             "blocks": format_block_spec(self.block_ids),
         })
+        # full-Proj files stay byte-for-byte what they were before the low-rank option (no proj_rank key)
+        if self.proj_rank:
+            self.metadata["proj_rank"] = str(self.proj_rank)
+        else:
+            self.metadata.pop("proj_rank", None)
 
     @classmethod
     def new(cls, dim: int, heads: int, num_blocks: int, blocks: Optional[Iterable[int]] = None,
             base_model: str = "unknown", pattern: str = DEFAULT_PATTERN, sparsity: float = DEFAULT_SPARSITY,
-            model_family: str = "wan", created_by: str = "salad_core") -> "SaladWeights":
+            model_family: str = "wan", created_by: str = "salad_core", proj_rank: int = 0,
+            seed: int = 0) -> "SaladWeights":
         """Fresh weights: proj = 0 (SALAD == sparse-only), gate = 0 (G = 0.5).
-        ``blocks``: iterable of block indices, a spec string ("0-29"), or None for all blocks."""
+        ``blocks``: iterable of block indices, a spec string ("0-29"), or None for all blocks.
+        ``proj_rank``: 0 = full dim x dim Proj; r = rank-r Proj (``up`` = 0, ``down`` orthonormal rows seeded by
+        ``seed`` and the block index, so it outputs 0 and still trains; r >= dim means full)."""
         if blocks is None:
             ids = list(range(int(num_blocks)))
         elif isinstance(blocks, str):
@@ -148,21 +199,52 @@ class SaladWeights(nn.Module):
             ids = list(blocks)
         w = cls(dim, heads, num_blocks, ids, metadata=dict(
             base_model=base_model, model_family=model_family, pattern=pattern, sparsity=str(float(sparsity)),
-            training_steps="0", training_data="", created_by=created_by))
+            training_steps="0", training_data="", created_by=created_by), proj_rank=proj_rank, seed=seed)
         with torch.no_grad():
-            for i in w.block_ids:
-                w.proj[str(i)].weight.zero_()
-                w.proj[str(i)].bias.zero_()
+            for i in w.block_ids:   # make_proj already applied the zero-init rule to proj
                 w.gate[str(i)].weight.zero_()
                 w.gate[str(i)].bias.zero_()
         return w
+
+    def to_low_rank(self, rank: int) -> "SaladWeights":
+        """A copy whose every Proj is the truncated SVD of this one's at rank ``rank`` (training-free, the best
+        rank-r approximation of each block's matrix; bias and gate kept; see :func:`~.proj.svd_truncate`).
+        Works from a full or a higher-rank file; same device and dtype.  Metadata ``proj_compression`` records
+        it with each block's relative Frobenius error ||W - W_r|| / ||W||."""
+        r = normalize_proj_rank(rank, self.dim, "rank")
+        if r == 0:
+            raise SaladWeightsError(f"to_low_rank: rank must be 1..{self.dim - 1} for dim {self.dim}, got {rank}")
+        if self.proj_rank and r > self.proj_rank:
+            raise SaladWeightsError(f"to_low_rank: these weights already have rank {self.proj_rank}; a rank-{r} "
+                                    f"copy would not be smaller")
+        out = SaladWeights(self.dim, self.heads, self.num_blocks, self.block_ids, metadata=dict(self.metadata),
+                           path=None, proj_rank=r)
+        p0 = next(iter(self.parameters()), None)
+        if p0 is not None:
+            out.to(device=p0.device, dtype=p0.dtype)
+        errors = {}
+        with torch.no_grad():
+            for i in self.block_ids:
+                src = self.proj[str(i)]
+                low = svd_truncate(src, r)
+                w = proj_matrix(src)
+                errors[str(i)] = float(f"{float((w - proj_matrix(low)).norm() / w.norm().clamp_min(1e-30)):.4g}")
+                out.proj[str(i)] = low
+                out.gate[str(i)].load_state_dict(self.gate[str(i)].state_dict())
+        was = f"rank-{self.proj_rank}" if self.proj_rank else f"full {self.dim} x {self.dim}"
+        out.metadata["proj_compression"] = (
+            f"training-free truncated SVD of the {was} Proj to rank {r} (~{self.dim / (2 * r):.3g}x cheaper than "
+            f"full); relative Frobenius error per block {json.dumps(errors, separators=(',', ':'))}")
+        out._sync_metadata()
+        return out
 
     # --------------------------------------------------------------------------------------
     def has_block(self, i: int) -> bool:
         return str(int(i)) in self.proj
 
-    def proj_for(self, i: int) -> Optional[nn.Linear]:
-        """proj of block i, or None if the file does not cover it."""
+    def proj_for(self, i: int) -> Optional[nn.Module]:
+        """proj of block i (nn.Linear, or LowRankProj when ``proj_rank`` > 0), or None if the file does not
+        cover it."""
         key = str(int(i))
         return self.proj[key] if key in self.proj else None
 
@@ -188,14 +270,19 @@ class SaladWeights(nn.Module):
         out = {}
         for i in self.block_ids:
             p, g = self.proj[str(i)], self.gate[str(i)]
-            out[f"blocks.{i}.proj.weight"] = p.weight
-            out[f"blocks.{i}.proj.bias"] = p.bias
+            if isinstance(p, LowRankProj):
+                out[f"blocks.{i}.proj.down.weight"] = p.down.weight
+                out[f"blocks.{i}.proj.up.weight"] = p.up.weight
+                out[f"blocks.{i}.proj.up.bias"] = p.up.bias
+            else:
+                out[f"blocks.{i}.proj.weight"] = p.weight
+                out[f"blocks.{i}.proj.bias"] = p.bias
             out[f"blocks.{i}.gate.weight"] = g.weight
             out[f"blocks.{i}.gate.bias"] = g.bias
         return out
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, heads={self.heads}, num_blocks={self.num_blocks}, "
+        return (f"dim={self.dim}, heads={self.heads}, num_blocks={self.num_blocks}, proj_rank={self.proj_rank}, "
                 f"blocks={format_block_spec(self.block_ids)!r}, base_model={self.metadata.get('base_model')!r}")
 
 
@@ -392,6 +479,19 @@ def _check_metadata_values(name: str, meta: dict) -> None:
             raise SaladWeightsError(f"{name}: metadata {k}={clip(v)} is longer than the {cap} characters allowed")
 
 
+def _proj_form_hint(present: dict, rank: int) -> str:
+    """When the Proj tensors have the other form than the metadata's proj_rank says: a sentence saying so."""
+    low = any(k.endswith((".proj.down.weight", ".proj.up.weight", ".proj.up.bias")) for k in present)
+    full = any(k.endswith((".proj.weight", ".proj.bias")) for k in present)
+    if rank and full and not low:
+        return (f"metadata proj_rank={rank} says low-rank Proj tensors (proj.down.weight / proj.up.weight / "
+                f"proj.up.bias) but the file has full proj.weight / proj.bias tensors")
+    if not rank and low:
+        return ("the file has low-rank Proj tensors (proj.down / proj.up) but its metadata proj_rank is "
+                "missing or 0 (full Proj)")
+    return ""
+
+
 def load_salad_weights(path: PathLike, device: Union[str, torch.device] = "cpu",
                        dtype: Optional[torch.dtype] = None) -> SaladWeights:
     """Load and validate a SALAD weight file.  Raises SaladWeightsError naming the file (and only
@@ -454,10 +554,22 @@ def _load(path: Path, device, dtype) -> SaladWeights:
         raise SaladWeightsError(f"{name}: metadata pattern={clip(full['pattern'])} is not one of "
                                 f"{' or '.join(map(repr, PATTERNS))}")
 
+    if "proj_rank" in meta:
+        rank = _parse_int(name, meta, "proj_rank", 0)
+        if rank and rank >= dim:
+            raise SaladWeightsError(f"{name}: metadata proj_rank={rank} must be 0 (full Proj) or 1..{dim - 1} for "
+                                    f"dim {dim} (a rank >= dim is no cheaper than the full Proj)")
+    else:
+        rank = 0                     # files from before the low-rank option: full Proj
     expected = {}
     for i in ids:
-        expected[f"blocks.{i}.proj.weight"] = [dim, dim]
-        expected[f"blocks.{i}.proj.bias"] = [dim]
+        if rank:
+            expected[f"blocks.{i}.proj.down.weight"] = [rank, dim]
+            expected[f"blocks.{i}.proj.up.weight"] = [dim, rank]
+            expected[f"blocks.{i}.proj.up.bias"] = [dim]
+        else:
+            expected[f"blocks.{i}.proj.weight"] = [dim, dim]
+            expected[f"blocks.{i}.proj.bias"] = [dim]
         expected[f"blocks.{i}.gate.weight"] = [1, dim]
         expected[f"blocks.{i}.gate.bias"] = [1]
     present = {k: v for k, v in header.items() if k != "__metadata__"}
@@ -465,22 +577,27 @@ def _load(path: Path, device, dtype) -> SaladWeights:
     lacking = sorted(set(expected) - set(present))
     if extra or lacking:
         msg = []
+        form = _proj_form_hint(present, rank)
+        if form:
+            msg.append(form)
         if lacking:
             msg.append(f"missing tensors {lacking[:6]}{' ...' if len(lacking) > 6 else ''}")
         if extra:
             msg.append(f"unexpected tensors [{', '.join(clip(x, 60) for x in extra[:6])}]"
                        f"{' ...' if len(extra) > 6 else ''}")
-        raise SaladWeightsError(f"{name}: tensors do not match metadata (dim {dim}, blocks {clip(meta['blocks'])}): "
-                                + "; ".join(msg))
+        raise SaladWeightsError(f"{name}: tensors do not match metadata (dim {dim}, proj_rank {rank}, blocks "
+                                f"{clip(meta['blocks'])}): " + "; ".join(msg))
     for tname, shape in expected.items():
         info = present[tname]
         if list(info["shape"]) != shape:
+            why = f"dim {dim}" + (f" and proj_rank {rank}" if rank and ".proj." in tname else "")
             raise SaladWeightsError(
-                f"{name}: tensor {tname} has shape {clip(list(info['shape']))}, expected {shape} for dim {dim}")
+                f"{name}: tensor {tname} has shape {clip(list(info['shape']))}, expected {shape} for {why}")
         if info["dtype"] not in _FLOAT_DTYPES:
             raise SaladWeightsError(f"{name}: tensor {tname} has dtype {clip(info['dtype'])}, expected a float type")
 
-    w = SaladWeights(dim, heads, nblk, ids, metadata=full, path=str(path))
+    w = SaladWeights(dim, heads, nblk, ids, metadata=full, path=str(path), proj_rank=rank)
+    dst = w.state_tensors()
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             with torch.no_grad():
@@ -488,10 +605,7 @@ def _load(path: Path, device, dtype) -> SaladWeights:
                     t = f.get_tensor(tname)
                     if not torch.isfinite(t).all():
                         raise SaladWeightsError(f"{name}: tensor {tname} contains NaN or Inf values")
-                    m = _NAME_RE.match(tname)
-                    i, kind, pname = m.group(1), m.group(2), m.group(3)
-                    mod = (w.proj if kind == "proj" else w.gate)[i]
-                    getattr(mod, pname).copy_(t.to(torch.float32))
+                    dst[tname].copy_(t.to(torch.float32))
     except SaladWeightsError:
         raise
     except Exception as e:  # safetensors raises its own error types
