@@ -253,6 +253,7 @@ class SALADFinetune:
 
     @classmethod
     def INPUT_TYPES(cls):
+        from .train import PROJ_RANK_TOOLTIP
         return {"required": {
             "model": ("MODEL", {"tooltip": "The Wan model (LoRAs included) the weights are for."}),
             "data_folder": ("STRING", {"default": "my_set", "tooltip": (
@@ -278,11 +279,13 @@ class SALADFinetune:
                 "0: train only SALAD's projection and gate. > 0: also train a LoRA of this rank on every "
                 "self-attention q/k/v/o projection, saved to models/loras (lora_filename); load it with "
                 "LoraLoaderModelOnly at strength 1 whenever you use these weights.")}),
+            "proj_rank": ("INT", {"default": 0, "min": 0, "max": 8192, "tooltip": (
+                PROJ_RANK_TOOLTIP + " Used when fresh weights are made; with init_weights their own rank wins.")}),
         }}
 
     def train(self, model, data_folder, steps, batch, learning_rate, sparsity, pattern, resume, init_weights=None,
               seed=0, checkpoint_every=100, filename_prefix="salad_finetuned", gradient_checkpointing=True,
-              lora_rank=0):
+              lora_rank=0, proj_rank=0):
         import copy
 
         import comfy.model_management as mm
@@ -303,7 +306,7 @@ class SALADFinetune:
         cfg = FinetuneConfig(steps=steps, batch=batch, lr=learning_rate, sparsity=sparsity, pattern=pattern,
                              shift=shift, multiplier=multiplier, seed=seed, ckpt_every=checkpoint_every,
                              log_every=max(1, steps // 20), grad_checkpointing=gradient_checkpointing,
-                             lora_rank=lora_rank)
+                             lora_rank=lora_rank, proj_rank=proj_rank)
         prefix = _safe(filename_prefix)
         ckpt = os.path.join(folder_paths.get_output_directory(), CKPT_ROOT, f"{prefix}.ckpt")
         os.makedirs(os.path.dirname(ckpt), exist_ok=True)

@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("SALAD")
 
+#: the proj_rank input's tooltip (SALAD Train Weights; SALAD Fine-tune adds that init_weights' rank wins)
+PROJ_RANK_TOOLTIP = ("0 = full dim x dim Proj; r > 0 = rank-r Proj, ~dim/(2r) times cheaper, see README "
+                     "(e.g. 256 for Wan 14B's dim 5120: ~10x cheaper; r >= dim means full).")
+
 
 def _safe(prefix: str) -> str:
     """``prefix`` as a file-name stem: characters other than letters, digits, ``-_.`` become ``_``."""
@@ -108,11 +112,14 @@ class SALADTrainWeights:
                                         "tooltip": "AdamW learning rate (warm-up, then cosine decay)."}),
             "filename_prefix": ("STRING", {"default": "salad_wan",
                                            "tooltip": "Saved as models/salad/<prefix>_NNNNN.safetensors."}),
+        }, "optional": {
+            "proj_rank": ("INT", {"default": 0, "min": 0, "max": 8192, "tooltip": PROJ_RANK_TOOLTIP}),
         }}
 
     def train(self, model: ModelPatcher, positive: list, negative: list, latent_image: dict, seed: int,
               record_steps: int, cfg: float, sampler_name: str, scheduler: str, sparsity: float, pattern: str,
-              samples_per_block: int, train_steps: int, learning_rate: float, filename_prefix: str) -> dict:
+              samples_per_block: int, train_steps: int, learning_rate: float, filename_prefix: str,
+              proj_rank: int = 0) -> dict:
         from ..salad_core.attention import SaladConfig
         from ..salad_core.trainer import TrainConfig
 
@@ -124,7 +131,7 @@ class SALADTrainWeights:
         store, latent = _record(model, positive, negative, latent_image, run, options, samples_per_block, progress)
         attention = SaladConfig(sparsity=sparsity, pattern=pattern)
         train = TrainConfig(steps=train_steps, lr=learning_rate, log_every=max(1, train_steps // 20),
-                            seed=seed % 2**31, tokens_per_step=4096)
+                            seed=seed % 2**31, tokens_per_step=4096, proj_rank=proj_rank)
         result = _train_and_select(store, info, attention, train, progress,
                                    source=f"recorded in ComfyUI, latent {tuple(latent.shape)}, {run}")
         return self._output(result, sparsity, pattern, filename_prefix)
@@ -243,7 +250,6 @@ def _train_and_select(store: SampleStore, info: dict, attention: SaladConfig, tr
     import torch
 
     from ..salad_core.trainer import train_and_select
-    from ..salad_core.weights import SaladWeights
 
     # ComfyUI runs nodes under inference_mode; training needs autograd and normal tensors
     with torch.inference_mode(False), torch.enable_grad():
@@ -251,8 +257,8 @@ def _train_and_select(store: SampleStore, info: dict, attention: SaladConfig, tr
             for key in ("q", "k", "v", "x"):
                 if smp.get(key) is not None:
                     smp[key] = smp[key].clone()
-        weights = SaladWeights.new(dim=info["dim"], heads=info["heads"], num_blocks=info["num_blocks"],
-                                   base_model=info["base_model"], pattern=attention.pattern,
-                                   sparsity=attention.sparsity, created_by="ComfyUI SALAD Train Weights")
+        weights = train.fresh_weights(info["dim"], info["heads"], info["num_blocks"], base_model=info["base_model"],
+                                      pattern=attention.pattern, sparsity=attention.sparsity,
+                                      created_by="ComfyUI SALAD Train Weights")
         return train_and_select(store, weights, train, attention, holdout=0.25, device=mm.get_torch_device(),
                                 callback=progress.training_log, source=source)

@@ -1,10 +1,11 @@
 """End-to-end SALAD fine-tuning (issue 10): the paper's recipe, resumable, on one device or many.
 
-What trains: the Proj (dim x dim) and gate (dim -> 1) of every block a :class:`SaladWeights`
-covers.  The diffusion model itself is frozen; it runs with SALAD active inside its
-self-attention at the target sparsity and pattern, so the blocks learn *together*, through the
-model's own flow-matching loss, what the sparse branch misses (the layer-wise calibration of
-:mod:`.trainer` only matches each block's attention output to dense attention).
+What trains: the Proj (dim x dim, or rank r: ``FinetuneConfig.proj_rank`` for fresh weights, see
+salad_core/proj.py) and gate (dim -> 1) of every block a :class:`SaladWeights` covers.  The
+diffusion model itself is frozen; it runs with SALAD active inside its self-attention at the target
+sparsity and pattern, so the blocks learn *together*, through the model's own flow-matching loss,
+what the sparse branch misses (the layer-wise calibration of :mod:`.trainer` only matches each
+block's attention output to dense attention).
 
 This module never imports ComfyUI and knows nothing about Wan internals.  The caller passes
 
@@ -123,7 +124,9 @@ class FinetuneConfig:
     block in the backward pass instead of keeping its activations (see :func:`checkpointed`; on by
     default: the base is frozen, but the backward still walks every block, so without it a Wan 1.3B
     step at 480p keeps every block's activations); lora_rank: rank of the optional LoRA on the
-    self-attention projections trained with proj/gate (0: none, see :class:`LoraSet`)."""
+    self-attention projections trained with proj/gate (0: none, see :class:`LoraSet`); proj_rank: the Proj
+    form of fresh weights (:func:`make_weights`; 0: full dim x dim, r: rank r, ~dim / (2 r) times cheaper;
+    r >= dim: full) -- weights given to start from keep their own form (their rank wins)."""
 
     steps: int = 1600
     batch: int = 8
@@ -145,6 +148,7 @@ class FinetuneConfig:
     autocast: bool = True
     grad_checkpointing: bool = True
     lora_rank: int = 0
+    proj_rank: int = 0
 
     # keys that define the run: a resumed run must use the same values (grad_checkpointing changes memory and
     # time, not the numbers, so a run may be resumed with it switched)
@@ -174,6 +178,10 @@ class FinetuneConfig:
         if isinstance(r, bool) or not isinstance(r, (int, float)) or int(r) != r or not 0 <= r <= 1024:
             raise FinetuneError(f"lora_rank must be an integer from 0 (no LoRA) to 1024, got {self.lora_rank!r}")
         self.lora_rank = int(self.lora_rank)
+        r = self.proj_rank
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or int(r) != r or r < 0:
+            raise FinetuneError(f"proj_rank must be an integer >= 0 (0: full dim x dim Proj), got {self.proj_rank!r}")
+        self.proj_rank = int(r)
         self.seed, self.ckpt_every = int(self.seed), max(0, int(self.ckpt_every))
         self.log_every = max(1, int(self.log_every))
 
@@ -532,6 +540,8 @@ class _Trainable(torch.nn.Module):
 def _compatible_state(prev: dict, cfg: FinetuneConfig, weights: SaladWeights, fingerprint: str, ckpt) -> None:
     was = {"lora_rank": 0, **prev["config"]}          # checkpoints from before the LoRA option had none
     diffs = [f"{k}: checkpoint {was.get(k)!r}, now {v!r}" for k, v in cfg.run_dict().items() if was.get(k) != v]
+    if int(prev.get("proj_rank", 0)) != weights.proj_rank:   # checkpoints from before the option: full Proj
+        diffs.append(f"Proj rank: checkpoint {prev.get('proj_rank', 0)} (0 = full), now {weights.proj_rank}")
     if prev.get("blocks") != format_block_spec(weights.block_ids) or prev.get("dim") != weights.dim:
         diffs.append(f"weights: checkpoint blocks {prev.get('blocks')} dim {prev.get('dim')}, now "
                      f"{format_block_spec(weights.block_ids)} dim {weights.dim}")
@@ -604,6 +614,7 @@ def finetune(forward: FORWARD, weights: SaladWeights, data: PairFolder, config: 
         return {"step": step, "data_position": step * cfg.batch, "config": cfg.run_dict(),
                 "scheduler": {"kind": "linear warm-up + cosine", "next_step": step, "next_lr": cfg.lr_at(step)},
                 "blocks": format_block_spec(weights.block_ids), "dim": weights.dim, "heads": weights.heads,
+                "proj_rank": weights.proj_rank,
                 "num_blocks": weights.num_blocks, "weights_metadata": dict(weights.metadata),
                 "prior_steps": prior_steps, "data_fingerprint": fingerprint, "data": data.describe(),
                 "world_size": world, "history": history[-2000:],
@@ -721,7 +732,9 @@ def make_weights(info: dict, cfg: FinetuneConfig, init_weights=None, blocks=None
     SaladWeights, checked against ``info``) to fine-tune from.  ``blocks`` (spec, list or None = all): the
     blocks to train.  A calibrated file may cover fewer blocks (the calibration keeps only blocks it improved):
     the others are added fresh (proj = 0, the sparse-only start), so calibrate-then-fine-tune trains every
-    block; the file's covered blocks outside ``blocks`` are kept as they are (and trained too)."""
+    block; the file's covered blocks outside ``blocks`` are kept as they are (and trained too).  Fresh weights
+    get ``cfg.proj_rank``; given weights keep their Proj form (full or their rank, which wins over
+    ``cfg.proj_rank``; the blocks added to them get the same form)."""
     if init_weights is not None:
         w = init_weights if isinstance(init_weights, SaladWeights) else load_salad_weights(init_weights)
         w.check_compatible("wan", info["dim"], info["heads"], info["num_blocks"])
@@ -730,7 +743,8 @@ def make_weights(info: dict, cfg: FinetuneConfig, init_weights=None, blocks=None
         missing = sorted(set(int(i) for i in want) - set(w.block_ids))
         if not missing:
             return w
-        full = SaladWeights.new(w.dim, w.heads, w.num_blocks, blocks=sorted(set(w.block_ids) | set(missing)))
+        full = SaladWeights.new(w.dim, w.heads, w.num_blocks, blocks=sorted(set(w.block_ids) | set(missing)),
+                                proj_rank=w.proj_rank, seed=cfg.seed)
         full.metadata.update(w.metadata)
         full.path = w.path
         dst = full.state_tensors()
@@ -742,5 +756,5 @@ def make_weights(info: dict, cfg: FinetuneConfig, init_weights=None, blocks=None
         return full
     return SaladWeights.new(info["dim"], info["heads"], info["num_blocks"], blocks=blocks,
                             base_model=info.get("base_model", "unknown"), pattern=cfg.pattern,
-                            sparsity=cfg.sparsity, created_by=created_by)
+                            sparsity=cfg.sparsity, created_by=created_by, proj_rank=cfg.proj_rank, seed=cfg.seed)
 

@@ -8,9 +8,9 @@ x and the token grid) so that SALAD output matches exact dense attention::
 
 Everything else is frozen, so ``o_sparse``, ``o_linear``, ``dense`` and ``mean_tokens(x)`` are
 computed once per sample (in fp32) and the optimisation only runs the tiny proj/gate layers; a
-step costs one (tokens x dim x dim) matmul.  Blocks are trained one after another, each with its
-own AdamW (fp32 master copies of its parameters), linear warm-up + cosine learning rate and
-gradient-norm clipping.
+step costs one (tokens x dim x dim) matmul (two tokens x dim x rank ones for a rank-r Proj, see
+salad_core/proj.py).  Blocks are trained one after another, each with its own AdamW (fp32 master
+copies of its parameters), linear warm-up + cosine learning rate and gradient-norm clipping.
 
 Capturing: :class:`SampleStore` holds samples (plain dicts); :func:`capture` is a context
 manager that records every call of :func:`salad_self_attention` (which passes its ``block_id``)
@@ -257,7 +257,9 @@ class TrainConfig:
     steps // 20, at least 1).  batch_size: samples averaged per step.  tokens_per_step: random
     token subset per sample and step (None: all tokens; the loss is per token, so subsampling is
     unbiased).  log_every: steps between history entries and callback calls.  seed: makes the
-    sampling deterministic (None: nondeterministic).
+    sampling deterministic (None: nondeterministic).  proj_rank: the Proj form of *fresh* weights made for
+    a run (:meth:`fresh_weights`; 0: full dim x dim, r: rank r, see salad_core/proj.py); weights passed to
+    :func:`train_salad` keep their own form (their rank wins).
     """
 
     steps: int = 300
@@ -269,12 +271,23 @@ class TrainConfig:
     tokens_per_step: Optional[int] = None
     log_every: int = 50
     seed: Optional[int] = 0
+    proj_rank: int = 0
 
     def __post_init__(self) -> None:
         steps = int(self.steps)
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         object.__setattr__(self, "steps", steps)
+        r = self.proj_rank
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or int(r) != r or r < 0:
+            raise ValueError(f"proj_rank must be an integer >= 0 (0: full Proj), got {self.proj_rank!r}")
+        object.__setattr__(self, "proj_rank", int(r))
+
+    def fresh_weights(self, dim: int, heads: int, num_blocks: int, **new_kwargs) -> SaladWeights:
+        """:meth:`SaladWeights.new` with this config's ``proj_rank`` (a rank >= dim means the full Proj) and the
+        low-rank ``down`` init seeded by ``seed``; ``new_kwargs``: blocks, base_model, pattern, ..."""
+        return SaladWeights.new(dim, heads, num_blocks, proj_rank=self.proj_rank,
+                                seed=0 if self.seed is None else int(self.seed), **new_kwargs)
 
     @property
     def warmup_steps(self) -> int:
@@ -330,9 +343,14 @@ def _fp32_copies(weights: SaladWeights, block: int, device) -> Tuple[nn.Module, 
 
 @torch.no_grad()
 def _copy_parameters(pairs: Iterable[Tuple[nn.Module, nn.Module]]) -> None:
-    """Copy every (destination, source) module's parameters, cast to the destination's device and dtype."""
+    """Copy every (destination, source) module's parameters, cast to the destination's device and dtype.  The
+    two modules must have the same parameters (a full and a low-rank Proj do not: ValueError)."""
     for dst, src in pairs:
-        for pd, ps in zip(dst.parameters(), src.parameters()):
+        pds, pss = list(dst.parameters()), list(src.parameters())
+        if [p.shape for p in pds] != [p.shape for p in pss]:
+            raise ValueError(f"cannot copy {type(src).__name__} parameters {[tuple(p.shape) for p in pss]} into "
+                             f"{type(dst).__name__} {[tuple(p.shape) for p in pds]}")
+        for pd, ps in zip(pds, pss):
             pd.copy_(ps.to(device=pd.device, dtype=pd.dtype))
 
 
@@ -416,8 +434,9 @@ def train_salad(samples, weights: SaladWeights, train: Optional[TrainConfig] = N
     called every ``log_every`` steps with block, step, steps, loss, lr.
 
     Blocks are trained one after another (:func:`train_block`), each from its own fp32 copies,
-    written back into ``weights`` (same dtype/device as before).  Updates the metadata
-    (training_steps += steps, training_data, pattern, sparsity).  Returns ``{"history": {block:
+    written back into ``weights`` (same dtype/device as before).  The Proj keeps the form ``weights`` have
+    (full or rank r: ``train.proj_rank`` only applies to weights made by :meth:`TrainConfig.fresh_weights`).
+    Updates the metadata (training_steps += steps, training_data, pattern, sparsity).  Returns ``{"history": {block:
     [(step, loss), ...]}, "final_loss": {block: loss}, "blocks": [...], "config": SaladConfig}``.
     """
     train = TrainConfig.of(train, train_settings)
@@ -484,7 +503,7 @@ def subset_weights(weights: SaladWeights, keep: Iterable[int]) -> SaladWeights:
     """A copy of ``weights`` covering only blocks ``keep`` (same metadata, ``blocks`` updated)."""
     keep = sorted(set(int(b) for b in keep))
     out = SaladWeights(weights.dim, weights.heads, weights.num_blocks, keep, metadata=dict(weights.metadata),
-                       path=weights.path)
+                       path=weights.path, proj_rank=weights.proj_rank)
     p0 = next(iter(weights.parameters()), None)
     if p0 is not None:
         out.to(device=p0.device, dtype=p0.dtype)

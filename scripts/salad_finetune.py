@@ -7,6 +7,7 @@ the product floors so that ``salad_core`` never reaches up into ``nodes`` or ``t
         --steps 1600 --batch 8 --lr 1e-4 --sparsity 0.9 --pattern topk [--init-weights calib.safetensors]
     python scripts/salad_finetune.py ... --resume                   # continue from --ckpt
     python scripts/salad_finetune.py ... --lora-rank 16             # + LoRA on self-attn q/k/v/o (--lora-out)
+    python scripts/salad_finetune.py ... --proj-rank 256            # fresh weights with a rank-256 Proj
     python scripts/salad_finetune.py ... --no-grad-checkpointing    # keep activations (small models: faster)
     torchrun --nproc-per-node 2 scripts/salad_finetune.py ...        # DDP (NCCL / gloo), global batch split
 """
@@ -80,6 +81,9 @@ def parse_args(argv=None):
                          "(faster, far more memory; fine for small models such as the testbed)")
     ap.add_argument("--lora-rank", type=int, default=0,
                     help="also train a LoRA of this rank on the self-attention q/k/v/o projections (0: none)")
+    ap.add_argument("--proj-rank", type=int, default=0,
+                    help="Proj form of fresh weights: 0 = full dim x dim, r > 0 = rank r (~dim/(2r) times cheaper; "
+                         "r >= dim: full). With --init-weights their own rank wins")
     ap.add_argument("--lora-out", default=None,
                     help="the LoRA file (ComfyUI LoraLoaderModelOnly format; default <out stem>_lora.safetensors)")
     return ap.parse_args(argv)
@@ -98,7 +102,7 @@ def main(argv=None) -> int:
 
     cfg = FinetuneConfig(**{k: getattr(a, k) for k in CONFIG_OPTIONS},
                          autocast=not a.no_autocast, grad_checkpointing=not a.no_grad_checkpointing,
-                         lora_rank=a.lora_rank)
+                         lora_rank=a.lora_rank, proj_rank=a.proj_rank)
     handle = _load_provider(a.provider)(model=a.model, device=device, comfyui=a.comfyui)
     enc = None
     if a.captions == "testbed":
@@ -114,7 +118,8 @@ def main(argv=None) -> int:
     log(f"{handle['info'].get('base_model')}: training blocks {format_block_spec(weights.block_ids)} on "
         f"{data.describe()}, {cfg.steps} steps x batch {cfg.batch} ({dist.get_world_size() if dist else 1} "
         f"process(es)), sparsity {cfg.sparsity} {cfg.pattern}, shift {cfg.shift}, gradient checkpointing "
-        f"{'on' if cfg.grad_checkpointing else 'off'}" + (f", LoRA rank {cfg.lora_rank}" if lora else ""))
+        f"{'on' if cfg.grad_checkpointing else 'off'}" + (f", LoRA rank {cfg.lora_rank}" if lora else "")
+        + (f", rank-{weights.proj_rank} Proj" if weights.proj_rank else ""))
     ckpt = a.ckpt or (a.out + ".ckpt")
     try:
         res = finetune(forward, weights, data, cfg, out_path=a.out, ckpt_path=ckpt, resume=a.resume, device=device,
