@@ -406,17 +406,24 @@ def _needs_autograd(*items) -> bool:
 
 
 def _proj_factors(proj: torch.nn.Module, like: Tensor, what: str) -> Tuple[Tuple[Tensor, ...], Optional[Tensor]]:
-    """Proj's GEMM factors and bias on ``like``'s device and dtype (see :func:`linear_params`): ``((W,), b)``
-    for an ``nn.Linear``."""
+    """Proj's GEMM factors and bias on ``like``'s device and dtype, each fetched once (see
+    :func:`linear_params`): ``((W,), b)`` for an ``nn.Linear``, ``((down, up), b)`` for a low-rank Proj."""
+    from .proj import LowRankProj
+    if isinstance(proj, LowRankProj):
+        down = linear_params(proj.down, like, what)[0]
+        up, b = linear_params(proj.up, like, what)
+        return (down, up), b
     if not isinstance(proj, torch.nn.Linear):
-        raise TypeError(f"{what}: expected an nn.Linear Proj, got {type(proj).__name__}")
+        raise TypeError(f"{what}: expected an nn.Linear or a LowRankProj Proj, got {type(proj).__name__}")
     w, b = linear_params(proj, like, what)
     return (w,), b
 
 
 def _proj_add_(out2d: Tensor, o_lin2d: Tensor, mats: Sequence[Tensor]) -> Tensor:
-    """``out2d += o_lin2d @ W^T`` in place (one GEMM accumulating into the sparse output; G is already in
-    o_lin2d and G * bias in out2d)."""
+    """``out2d += o_lin2d @ W^T`` in place: one GEMM accumulating into the sparse output (a low-rank Proj:
+    ``o_lin2d @ down^T`` first, then that GEMM with ``up``); G is already in o_lin2d and G * bias in out2d."""
+    if len(mats) == 2:
+        return out2d.addmm_(torch.mm(o_lin2d, mats[0].t()), mats[1].t())
     return out2d.addmm_(o_lin2d, mats[0].t())
 
 
