@@ -4,6 +4,7 @@ autograd path (separate branches + mix_branches), on fresh random inputs (seed p
 """
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from pathlib import Path
@@ -158,3 +159,28 @@ def test_rowmap_bias_shared_and_gated(seed, poison):
         _close(o, want, TOL32, "gated bias", seed)
     with pytest.raises(ValueError, match="bias"):
         K.block_sparse_attention_rowmap(q, k, v, idx, cnt, perm, block=block, bias=torch.randn(3), backend="triton")
+
+
+def test_inference_path_with_low_rank_proj(seed):
+    """A rank-r Proj (salad_core.proj.LowRankProj) in the inference path (two GEMMs into the sparse output)
+    == the autograd path, Triton (interpreter) and torch alike, also with the weights left on the CPU in
+    another dtype (an offloading host: they are copied for the call)."""
+    from salad_pack.salad_core.proj import LowRankProj
+    B, H, D, grid = 2, 2, 32, (2, 6, 5)
+    dim, L = H * D, 2 * 6 * 5
+    q, k, v, x = (torch.randn(B, L, dim, device=DEV) for _ in range(4))
+    proj = LowRankProj(dim, 8).to(DEV)
+    with torch.no_grad():
+        proj.up.weight.normal_()
+        proj.up.bias.normal_()
+    gate = torch.nn.Linear(dim, 1).to(DEV)
+    for backend in ("torch", "triton"):
+        cfg = SaladConfig(sparsity=0.5, block=32, tile=(2, 4, 4), backend=backend)
+        kw = dict(grid=grid, x=x, proj=proj, gate=gate, config=cfg)
+        with torch.no_grad():
+            fast = salad_self_attention(q, k, v, H, **kw)
+            other = salad_self_attention(q, k, v, H, **dict(kw, proj=copy.deepcopy(proj).double().cpu()))
+        slow = salad_self_attention(q.requires_grad_(), k, v, H, **kw).detach()
+        q = q.detach()
+        _close(fast, slow, 10 * TOL32, f"{backend} low-rank inference vs autograd", seed)
+        _close(other, slow, 10 * TOL32, f"{backend} low-rank inference (fp64 CPU weights)", seed)
