@@ -1,0 +1,205 @@
+"""Tests for the opt-in FP8 block-sparse attention (kernels/fp8.py, kernels/_triton_fp8.py).
+
+On CPU the Triton kernels run through the interpreter (TRITON_INTERPRET=1, set here before triton is
+imported): its e4m3 casts and fp8 tl.dot work (the kernels pre-round their casts there, see
+_triton_fp8's header), so the kernels are checked on CPU against the plain-torch quantisation and the
+step-by-step fp8 reference (tight), and against exact block-sparse attention (loose, error printed).
+On a GPU with FP8 (fp8_support) the same tests run the compiled kernels with GPU tolerances; on a GPU
+without FP8 the kernel tests are skipped.  Fresh random inputs per test (the `seed` fixture).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _pack import register  # noqa: E402
+
+register()
+
+import salad_pack.kernels as K  # noqa: E402
+from salad_pack.kernels import fp8 as F8  # noqa: E402
+
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+DEV = torch.device("cpu" if INTERP or not torch.cuda.is_available() else "cuda")
+try:
+    import triton  # noqa: F401
+    HAVE_TRITON = True
+except Exception:  # pragma: no cover
+    HAVE_TRITON = False
+RUNNABLE = HAVE_TRITON and (INTERP or F8.fp8_support(DEV)[0])
+needs_fp8 = pytest.mark.skipif(not RUNNABLE, reason=f"FP8 kernels cannot run here: {F8.fp8_support(DEV)[1]}")
+# kernel vs the step-by-step reference: the interpreter computes in IEEE fp32 like torch; the GPU's exp2
+# and FMAs differ in the last bits, which can move a few P values by one e4m3 step
+REF_TOL = 1e-5 if DEV.type == "cpu" else 5e-3
+
+
+def bhld(B, H, L, D, dtype=torch.bfloat16, offset=0.0):
+    """A (B,H,L,D) view of a contiguous (B,L,H,D) buffer; offset: scale of a per-(head, channel) shift."""
+    x = torch.randn(B, L, H, D, device=DEV) + offset * torch.randn(1, 1, H, D, device=DEV)
+    return x.to(dtype).transpose(1, 2)
+
+
+def inputs(B, H, L, D, sparsity=0.5, q_dtype=torch.bfloat16, offset=0.0):
+    q, k, v = bhld(B, H, L, D, q_dtype), bhld(B, H, L, D, offset=offset), bhld(B, H, L, D, offset=offset)
+    idx, cnt = K.select_topk(q.float(), k.float(), sparsity, block=128, backend="torch")
+    return q, k, v, idx, cnt
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+# ----------------------------------------------------------------------------------------------
+# support and errors
+# ----------------------------------------------------------------------------------------------
+
+def test_fp8_support_cpu_says_no_with_reason():
+    ok, why = F8.fp8_support("cpu")
+    assert ok is False and "cpu" in why and "CUDA" in why
+    if not torch.cuda.is_available():
+        ok, why = F8.fp8_support(None)
+        assert ok is False and why
+
+
+def test_wrappers_raise_on_unsupported_device(seed, monkeypatch):
+    """Outside the interpreter, on CPU, both public kernels refuse with a RuntimeError naming the device."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v, idx, cnt = inputs(1, 1, 130, 64)
+    q, k, v = q.cpu(), k.cpu(), v.cpu()
+    with pytest.raises(RuntimeError, match=r"not available on cpu.*bf16 path"):
+        F8.quantize_kv_fp8(k, v)
+    kv8 = F8.quantize_kv_fp8_ref(k, v)
+    with pytest.raises(RuntimeError, match="not available on cpu"):
+        F8.block_sparse_attention_rowmap_fp8(q, kv8, idx.cpu(), cnt.cpu(), torch.arange(130))
+
+
+def test_bad_inputs_are_named(seed):
+    q, k, v, idx, cnt = inputs(1, 2, 130, 64)
+    with pytest.raises(ValueError, match="head_dim"):
+        F8.quantize_kv_fp8_ref(k[..., :32], v[..., :32])
+    with pytest.raises(ValueError, match="one shape"):
+        F8.quantize_kv_fp8_ref(k, v[:, :1])
+    kv8 = F8.quantize_kv_fp8_ref(k, v)
+    with pytest.raises(TypeError, match="kv8"):
+        F8.block_sparse_attention_fp8_ref(q, (k, v), idx, cnt)
+    with pytest.raises(ValueError, match="block 64 differs"):
+        F8.block_sparse_attention_fp8_ref(q, kv8, idx, cnt, block=64)
+    with pytest.raises(ValueError, match="does not match"):
+        F8.block_sparse_attention_fp8_ref(q[:, :1], kv8, idx, cnt)
+    with pytest.raises(ValueError, match="unknown fwd setting"):
+        F8.fp8_config("fwd", 64, dict(BLOCK_M=64))
+    with pytest.raises(ValueError, match="gate_logit"):
+        F8._bias(None, torch.zeros(1), 1, 128, q.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# quantisation
+# ----------------------------------------------------------------------------------------------
+
+def check_roundtrip(kv8, k, v, seed, what):
+    """Every element within half an e4m3 step (2^-4 relative; 2^-10 of the scale in the subnormal range)."""
+    kd, vd = kv8.dequantize()
+    kc = k.float() - kv8.k_mean[:, :, None]
+    ks = kv8.k_scale.repeat_interleave(kv8.block, 2)[:, :, :k.shape[2], None]
+    assert ((kd - kc).abs() <= kc.abs() * 2**-4 + ks * 2**-10 + 1e-7).all(), f"{what}: k off [seed {seed}]"
+    vc = v.float() - kv8.v_mean[:, :, None]
+    vs = kv8.v_scale[:, :, None]
+    assert ((vd - v.float()).abs() <= vc.abs() * 2**-4 + vs * 2**-10 + 1e-6).all(), f"{what}: v off [seed {seed}]"
+    ek, ev = rel(kd, kc), rel(vd, v.float())
+    assert ek < 0.03 and ev < 0.03, f"{what}: round trip relative L2 k {ek:.3g} v {ev:.3g} [seed {seed}]"
+    LP = kv8.k8.shape[2]
+    assert (kv8.k8[:, :, k.shape[2]:].float() == 0).all() and (kv8.v8t[..., k.shape[2]:].float() == 0).all(), \
+        f"{what}: padding rows past L not zero [seed {seed}]"
+    assert LP % kv8.block == 0 and kv8.v8t.shape[-1] == LP and kv8.v8t.is_contiguous()
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_quantize_reference_roundtrip(seed, D):
+    B, H, L = 2, 2, 300
+    k, v = bhld(B, H, L, D, offset=3.0), bhld(B, H, L, D, offset=3.0)
+    check_roundtrip(F8.quantize_kv_fp8_ref(k, v), k, v, seed, "ref")
+    check_roundtrip(F8.quantize_kv_fp8_ref(k, v, smooth_k=False, smooth_v=False), k, v, seed, "ref unsmoothed")
+
+
+@needs_fp8
+@pytest.mark.parametrize("D,smooth", [(64, True), (128, True), (128, False)])
+def test_quantize_kernel_vs_reference(seed, D, smooth):
+    B, H, L = 2, 2, 300
+    k, v = bhld(B, H, L, D, offset=2.0), bhld(B, H, L, D, offset=2.0)
+    kq = F8.quantize_kv_fp8(k, v, smooth_k=smooth, smooth_v=smooth)
+    kr = F8.quantize_kv_fp8_ref(k, v, smooth_k=smooth, smooth_v=smooth)
+    for n in ("k_mean", "v_mean", "k_scale", "v_scale"):
+        a, b = getattr(kq, n), getattr(kr, n)
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6), f"{n} differs [seed {seed}]"
+    for n in ("k8", "v8t"):
+        a, b = getattr(kq, n), getattr(kr, n)
+        assert a.shape == b.shape and a.dtype == torch.float8_e4m3fn and a.is_contiguous()
+        diff = a.float() != b.float()
+        # the means may differ in the last bits (summation order): a rare element one e4m3 step apart
+        assert diff.float().mean() < 1e-3, f"{n}: {int(diff.sum())} elements differ [seed {seed}]"
+        step = (b.float().abs() * 2**-3).clamp_min(2**-9)
+        assert ((a.float() - b.float()).abs() <= step * 1.001).all(), f"{n}: more than one step apart [seed {seed}]"
+    check_roundtrip(kq, k, v, seed, "kernel")
+
+
+# ----------------------------------------------------------------------------------------------
+# attention
+# ----------------------------------------------------------------------------------------------
+
+@needs_fp8
+@pytest.mark.parametrize("D,tma,rowmap,bias", [(64, False, True, "gated"), (128, True, True, "shared"),
+                                               (128, False, False, None)])
+def test_kernel_vs_fp8_reference(seed, D, tma, rowmap, bias):
+    """Tight: the step-by-step emulation of every quantisation (fp32 q so the output is not rounded)."""
+    B, H, L = 2, 2, 300
+    q, k, v, idx, cnt = inputs(B, H, L, D, q_dtype=torch.float32)
+    kv8 = F8.quantize_kv_fp8(k, v)
+    rm = torch.randperm(L, device=DEV) if rowmap else None
+    kw = {}
+    if bias:
+        kw["bias"] = torch.randn((B if bias == "gated" else 1), H * D, device=DEV)
+        kw["gate_logit"] = torch.randn(B, device=DEV) if bias == "gated" else None
+    for bn in (64, 128):
+        o = F8.block_sparse_attention_rowmap_fp8(q, kv8, idx, cnt, rm, config=dict(USE_TMA=tma, BLOCK_N=bn), **kw)
+        assert o.shape == (B, H, L, D) and o.transpose(1, 2).is_contiguous() and o.dtype == q.dtype
+        ref = F8.block_sparse_attention_fp8_ref(q, kv8, idx, cnt, rm, block_n=bn, **kw)
+        assert torch.isfinite(o).all(), f"non-finite output [seed {seed}]"
+        e = rel(o, ref)
+        assert e < REF_TOL, f"D{D} BLOCK_N {bn} tma {tma}: relative L2 {e:.3g} vs the fp8 reference [seed {seed}]"
+
+
+@needs_fp8
+@pytest.mark.parametrize("D", [64, 128])
+def test_kernel_vs_exact_block_sparse(seed, D):
+    """Loose: bf16 in and out against exact (fp32) block-sparse attention; prints the error."""
+    B, H, L = 2, 2, 333
+    q, k, v, idx, cnt = inputs(B, H, L, D, sparsity=0.34)
+    rm = torch.randperm(L, device=DEV)
+    o = F8.block_sparse_attention_rowmap_fp8(q, F8.quantize_kv_fp8(k, v), idx, cnt, rm)
+    exact = K.block_sparse_attention_rowmap(q.float(), k.float(), v.float(), idx, cnt, rm, backend="torch")
+    bf16 = K.block_sparse_attention_rowmap(q, k, v, idx, cnt, rm, backend="torch")
+    e8, e16 = rel(o, exact), rel(bf16, exact)
+    print(f"[D{D}] relative L2 vs exact: fp8 {e8:.4f}, bf16 {e16:.4f}; fp8 vs bf16 {rel(o, bf16):.4f}")
+    assert e8 < 0.1, f"fp8 relative L2 {e8:.3g} vs exact block-sparse attention [seed {seed}]"
+
+
+@needs_fp8
+def test_smoothing_lowers_error_on_offset_kv(seed):
+    """K and V with large per-channel offsets (as in DiT activations): the mean subtraction helps."""
+    B, H, L, D = 1, 2, 256, 64
+    q, k, v, idx, cnt = inputs(B, H, L, D, q_dtype=torch.float32, offset=6.0)
+    exact = K.block_sparse_attention_rowmap(q, k.float(), v.float(), idx, cnt, torch.arange(L), backend="torch")
+    err = {}
+    for smooth in (False, True):
+        kv8 = F8.quantize_kv_fp8(k, v, smooth_k=smooth, smooth_v=smooth)
+        err[smooth] = rel(F8.block_sparse_attention_rowmap_fp8(q, kv8, idx, cnt, None), exact)
+    print(f"relative L2 vs exact, offset K/V: unsmoothed {err[False]:.4f}, smoothed {err[True]:.4f}")
+    assert err[True] < err[False], f"smoothing did not lower the error {err} [seed {seed}]"
