@@ -242,18 +242,17 @@ def main_codegen() -> int:
         kv8 = F8.quantize_kv_fp8_ref(k, v)
         cands = [dict(F8.fp8_config("fwd", D))] + [dict(BLOCK_N=bn, num_warps=nw, num_stages=ns, USE_TMA=t,
                                                         PV_PRECISE=p) for bn, nw, ns, t, p in FWD_CANDIDATES]
-        tags = ["quant"]
+        tags = iter(["fwd " + ",".join(f"{a}={b}" for a, b in c.items()) for c in cands])
         for c in cands:
             F8.block_sparse_attention_rowmap_fp8(q, kv8, idx, cnt, torch.randperm(L), bias=torch.randn(2 * D),
                                                  config=c)
-            tags.append("fwd " + ",".join(f"{a}={b}" for a, b in c.items()))
-        for i, (name, kern) in enumerate(compiled[n0:]):
+        for name, kern in compiled[n0:]:
             fp = kc._fingerprint(kern)
             h = fp["hist"]
             fp["wgmma_e4m3"] = sum(n for op, n in h.items() if op.startswith("wgmma.mma_async") and "e4m3" in op)
             fp["cvt_e4m3"] = sum(n for op, n in h.items() if op.startswith("cvt") and "e4m3" in op)
             fp["ex2"] = sum(n for op, n in h.items() if op.startswith("ex2"))
-            tag = f"D{D} {name}" + ("" if i < 2 else f" [{tags[i - 1]}]")
+            tag = f"D{D} {name}" + (f" [{next(tags)}]" if name == "_sparse_fwd_fp8_kernel" else "")
             out["kernels"][tag] = fp
             print(f"{tag:100s} warps {fp['num_warps']} stages {fp['num_stages']} shared {fp['shared']:6d} "
                   f"wgmma.e4m3 {fp['wgmma_e4m3']:2d} cvt.e4m3 {fp['cvt_e4m3']:3d} ex2 {fp['ex2']:3d}")

@@ -135,6 +135,32 @@ def _kv_stats_kernel(K, V, SP, k_str, v_str, H, L, CHUNK, NSPLIT, BLOCK_N: tl.co
 
 
 @triton.jit
+def _kv_stats_finish_kernel(SP, KM, VM, VS, NSPLIT, inv_l, D: tl.constexpr, SMOOTH_K: tl.constexpr,
+                            SMOOTH_V: tl.constexpr, ROWS: tl.constexpr = 16):
+    """Head program_id(0)'s partials SP (B*H, NSPLIT, 4, D), ROWS splits at a time -> KM / VM (the token
+    means of k and v; zero without SMOOTH_K / SMOOTH_V) and VS = amax of v - VM over 448 ((B*H, D) fp32)."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    offs_d = tl.arange(0, D)
+    k_sum = tl.zeros([D], tl.float32)
+    v_sum = tl.zeros([D], tl.float32)
+    v_max = tl.full([D], -float("inf"), tl.float32)
+    v_min = tl.full([D], float("inf"), tl.float32)
+    for s0 in range(0, NSPLIT, ROWS):
+        offs_s, live = _split_tile(s0, NSPLIT, ROWS)
+        part = SP + (pid_bh * NSPLIT + offs_s[:, None]) * 4 * D + offs_d[None, :]
+        k_sum += tl.sum(tl.load(part, mask=live[:, None], other=0.0), 0)
+        v_sum += tl.sum(tl.load(part + D, mask=live[:, None], other=0.0), 0)
+        v_max = tl.maximum(v_max, tl.max(tl.load(part + 2 * D, mask=live[:, None], other=-float("inf")), 0))
+        v_min = tl.minimum(v_min, tl.min(tl.load(part + 3 * D, mask=live[:, None], other=float("inf")), 0))
+    km = k_sum * inv_l if SMOOTH_K else tl.zeros([D], tl.float32)
+    vm = v_sum * inv_l if SMOOTH_V else tl.zeros([D], tl.float32)
+    out = pid_bh * D + offs_d
+    tl.store(KM + out, km)
+    tl.store(VM + out, vm)
+    tl.store(VS + out, _div(tl.maximum(tl.maximum(v_max - vm, vm - v_min), _TINY), _FP8_MAX))
+
+
+@triton.jit
 def _quant_kv_kernel(K, V, K8, KS, VT8, KM, VM, VS, k_str, v_str, H, L, NK, LP,
                      BLOCK: tl.constexpr, D: tl.constexpr, EXACT_CAST: tl.constexpr):
     """Key block program_id(0) of head program_id(1), read once: k - KM[bh] with one scale per block

@@ -204,8 +204,8 @@ def _kv8_buffers(k: Tensor, block: int) -> Tuple[Tensor, Tensor, Tensor]:
 def quantize_kv_fp8(k: Tensor, v: Tensor, block: int = DEFAULT_BLOCK, smooth_k: bool = True,
                     smooth_v: bool = True) -> KV8:
     """K and V (tile-ordered (B,H,L,D), any strides with a unit last stride, 16-bit or fp32) as KV8 for
-    block_sparse_attention_rowmap_fp8.  Two Triton kernels and one tiny reduction: per-head statistics
-    (sums of k and v, min / max of v, split over L), then one pass that writes k8 (one scale per key
+    block_sparse_attention_rowmap_fp8.  Three Triton kernels: per-head statistics (sums of k and v,
+    min / max of v; split over L, then one tiny reduction per head), then one pass that writes k8 (one scale per key
     block), the transposed v8t (one scale per channel) and the block scales.  smooth_k / smooth_v:
     subtract the per-head token means first (see the module docstring); both on by default."""
     _check_kv(k, v, block)
@@ -224,21 +224,15 @@ def quantize_kv_fp8(k: Tensor, v: Tensor, block: int = DEFAULT_BLOCK, smooth_k: 
     sp = torch.empty(B * H, nsplit, 4, D, device=k.device, dtype=torch.float32)
     tf._kv_stats_kernel[(nsplit, B * H)](k, v, sp, k_str, v_str, H, L, chunk, nsplit, BLOCK_N=bn, D=D,
                                          num_warps=cs["num_warps"])
-    k_mean, v_mean, v_scale = _finish_stats(sp, L, smooth_k, smooth_v)
+    k_mean, v_mean, v_scale = (torch.empty(B * H, D, device=k.device, dtype=torch.float32) for _ in range(3))
+    tf._kv_stats_finish_kernel[(B * H,)](sp, k_mean, v_mean, v_scale, nsplit, 1.0 / L, D=D,
+                                         SMOOTH_K=bool(smooth_k), SMOOTH_V=bool(smooth_v), num_warps=4)
     k8, v8t, ks = _kv8_buffers(k, block)
     nk, LP = ks.shape[-1], k8.shape[2]
     tf._quant_kv_kernel[(nk, B * H)](k, v, k8, ks, v8t, k_mean, v_mean, v_scale, k_str, v_str, H, L, nk, LP,
                                      BLOCK=block, D=D, EXACT_CAST=_interpreting(),
                                      num_warps=fp8_config("quant", D)["num_warps"])
     return KV8(k8, ks, v8t, v_scale.view(B, H, D), k_mean.view(B, H, D), v_mean.view(B, H, D), L, block)
-
-
-def _finish_stats(sp: Tensor, L: int, smooth_k: bool, smooth_v: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """(k_mean, v_mean, v_scale), each (B*H, D) fp32 contiguous, from the statistics partials
-    (B*H, nsplit, 4, D): sums of k and v, max and min of v."""
-    k_mean = sp[:, :, 0].sum(1) / L if smooth_k else torch.zeros_like(sp[:, 0, 0])
-    v_mean = sp[:, :, 1].sum(1) / L if smooth_v else torch.zeros_like(sp[:, 0, 0])
-    return k_mean, v_mean, _v_scale(sp[:, :, 2].amax(1), sp[:, :, 3].amin(1), v_mean)
 
 
 def _v_scale(v_max: Tensor, v_min: Tensor, v_mean: Tensor) -> Tensor:
