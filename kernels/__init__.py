@@ -22,6 +22,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import fp8  # noqa: F401  (kernels.fp8: the opt-in FP8 sparse forward; imports without triton)
 from . import reference as _ref
 from .options import DEFAULT_OPTIONS, TritonOptions
 from .reference import (  # noqa: F401  (re-exported)

@@ -41,7 +41,8 @@ from typing import Any, Callable, Optional, Sequence, Type
 
 import torch
 
-from ..salad_core.options import DEFAULT_BACKEND, DEFAULT_COMPENSATION, DEFAULT_PATTERN, DEFAULT_SPARSITY
+from ..salad_core.options import (DEFAULT_BACKEND, DEFAULT_COMPENSATION, DEFAULT_PATTERN, DEFAULT_PRECISION,
+                                  DEFAULT_SPARSITY)
 from .families import FAMILIES, ModelFamily, WanFamily, family_for, supported
 from .families.wan import grid_recording_forward
 
@@ -61,6 +62,7 @@ class PatchOptions:
     min_tokens: int = 0
     verbose: bool = False
     compensation: str = DEFAULT_COMPENSATION
+    precision: str = DEFAULT_PRECISION
 
 
 @dataclass
@@ -87,7 +89,7 @@ class SaladPatch:
         self.opts = opts
         self.weights = weights            # a ComfyUI ModelPatcher whose .model is SaladWeights, or None
         self.config = SaladConfig(sparsity=opts.sparsity, pattern=opts.pattern, backend=opts.backend,
-                                  compensation=opts.compensation)
+                                  compensation=opts.compensation, precision=opts.precision)
         self.family = family if family is not None else family_for(diffusion_model)
         if self.family is None:
             raise ValueError(f"SALAD: {type(diffusion_model).__name__} is not a model SALAD supports "

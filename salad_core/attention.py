@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .. import kernels as K
 from .options import (BACKENDS, COMPENSATIONS, DEFAULT_BACKEND, DEFAULT_COMPENSATION, DEFAULT_PATTERN,
-                      DEFAULT_SPARSITY, PATTERNS)
+                      DEFAULT_PRECISION, DEFAULT_SPARSITY, PATTERNS, PRECISIONS)
 from .tiling import DEFAULT_TILE, TileLayout
 
 Tensor = torch.Tensor
@@ -60,6 +60,9 @@ class SaladConfig:
         block a query block skips adds one pseudo-token, its mean key and mean value with logit
         scale*q.kbar + log(n_tokens), to the same softmax; training-free; see
         kernels.reference.block_sparse_attention_ref).
+    precision: "bf16" (the activations' 16-bit dtype) or "fp8": at inference the sparse branch runs the
+        FP8 kernel (kernels/fp8.py: Q.K and P.V in e4m3 with scales) where the card has FP8 tensor cores;
+        elsewhere, with centroid compensation and under autograd it runs in bf16 (a warning says why, once).
     """
 
     sparsity: float = DEFAULT_SPARSITY
@@ -70,6 +73,7 @@ class SaladConfig:
     backend: str = DEFAULT_BACKEND
     eps: float = 1e-5
     compensation: str = DEFAULT_COMPENSATION
+    precision: str = DEFAULT_PRECISION
 
     def __post_init__(self):
         try:
@@ -82,6 +86,8 @@ class SaladConfig:
             raise ValueError(f"SaladConfig.pattern must be one of {PATTERNS}, got {self.pattern!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"SaladConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"SaladConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.compensation not in COMPENSATIONS:
             raise ValueError(f"SaladConfig.compensation must be one of {COMPENSATIONS}, got {self.compensation!r}")
         if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 16:
@@ -380,9 +386,15 @@ def _infer(q: Tensor, k: Tensor, v: Tensor, B: int, L: int, H: int, D: int, layo
     else:
         idx, cnt = _window_lut(layout, config)
     mats, bias = _proj_factors(proj, q, f"SALAD Proj weights{where}") if linear else ((), None)
-    o = K.block_sparse_attention_rowmap(q4, kt, vt, idx, cnt, rowmap, block=config.block, scale=1.0 / math.sqrt(D),
-                                        bias=bias, gate_logit=gl, backend=config.backend, compensate=comp,
-                                        k_mean=k_mean, v_mean=v_mean)
+    if config.precision == "fp8" and _fp8_usable(q, config):
+        kv8 = K.fp8.quantize_kv_fp8(kt, vt, config.block)
+        o = K.fp8.block_sparse_attention_rowmap_fp8(q4, kv8, idx, cnt, rowmap, block=config.block,
+                                                    scale=1.0 / math.sqrt(D), bias=bias, gate_logit=gl)
+        del kv8
+    else:
+        o = K.block_sparse_attention_rowmap(q4, kt, vt, idx, cnt, rowmap, block=config.block,
+                                            scale=1.0 / math.sqrt(D), bias=bias, gate_logit=gl,
+                                            backend=config.backend, compensate=comp, k_mean=k_mean, v_mean=v_mean)
     del kt, vt
     out = o.transpose(1, 2).reshape(B, L, H * D)
     if linear:
@@ -402,6 +414,31 @@ def _needs_autograd(*items) -> bool:
                 return True
         elif it.requires_grad:
             return True
+    return False
+
+
+_FP8_WARNED: set = set()
+
+
+def _fp8_usable(q: Tensor, config: SaladConfig) -> bool:
+    """precision="fp8" runs the FP8 kernel when the card, Triton and the settings allow it; otherwise bf16,
+    with one warning per reason (logged, never raised: the graph keeps running)."""
+    why = None
+    if config.compensation != "none":
+        why = "centroid compensation has no FP8 kernel"
+    elif config.backend == "torch":
+        why = "the torch backend has no FP8 kernel"
+    elif q.dtype not in (torch.float16, torch.bfloat16):
+        why = f"activations are {q.dtype}, not 16-bit"
+    else:
+        ok, reason = K.fp8.fp8_support(q.device)
+        why = None if ok else reason
+    if why is None:
+        return True
+    if why not in _FP8_WARNED:
+        _FP8_WARNED.add(why)
+        import logging
+        logging.getLogger("salad").warning("SALAD: precision 'fp8' falls back to bf16 attention: %s.", why)
     return False
 
 

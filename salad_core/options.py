@@ -12,11 +12,15 @@ from typing import Iterable, List, Optional
 PATTERNS = ("topk", "window")
 BACKENDS = ("auto", "triton", "torch")
 COMPENSATIONS = ("none", "centroid")
+# attention precision of the sparse branch at inference: "bf16" = the model's 16-bit dtype (exact block-sparse
+# softmax); "fp8" = e4m3 Q.K and P.V on FP8 tensor cores (Hopper/Ada; kernels/fp8.py), others fall back to bf16
+PRECISIONS = ("bf16", "fp8")
 
 DEFAULT_PATTERN = "topk"          # what the Apply node and the quality benchmark use
 DEFAULT_SPARSITY = 0.9
 DEFAULT_BACKEND = "auto"
 DEFAULT_COMPENSATION = "none"
+DEFAULT_PRECISION = "bf16"
 # Chosen from measurements (benchmarks/results/2026-11-28-sweep-nvidia_h200.json and the e2e table):
 # start_percent 0.2 keeps the layout-forming first steps dense (+4.7 dB PSNR vs dense on the testbed at 90%
 # top-k, for an estimated 2.1x -> 1.65x end to end); sequences under 12,288 tokens stay dense (Wan2.1-1.3B

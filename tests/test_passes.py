@@ -184,3 +184,24 @@ def test_inference_path_with_low_rank_proj(seed):
         q = q.detach()
         _close(fast, slow, 10 * TOL32, f"{backend} low-rank inference vs autograd", seed)
         _close(other, slow, 10 * TOL32, f"{backend} low-rank inference (fp64 CPU weights)", seed)
+
+
+def test_fp8_precision_falls_back_with_one_warning(seed, caplog):
+    """precision="fp8" where the card has no FP8 kernel (here: the CPU) runs the bf16 path, logs why once,
+    and gives the same output; a bad precision name is refused."""
+    import logging
+    from salad_pack.salad_core import attention as A
+    B, H, D, grid = 1, 2, 32, (2, 4, 8)
+    L = 64
+    q, k, v = (torch.randn(B, L, H * D, device=DEV) for _ in range(3))
+    A._FP8_WARNED.clear()
+    outs = {}
+    with caplog.at_level(logging.WARNING, logger="salad"), torch.no_grad():
+        for prec in ("bf16", "fp8", "fp8"):
+            cfg = SaladConfig(sparsity=0.5, block=32, tile=(2, 4, 4), backend="torch", precision=prec)
+            outs[prec] = salad_self_attention(q, k, v, H, grid=grid, config=cfg)
+    warned = [r for r in caplog.records if "falls back to bf16" in r.getMessage()]
+    assert len(warned) == 1, [r.getMessage() for r in caplog.records]
+    assert torch.equal(outs["bf16"], outs["fp8"])
+    with pytest.raises(ValueError, match="precision"):
+        SaladConfig(precision="int4")
