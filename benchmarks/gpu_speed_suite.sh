@@ -2,6 +2,7 @@
 # One GPU call of speed measurements (issues 9 and 13), run from the repository root on the GPU machine:
 #   PART=s1 bash benchmarks/gpu_speed_suite.sh   (1.3B: before/after the refactor, size x batch table, kernels)
 #   PART=s2 bash benchmarks/gpu_speed_suite.sh   (LTX-Video 13B family timing, Wan 14B 480p)
+#   PART=p2 bash benchmarks/gpu_speed_suite.sh   (FP8: GPU tests, kernel sweep, per-layer, 1.3B and 14B forwards)
 #   PART=p1 bash benchmarks/gpu_speed_suite.sh   (issue 9 wave 3: GPU tests of the inference passes, the per-layer
 #                                                profile before/after, 1.3B forward before/after)
 # Needs COMFYUI_DIR (a ComfyUI source tree); writes logs and JSON under $OUT/work and packs them into
@@ -17,6 +18,15 @@ step() { local t=$1 name=$2; shift 2; echo "== $name ($(date +%T))"; timeout "$t
          echo "   rc=$? $(tail -1 "$W/$name.log")"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$W/card.txt"
 case "${PART:-s1}" in
+p2)
+  step 90 gpu-tests python3 -m pytest -q tests/test_fp8.py tests/test_salad_core_gpu.py -k "fp8 or triton_matches"
+  step 150 fp8 python3 benchmarks/bench_fp8.py --sweep --budget-s 125 --out "$W/fp8.json"
+  step 60 profile python3 benchmarks/profile_layer.py --out "$W/profile" --models 1.3b,14b --grids 480p,sq480 \
+       --sparsities 0.9
+  step 70 e2e-1.3b python3 benchmarks/bench_e2e.py --model 1.3b --sizes 480p --no-layers --rep-ms 800 \
+       --precisions bf16,fp8 --out "$W/e2e13"
+  step 200 e2e-14b python3 benchmarks/bench_e2e.py --model 14b --sizes 480p,720p --no-layers --iters 2 \
+       --sparsities 0.9 --precisions bf16,fp8 --out "$W/e2e14" ;;
 p1)
   step 240 gpu-tests python3 -m pytest -q -x tests/test_passes.py tests/test_salad_core_gpu.py ${FP8_TESTS:-}
   step 200 profile python3 benchmarks/profile_layer.py --before .before --out "$W/profile" \
