@@ -140,7 +140,7 @@ def parts(A, K, q, k, v, x, proj, gate, H, D, grid, conf, clock):
         gl = A.gate_logit(x, gate, B)
         qm, ol = K.q_pass(q4, rm, conf.block, state=st, eps=conf.eps, gate_logit=gl)
         idx, cnt = K.topk_from_pooled(qm, km, conf.sparsity)
-        mats, bias = A._proj_factors(proj, q, "proj")
+        mats, bias = A.proj_factors(proj, q, "proj")
         o = K.block_sparse_attention_rowmap(q4, kt, vt, idx, cnt, rm, block=conf.block, scale=1 / math.sqrt(D),
                                             bias=bias, gate_logit=gl)
         o2 = o.transpose(1, 2).reshape(B * L, H * D)
@@ -151,7 +151,7 @@ def parts(A, K, q, k, v, x, proj, gate, H, D, grid, conf, clock):
         out["topk_ms"] = clock.gpu_ms(lambda: K.topk_from_pooled(qm, km, conf.sparsity))
         out["sparse_ms"] = clock.gpu_ms(lambda: K.block_sparse_attention_rowmap(
             q4, kt, vt, idx, cnt, rm, block=conf.block, scale=1 / math.sqrt(D), bias=bias, gate_logit=gl))
-        out["proj_ms"] = clock.gpu_ms(lambda: A._proj_add_(o2, ol2, mats))
+        out["proj_ms"] = clock.gpu_ms(lambda: A.add_factors_(o2, ol2, mats))
 
         def whole():
             kt, vt, km, _, st = K.kv_pass(k4, v4, rm, conf.block, pool_k=True, linear_state=True)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from .. import kernels as K
 from .options import (BACKENDS, COMPENSATIONS, DEFAULT_BACKEND, DEFAULT_COMPENSATION, DEFAULT_PATTERN,
                       DEFAULT_PRECISION, DEFAULT_SPARSITY, PATTERNS, PRECISIONS)
+from .proj import add_factors_, proj_factors
 from .tiling import DEFAULT_TILE, TileLayout
 
 Tensor = torch.Tensor
@@ -282,7 +283,7 @@ def mix_branches(o_sparse: Tensor, o_linear: Tensor, proj: torch.nn.Module,
     the activation dtype on the activations' device (see :func:`linear_params`).
     """
     out_dtype = out_dtype or o_sparse.dtype
-    w = getattr(proj, "weight", None)
+    w = next(proj.parameters(), None)       # (a low-rank Proj has no .weight: its first factor's dtype)
     if _needs_autograd(proj) or not isinstance(proj, torch.nn.Linear):
         cdt = torch.promote_types(o_linear.dtype, w.dtype) if w is not None else o_linear.dtype
         y = proj(o_linear.to(cdt))
@@ -385,7 +386,7 @@ def _infer(q: Tensor, k: Tensor, v: Tensor, B: int, L: int, H: int, D: int, layo
                                       backend=config.backend)
     else:
         idx, cnt = _window_lut(layout, config)
-    mats, bias = _proj_factors(proj, q, f"SALAD Proj weights{where}") if linear else ((), None)
+    mats, bias = proj_factors(proj, q, f"SALAD Proj weights{where}") if linear else ((), None)
     if config.precision == "fp8" and _fp8_usable(q, config):
         kv8 = K.fp8.quantize_kv_fp8(kt, vt, config.block)
         o = K.fp8.block_sparse_attention_rowmap_fp8(q4, kv8, idx, cnt, rowmap, block=config.block,
@@ -398,7 +399,7 @@ def _infer(q: Tensor, k: Tensor, v: Tensor, B: int, L: int, H: int, D: int, layo
     del kt, vt
     out = o.transpose(1, 2).reshape(B, L, H * D)
     if linear:
-        _proj_add_(out.view(B * L, H * D), o_lin.transpose(1, 2).reshape(B * L, H * D), mats)
+        add_factors_(out.view(B * L, H * D), o_lin.transpose(1, 2).reshape(B * L, H * D), mats)
     return out.to(q.dtype)
 
 
@@ -440,28 +441,6 @@ def _fp8_usable(q: Tensor, config: SaladConfig) -> bool:
         import logging
         logging.getLogger("salad").warning("SALAD: precision 'fp8' falls back to bf16 attention: %s.", why)
     return False
-
-
-def _proj_factors(proj: torch.nn.Module, like: Tensor, what: str) -> Tuple[Tuple[Tensor, ...], Optional[Tensor]]:
-    """Proj's GEMM factors and bias on ``like``'s device and dtype, each fetched once (see
-    :func:`linear_params`): ``((W,), b)`` for an ``nn.Linear``, ``((down, up), b)`` for a low-rank Proj."""
-    from .proj import LowRankProj
-    if isinstance(proj, LowRankProj):
-        down = linear_params(proj.down, like, what)[0]
-        up, b = linear_params(proj.up, like, what)
-        return (down, up), b
-    if not isinstance(proj, torch.nn.Linear):
-        raise TypeError(f"{what}: expected an nn.Linear or a LowRankProj Proj, got {type(proj).__name__}")
-    w, b = linear_params(proj, like, what)
-    return (w,), b
-
-
-def _proj_add_(out2d: Tensor, o_lin2d: Tensor, mats: Sequence[Tensor]) -> Tensor:
-    """``out2d += o_lin2d @ W^T`` in place: one GEMM accumulating into the sparse output (a low-rank Proj:
-    ``o_lin2d @ down^T`` first, then that GEMM with ``up``); G is already in o_lin2d and G * bias in out2d."""
-    if len(mats) == 2:
-        return out2d.addmm_(torch.mm(o_lin2d, mats[0].t()), mats[1].t())
-    return out2d.addmm_(o_lin2d, mats[0].t())
 
 
 # ----------------------------------------------------------------------------------------------

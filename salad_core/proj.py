@@ -22,13 +22,13 @@ inference helpers :func:`proj_bias` / :func:`proj_add_` that the attention code 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 __all__ = ["LowRankProj", "make_proj", "svd_truncate", "proj_rank", "proj_matrix", "proj_bias", "proj_add_",
-           "proj_flops_ratio"]
+           "proj_factors", "add_factors_", "proj_flops_ratio"]
 
 
 def _orthonormal_rows(rank: int, dim: int, seed: int) -> Tensor:
@@ -155,15 +155,46 @@ def proj_flops_ratio(dim: int, rank: int) -> float:
 # inference helpers (the attention code's Proj GEMM)
 # ----------------------------------------------------------------------------------------------
 
+def _check_form(proj: nn.Module, dim: Optional[int], what: str) -> None:
+    if isinstance(proj, LowRankProj):
+        if dim is not None and proj.dim != dim:
+            raise ValueError(f"{what}: a dim-{proj.dim} low-rank Proj cannot take activations of width {dim}")
+    elif isinstance(proj, nn.Linear):
+        if dim is not None and (proj.in_features != dim or proj.out_features != dim):
+            raise ValueError(f"{what}: a {proj.in_features} -> {proj.out_features} Proj cannot take activations "
+                             f"of width {dim}")
+    else:
+        raise TypeError(f"{what}: expected an nn.Linear or LowRankProj Proj, got {type(proj).__name__}")
+
+
+def proj_factors(proj: nn.Module, like: Tensor, what: str = "SALAD Proj weights"
+                 ) -> Tuple[Tuple[Tensor, ...], Optional[Tensor]]:
+    """The Proj's GEMM factors and output bias on ``like``'s device and dtype, each weight fetched once
+    (:func:`salad_core.attention.linear_params`: a copy only when they sit elsewhere, e.g. offloaded):
+    ``((W,), b)`` for an ``nn.Linear``, ``((down, up), b)`` for a :class:`LowRankProj`."""
+    from .attention import linear_params
+    _check_form(proj, like.shape[-1] if like.dim() else None, what)
+    if isinstance(proj, LowRankProj):
+        down = linear_params(proj.down, like, what)[0]
+        up, b = linear_params(proj.up, like, what)
+        return (down, up), b
+    w, b = linear_params(proj, like, what)
+    return (w,), b
+
+
+def add_factors_(out2d: Tensor, o_lin2d: Tensor, mats: Sequence[Tensor]) -> Tensor:
+    """``out2d += o_lin2d @ W^T`` in place with W given by :func:`proj_factors`: one ``addmm_`` (full), or
+    ``h = o_lin2d @ down^T`` (N, rank) then one ``addmm_`` of ``h @ up^T`` (low rank)."""
+    if len(mats) == 2:
+        return out2d.addmm_(torch.mm(o_lin2d, mats[0].t()), mats[1].t())
+    return out2d.addmm_(o_lin2d, mats[0].t())
+
+
 def proj_bias(proj: nn.Module, like: Optional[Tensor] = None, what: str = "SALAD Proj weights") -> Optional[Tensor]:
     """The Proj's output bias (``nn.Linear.bias`` / ``LowRankProj.up.bias``), or None.  With ``like``: on its
     device and dtype (see :func:`salad_core.attention.linear_params`; weights may be offloaded)."""
-    if isinstance(proj, LowRankProj):
-        src = proj.up
-    elif isinstance(proj, nn.Linear):
-        src = proj
-    else:
-        raise TypeError(f"{what}: expected an nn.Linear or LowRankProj Proj, got {type(proj).__name__}")
+    _check_form(proj, None, what)
+    src = proj.up if isinstance(proj, LowRankProj) else proj
     if like is None or src.bias is None:
         return src.bias
     from .attention import linear_params
@@ -172,32 +203,12 @@ def proj_bias(proj: nn.Module, like: Optional[Tensor] = None, what: str = "SALAD
 
 def proj_add_(out2d: Tensor, o_lin2d: Tensor, proj: nn.Module, what: str = "SALAD Proj weights") -> Tensor:
     """``out2d += o_lin2d @ W^T`` in place, no bias, no gate (the caller folded G into ``o_lin2d`` and added
-    G * bias itself); returns ``out2d``.
-
-    out2d (N, dim), o_lin2d (N, dim), same dtype and device.  The GEMMs run in ``o_lin2d``'s dtype on its
-    device, the weights fetched there by :func:`salad_core.attention.linear_params` (a copy only when they
-    sit elsewhere).  Full Proj: one ``addmm_``.  LowRankProj: ``h = o_lin2d @ down^T`` (N, rank), then one
-    ``addmm_`` of ``h @ up^T``."""
-    from .attention import linear_params
-
+    G * bias itself); returns ``out2d``.  out2d (N, dim), o_lin2d (N, dim), same dtype and device; the GEMMs
+    run in ``o_lin2d``'s dtype on its device (:func:`proj_factors`, :func:`add_factors_`)."""
     if out2d.ndim != 2 or o_lin2d.ndim != 2 or out2d.shape != o_lin2d.shape:
         raise ValueError(f"{what}: out2d and o_lin2d must both be (N, dim), got {tuple(out2d.shape)} and "
                          f"{tuple(o_lin2d.shape)}")
     if out2d.dtype != o_lin2d.dtype or out2d.device != o_lin2d.device:
         raise ValueError(f"{what}: out2d ({out2d.dtype}, {out2d.device}) and o_lin2d ({o_lin2d.dtype}, "
                          f"{o_lin2d.device}) must share dtype and device")
-    dim = o_lin2d.shape[1]
-    if isinstance(proj, LowRankProj):
-        if proj.dim != dim:
-            raise ValueError(f"{what}: a dim-{proj.dim} low-rank Proj cannot take activations of width {dim}")
-        down = linear_params(proj.down, o_lin2d, what)[0]
-        up = linear_params(proj.up, o_lin2d, what)[0]
-        h = torch.mm(o_lin2d, down.t())
-        return out2d.addmm_(h, up.t())
-    if isinstance(proj, nn.Linear):
-        if proj.in_features != dim or proj.out_features != dim:
-            raise ValueError(f"{what}: a {proj.in_features} -> {proj.out_features} Proj cannot take activations "
-                             f"of width {dim}")
-        w = linear_params(proj, o_lin2d, what)[0]
-        return out2d.addmm_(o_lin2d, w.t())
-    raise TypeError(f"{what}: expected an nn.Linear or LowRankProj Proj, got {type(proj).__name__}")
+    return add_factors_(out2d, o_lin2d, proj_factors(proj, o_lin2d, what)[0])

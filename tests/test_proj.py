@@ -332,3 +332,20 @@ def test_finetune_low_rank_checkpoints_and_resume_checks(tmp_path):
     assert torch.equal(grown.proj_for(1).up.weight, back.proj_for(1).up.weight)
     with pytest.raises(FinetuneError, match="proj_rank must be an integer >= 0"):
         FinetuneConfig(proj_rank=-2)
+
+
+def test_mix_branches_low_rank_bf16_activations_fp32_parameters():
+    """Training shape: bf16 activations, fp32 (trainable) low-rank Proj outside autocast: computed in the
+    promoted dtype (fp32), returned in the sparse output's dtype, gradients reach both factors."""
+    from salad_pack.salad_core.attention import mix_branches
+    proj = LowRankProj(32, 4)
+    with torch.no_grad():
+        proj.up.weight.normal_()
+    o_s = torch.randn(2, 5, 32).bfloat16()
+    o_l = torch.randn(2, 5, 32).bfloat16()
+    out = mix_branches(o_s, o_l, proj, torch.full((2, 1, 1), 0.5))
+    assert out.dtype == torch.bfloat16
+    want = o_s.float() + 0.5 * proj(o_l.float())
+    assert torch.allclose(out.float(), want, atol=3e-2, rtol=1e-2)
+    out.float().sum().backward()
+    assert proj.down.weight.grad is not None and proj.up.weight.grad is not None
