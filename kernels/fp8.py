@@ -23,6 +23,11 @@ What is quantised (e4m3, round to nearest even, fp32 scales; see _triton_fp8's h
   otherwise dominate the error.
 - Q: one scale per query row (row amax / 448), quantised in registers inside the kernel.
 - P: p * 2^8 with p = exp2(s - running max) <= 1 (the factor cancels in the row sum).
+Measured (benchmarks/results/2026-11-28-fp8-nvidia_h200.*, NVIDIA H200, Triton 3.6): the FP8 kernel is NOT
+faster than the bf16 one (0.91-1.00x at 90/95% on Wan-1.3B/14B 480p and 21x30x30; quantising K/V adds
+0.14-0.72 ms), and it differs from the step-by-step reference by ~1% (5e-3 gate failed: the tensor cores'
+fp8 accumulation is coarser than the reference's fp32).  The kernel is bound by the softmax and the LUT
+walk, not by tensor-core throughput; opt-in and experimental.
 Error: on random bf16 inputs (the hardest case: the output is a cancelling average) about 5% relative L2
 against exact attention, from the e4m3 rounding of q.k (~4%), of P and of V (~2.5% each); bf16 is ~0.2%.
 Outputs dominated by a few keys, or by V's mean, fare better (benchmarks/bench_fp8.py reports it per
