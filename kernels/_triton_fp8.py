@@ -23,8 +23,8 @@ rounding carry into the exponent wrong (127.07 -> 64 instead of 128); the GPU's 
 import triton
 import triton.language as tl
 
-from ._triton_kernels import (_head, _io_rows, _lut_row, _lut_step, _program_head, _query_rows, _rows,
-                              _sigmoid, _split_rows, _split_tile, _tile)
+from ._triton_kernels import (_head, _io_rows, _lut_row, _lut_step, _online_softmax_init, _program_head,
+                              _query_rows, _rows, _sigmoid, _split_rows, _split_tile, _tile)
 
 FP8_MAX = 448.0                  # largest finite float8_e4m3fn
 P_LOG2 = 8                       # P is quantised as p * 2**P_LOG2 (p <= 1 after the max subtraction)
@@ -210,9 +210,7 @@ def _sparse_fwd_fp8_kernel(Q, K8, VT8, KS, VS, VM, O, IDX, CNT, ROWMAP, BIAS, GL
     q_s = q_s * qk_scale
     idx_base, sik, n = _lut_row(IDX, CNT, lut_str, b, h, pid_m)
     ks_base = KS + pid_bh.to(tl.int64) * NK
-    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    m_i, l_i, acc = _online_softmax_init(BLOCK_M, D)
     for t in tl.range(0, n * (BLOCK_M // BLOCK_N), num_stages=NUM_STAGES):
         start, offs_n, kmask = _lut_step(idx_base, sik, t, offs_n0, LK, BLOCK_M, BLOCK_N)
         k8 = _tile(K8, k_str, b, h, start, offs_n, kmask, offs_d, BLOCK_N, D, USE_TMA)

@@ -159,6 +159,21 @@ def _phi_q(q, sh, slo, z, eps, LP: tl.constexpr):
 
 
 @triton.jit
+def _online_softmax_init(BLOCK_M: tl.constexpr, D: tl.constexpr):
+    """Running max (-inf), running sum (0) and output accumulator (0) of an online softmax over BLOCK_M rows."""
+    return (tl.full([BLOCK_M], -float("inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
+            tl.zeros([BLOCK_M, D], tl.float32))
+
+
+@triton.jit
+def _gathered_rows(ROWMAP, start, L, ROWS: tl.constexpr):
+    """Tile positions start .. start+ROWS, their mask (< L) and the caller's rows they hold (ROWMAP)."""
+    offs = start + tl.arange(0, ROWS)
+    ok = offs < L
+    return offs, ok, tl.load(ROWMAP + offs, mask=ok, other=0)
+
+
+@triton.jit
 def _sigmoid(x):
     """The gate G = sigmoid(x) of one sample, in fp32."""
     return 1.0 / (1.0 + tl.exp(-x.to(tl.float32)))
@@ -341,9 +356,7 @@ def _sparse_fwd_kernel(Q, K, V, O, LSE, IDX, CNT, ROWMAP, BIAS, GL, KM, VM,
     else:
         q = _tile(Q, q_str, b, h, pid_m * BLOCK_M, offs_m, row_ok, offs_d, BLOCK_M, D, USE_TMA)
     idx_base, sik, n = _lut_row(IDX, CNT, lut_str, b, h, pid_m)
-    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    m_i, l_i, acc = _online_softmax_init(BLOCK_M, D)
     for t in tl.range(0, n * (BLOCK_M // BLOCK_N), num_stages=NUM_STAGES):
         start, offs_n, kmask = _lut_step(idx_base, sik, t, offs_n0, LK, BLOCK_M, BLOCK_N)
         k = _tile(K, k_str, b, h, start, offs_n, kmask, offs_d, BLOCK_N, D, USE_TMA)
@@ -500,9 +513,7 @@ def _kv_pass_kernel(K, V, KT, VT, KM, VM, SP, ROWMAP, k_str, v_str, kt_str, vt_s
         k_sum = tl.zeros([D], tl.float32)
         v_sum = tl.zeros([D], tl.float32)
         for r0 in tl.static_range(0, BLOCK, BLOCK_N):
-            offs = j * BLOCK + r0 + tl.arange(0, BLOCK_N)
-            ok = offs < L
-            rows = tl.load(ROWMAP + offs, mask=ok, other=0)
+            offs, ok, rows = _gathered_rows(ROWMAP, j * BLOCK + r0, L, BLOCK_N)
             k = _rows(k_base, rows, k_str[2], offs_d, ok)
             v = _rows(v_base, rows, v_str[2], offs_d, ok)
             out = offs[:, None].to(tl.int64)
@@ -551,9 +562,7 @@ def _q_pass_kernel(Q, QM, OL, ST, GL, ROWMAP, q_str, o_str, H, L, NB, BPS, eps,
     for j in tl.range(blk0, blk1):
         q_sum = tl.zeros([D], tl.float32)
         for r0 in tl.static_range(0, BLOCK, BLOCK_M):
-            offs = j * BLOCK + r0 + tl.arange(0, BLOCK_M)
-            ok = offs < L
-            rows = tl.load(ROWMAP + offs, mask=ok, other=0)
+            offs, ok, rows = _gathered_rows(ROWMAP, j * BLOCK + r0, L, BLOCK_M)
             q = _rows(q_base, rows, q_str[2], offs_d, ok)
             if POOL:
                 q_sum += tl.sum(q.to(tl.float32), 0)

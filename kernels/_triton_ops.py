@@ -10,7 +10,7 @@ import triton
 
 from . import _triton_kernels as tk
 from .options import DEFAULT_OPTIONS, TritonOptions
-from .reference import num_blocks
+from .reference import bias_args, num_blocks
 
 Tensor = torch.Tensor
 Means = Tuple[Tensor, Tensor]                       # fp32 block means of k and v, (B*H, nk, D) each
@@ -391,22 +391,6 @@ def _centroid_tiles(nk: int, kmax: int, widest: int = 64) -> Dict[str, int]:
     return dict(BLOCK_C=max(16, min(widest, triton_next_pow2(nk))), KMAXP=max(16, triton_next_pow2(kmax)))
 
 
-def _bias_args(bias: Optional[Tensor], gate_logit: Optional[Tensor], B: int, HD: int, device: torch.device
-               ) -> Tuple[Optional[Tensor], int, Optional[Tensor]]:
-    """(bias, its batch stride, gate logits) for the forward kernel: bias (H*D,) shared by the batch
-    (stride 0) or (B, H*D), any float dtype, on the device; gate_logit (B,) fp32 or None."""
-    if bias is None:
-        return None, 0, None
-    if bias.numel() not in (HD, B * HD):
-        raise ValueError(f"bias must have H*D = {HD} or B*H*D = {B * HD} elements, got shape {tuple(bias.shape)}")
-    bias = bias.to(device=device).reshape(-1, HD).contiguous()
-    if gate_logit is not None:
-        if gate_logit.numel() != B:
-            raise ValueError(f"gate_logit must have B = {B} elements, got shape {tuple(gate_logit.shape)}")
-        gate_logit = gate_logit.to(device=device, dtype=torch.float32).reshape(B).contiguous()
-    return bias, (HD if bias.shape[0] > 1 else 0), gate_logit
-
-
 def _sparse_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block: int, scale: float, *,
                 layout: str = "bhld", rowmap: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                 gate_logit: Optional[Tensor] = None, comp: Comp = None, opts: TritonOptions = DEFAULT_OPTIONS
@@ -428,7 +412,7 @@ def _sparse_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block
     o = _out(B, H, L, D, q.device, q.dtype, layout, opts.poison)
     lse = _empty(B, H, L, device=q.device, dtype=torch.float32, poison=opts.poison)
     rm = _rowmap(rowmap, L, q.device)
-    bias, bias_sb, gl = _bias_args(bias, gate_logit, B, H * D, q.device)
+    bias, bias_sb, gl = bias_args(bias, gate_logit, B, H * D, q.device)
     use_tma = _use_tma(c, opts, q, k, v)
     qd, kd, vd = _descs(use_tma, (q, block), (k, bn), (v, bn))
     if rm is not None:

@@ -44,7 +44,7 @@ from typing import Any, Mapping, Optional, Tuple
 
 import torch
 
-from .reference import DEFAULT_BLOCK, num_blocks
+from .reference import DEFAULT_BLOCK, bias_args, num_blocks
 
 Tensor = torch.Tensor
 
@@ -281,23 +281,6 @@ def quantize_kv_fp8_ref(k: Tensor, v: Tensor, block: int = DEFAULT_BLOCK, smooth
 # attention
 # ----------------------------------------------------------------------------------------------
 
-def _bias(bias: Optional[Tensor], gate_logit: Optional[Tensor], B: int, HD: int, device: torch.device
-          ) -> Tuple[Optional[Tensor], int, Optional[Tensor]]:
-    """(bias (n, H*D) contiguous, its batch stride (0: one row shared by the batch), gate logits (B,) fp32)."""
-    if bias is None:
-        if gate_logit is not None:
-            raise ValueError("gate_logit is given without a bias (it scales the bias)")
-        return None, 0, None
-    if bias.numel() not in (HD, B * HD):
-        raise ValueError(f"bias must have H*D = {HD} or B*H*D = {B * HD} elements, got shape {tuple(bias.shape)}")
-    bias = bias.to(device=device).reshape(-1, HD).contiguous()
-    if gate_logit is not None:
-        if gate_logit.numel() != B:
-            raise ValueError(f"gate_logit must have B = {B} elements, got shape {tuple(gate_logit.shape)}")
-        gate_logit = gate_logit.to(device=device, dtype=torch.float32).reshape(B).contiguous()
-    return bias, (HD if bias.shape[0] > 1 else 0), gate_logit
-
-
 @torch.no_grad()
 def block_sparse_attention_rowmap_fp8(q: Tensor, kv8: KV8, idx: Tensor, cnt: Tensor, rowmap: Optional[Tensor],
                                       block: int = DEFAULT_BLOCK, scale: Optional[float] = None,
@@ -323,7 +306,7 @@ def block_sparse_attention_rowmap_fp8(q: Tensor, kv8: KV8, idx: Tensor, cnt: Ten
     c = fp8_config("fwd", D, config)
     bn = min(c["BLOCK_N"], block)
     o = torch.empty(B, L, H, D, device=q.device, dtype=q.dtype).permute(0, 2, 1, 3)
-    bias, bias_sb, gl = _bias(bias, gate_logit, B, H * D, q.device)
+    bias, bias_sb, gl = bias_args(bias, gate_logit, B, H * D, q.device)
     kd, vd = kv8.k8, kv8.v8t
     if c["USE_TMA"]:  # our own contiguous buffers: TMA's 16-byte rules always hold
         from triton.tools.tensor_descriptor import TensorDescriptor

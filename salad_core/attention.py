@@ -387,14 +387,15 @@ def _infer(q: Tensor, k: Tensor, v: Tensor, B: int, L: int, H: int, D: int, layo
     else:
         idx, cnt = _window_lut(layout, config)
     mats, bias = proj_factors(proj, q, f"SALAD Proj weights{where}") if linear else ((), None)
+    bias_gate = gl if bias is not None else None       # the kernels add sigmoid(gl) * bias
     if config.precision == "fp8" and _fp8_usable(q, config):
         kv8 = K.fp8.quantize_kv_fp8(kt, vt, config.block)
         o = K.fp8.block_sparse_attention_rowmap_fp8(q4, kv8, idx, cnt, rowmap, block=config.block,
-                                                    scale=1.0 / math.sqrt(D), bias=bias, gate_logit=gl)
+                                                    scale=1.0 / math.sqrt(D), bias=bias, gate_logit=bias_gate)
         del kv8
     else:
         o = K.block_sparse_attention_rowmap(q4, kt, vt, idx, cnt, rowmap, block=config.block,
-                                            scale=1.0 / math.sqrt(D), bias=bias, gate_logit=gl,
+                                            scale=1.0 / math.sqrt(D), bias=bias, gate_logit=bias_gate,
                                             backend=config.backend, compensate=comp, k_mean=k_mean, v_mean=v_mean)
     del kt, vt
     out = o.transpose(1, 2).reshape(B, L, H * D)

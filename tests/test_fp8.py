@@ -97,7 +97,7 @@ def test_bad_inputs_are_named(seed):
     with pytest.raises(ValueError, match="unknown fwd setting"):
         F8.fp8_config("fwd", 64, dict(BLOCK_M=64))
     with pytest.raises(ValueError, match="gate_logit"):
-        F8._bias(None, torch.zeros(1), 1, 128, q.device)
+        F8.bias_args(None, torch.zeros(1), 1, 128, q.device)
 
 
 # ----------------------------------------------------------------------------------------------
