@@ -21,6 +21,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _pack import register  # noqa: E402
+from triton_env import ptxas_bundled  # noqa: E402
 
 register()
 
@@ -205,15 +206,7 @@ def test_smoothing_lowers_error_on_offset_kv(seed):
     assert err[True] < err[False], f"smoothing did not lower the error {err} [seed {seed}]"
 
 
-def _ptxas_bundled() -> bool:
-    try:
-        import triton
-    except Exception:  # pragma: no cover
-        return False
-    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
-
-
-@pytest.mark.skipif(not _ptxas_bundled(), reason="triton without its NVIDIA backend / ptxas")
+@pytest.mark.skipif(not ptxas_bundled(), reason="triton without its NVIDIA backend / ptxas")
 def test_fp8_kernels_compile_for_sm90(tmp_path):
     """The interpreter checks results, not compilation: every FP8 kernel and forward config is compiled for
     sm90 by the real Triton compiler (no GPU, nothing launched: bench_fp8.py --codegen); the forward uses

@@ -16,16 +16,10 @@ from pathlib import Path
 import pytest
 
 # Triton kernels run through the interpreter on CPU; must be set before triton compiles anything.
-if "TRITON_INTERPRET" not in os.environ:
-    try:
-        import torch as _t
-        _cuda = _t.cuda.is_available()
-    except Exception:  # pragma: no cover
-        _cuda = False
-    if not _cuda:
-        os.environ["TRITON_INTERPRET"] = "1"
-
 sys.path.insert(0, str(Path(__file__).parent))
+from triton_env import have_triton, ptxas_bundled, kernel_device, use_interpreter_without_cuda  # noqa: E402
+
+use_interpreter_without_cuda()   # before the kernels are first imported
 from _pack import register  # noqa: E402
 
 register()
@@ -36,13 +30,8 @@ import torch.nn.functional as F  # noqa: E402
 import salad_pack.kernels as K  # noqa: E402
 from salad_pack.kernels import reference as R  # noqa: E402
 
-try:
-    import triton  # noqa: F401
-    HAVE_TRITON = True
-except Exception:  # pragma: no cover
-    HAVE_TRITON = False
-
-DEV = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
+HAVE_TRITON = have_triton()
+DEV = kernel_device()
 needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton cannot be imported")
 
 
@@ -536,13 +525,7 @@ def test_rowmap_forward_gathers_q_and_scatters_o(seed, fwd_path, backend):
     assert torch.equal(c1, c2) and torch.equal(i1, i2)
 
 
-def _ptxas_bundled() -> bool:
-    if not HAVE_TRITON:
-        return False
-    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
-
-
-@pytest.mark.skipif(not _ptxas_bundled(), reason="triton without its NVIDIA backend / ptxas")
+@pytest.mark.skipif(not ptxas_bundled(), reason="triton without its NVIDIA backend / ptxas")
 def test_kernels_compile_for_sm90(tmp_path):
     """The interpreter checks results, not compilation: every kernel path is compiled for sm90 by the
     real Triton compiler (no GPU needed, nothing launched; benchmarks/kernel_codegen.py), and the

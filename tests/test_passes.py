@@ -5,22 +5,15 @@ autograd path (separate branches + mix_branches), on fresh random inputs (seed p
 from __future__ import annotations
 
 import copy
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
-if "TRITON_INTERPRET" not in os.environ:
-    try:
-        import torch as _t
-        _cuda = _t.cuda.is_available()
-    except Exception:  # pragma: no cover
-        _cuda = False
-    if not _cuda:
-        os.environ["TRITON_INTERPRET"] = "1"
-
 sys.path.insert(0, str(Path(__file__).parent))
+from triton_env import have_triton, kernel_device, use_interpreter_without_cuda  # noqa: E402
+
+use_interpreter_without_cuda()   # before the kernels are first imported
 from _pack import register  # noqa: E402
 
 register()
@@ -31,14 +24,8 @@ import salad_pack.kernels as K  # noqa: E402
 from salad_pack.kernels import reference as R  # noqa: E402
 from salad_pack.salad_core.attention import SaladConfig, salad_self_attention  # noqa: E402
 
-try:
-    import triton  # noqa: F401
-    HAVE_TRITON = True
-except Exception:  # pragma: no cover
-    HAVE_TRITON = False
-
-pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="triton cannot be imported")
-DEV = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
+pytestmark = pytest.mark.skipif(not have_triton(), reason="triton cannot be imported")
+DEV = kernel_device()
 # fp32 dots: exact fp32 in the interpreter, TF32 tensor cores on the GPU
 TOL32 = 1e-5 if DEV.type == "cpu" else 2e-3
 

@@ -1,0 +1,45 @@
+"""How the kernel test files run Triton (test_kernels.py, test_passes.py, test_fp8.py).
+
+Call :func:`use_interpreter_without_cuda` before the kernels are first imported: on a machine without
+CUDA it selects Triton's CPU interpreter (TRITON_INTERPRET=1, unless the environment already says), so
+the same tests run the kernels on CPU; on a GPU they run compiled.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def use_interpreter_without_cuda() -> None:
+    if "TRITON_INTERPRET" in os.environ:
+        return
+    try:
+        import torch
+        cuda = torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        cuda = False
+    if not cuda:
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+def have_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+        return True
+    except Exception:  # pragma: no cover
+        return False
+
+
+def kernel_device():
+    """cuda for compiled kernels, cpu under the interpreter (or without CUDA)."""
+    import torch
+    compiled = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+    return torch.device("cuda" if compiled else "cpu")
+
+
+def ptxas_bundled() -> bool:
+    """Triton ships its NVIDIA backend with ptxas, so kernels can be compiled for sm90 without a GPU."""
+    if not have_triton():
+        return False
+    import triton
+    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
