@@ -80,19 +80,16 @@ class Timer:
 
     def __call__(self, fn):
         import torch
+        from profile_layer import median_ms
         if self.dev.type != "cuda":
-            fn()
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1000
+            return median_ms(fn, self.dev, self.rep_ms, 0)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()                                   # warm-up (and compile for a new shape)
         torch.cuda.synchronize()
         first = (time.perf_counter() - t0) * 1000
         if first < 1000:
-            from triton.testing import do_bench
-            return do_bench(fn, warmup=max(self.rep_ms // 6, 100), rep=self.rep_ms, return_mode="median")
+            return median_ms(fn, self.dev, self.rep_ms, max(self.rep_ms // 6, 100))
         from bench_quality import timed_ms
         return statistics.median(timed_ms(fn, self.iters))
 

@@ -45,19 +45,7 @@ else
     T_SPEED=140 T_TESTBED=190 T_Q1=75 T_Q=55
 fi
 
-left() { echo $(( BUDGET - SECONDS )); }
-step() {  # step NAME LIMIT CMD...: run CMD under timeout min(LIMIT, time left), print its time and status
-    local name=$1 limit=$2; shift 2
-    local l; l=$(left)
-    (( l < limit )) && limit=$l
-    if (( limit < 10 )); then echo "=== $name: SKIPPED, only ${l}s of the ${BUDGET}s budget left"; return 1; fi
-    echo "=== $name: start at ${SECONDS}s, limit ${limit}s"
-    local t0=$SECONDS
-    timeout --kill-after=5 "$limit" "$@"
-    local rc=$?
-    echo "=== $name: rc $rc after $(( SECONDS - t0 ))s (total ${SECONDS}s)$( ((rc == 124 || rc == 137)) && echo ' TIMED OUT')"
-    return $rc
-}
+source benchmarks/budget_step.sh   # step NAME LIMIT CMD...: timeout min(LIMIT, time left of BUDGET)
 
 echo "=== gpu_finetune_quality: $(date -u +%FT%TZ) smoke=$SMOKE budget=${BUDGET}s scratch=$SCRATCH python=$PY"
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"

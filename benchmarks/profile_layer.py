@@ -68,18 +68,23 @@ def load_snapshot(folder: str, name: str = "salad_before"):
     return importlib.import_module(f"{name}.salad_core.attention")
 
 
+def median_ms(fn, dev, rep_ms, warmup_ms):
+    """GPU: the median of ``triton.testing.do_bench``; elsewhere the wall time of a second call (CPU smoke)."""
+    if dev.type != "cuda":
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1000
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
 class Clock:
     def __init__(self, dev, rep_ms):
         self.dev, self.rep_ms = dev, rep_ms
 
     def gpu_ms(self, fn):
-        if self.dev.type != "cuda":
-            fn()
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1000
-        from triton.testing import do_bench
-        return do_bench(fn, warmup=max(25, self.rep_ms // 4), rep=self.rep_ms, return_mode="median")
+        return median_ms(fn, self.dev, self.rep_ms, max(25, self.rep_ms // 4))
 
     def host_us(self, fn, n=20):
         """Enqueue time per call with the GPU kept busy (so the host never waits for it)."""

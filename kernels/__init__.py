@@ -152,14 +152,13 @@ def select_topk(q: Tensor, k: Tensor, sparsity: float, block: int = DEFAULT_BLOC
             ops = _ops()
             pq = ops.pool_blocks(q, block, q_rowmap, triton_options)
             pk = ops.pool_blocks(k, block, opts=triton_options) if k_pooled is None else k_pooled
-            scores = torch.matmul(pq, pk.transpose(-1, -2))
-            return ops.topk_lut(scores, keep_count(pk.shape[2], sparsity), always_kept)
-        if q_rowmap is not None:
-            q = q.index_select(2, q_rowmap.to(device=q.device, dtype=torch.long))
-        pq = _ref.pool_blocks_ref(q, block)
-        pk = _ref.pool_blocks_ref(k, block) if k_pooled is None else k_pooled.float()
-        scores = torch.matmul(pq, pk.transpose(-1, -2))
-        return lut_from_scores(scores, keep_count(pk.shape[2], sparsity), always_kept)
+        else:
+            if q_rowmap is not None:
+                q = q.index_select(2, q_rowmap.to(device=q.device, dtype=torch.long))
+            backend = "torch"   # the torch path selects in torch too
+            pq = _ref.pool_blocks_ref(q, block)
+            pk = _ref.pool_blocks_ref(k, block) if k_pooled is None else k_pooled.float()
+        return topk_from_pooled(pq, pk, sparsity, always_kept, backend)
 
 
 def _as_layout(o: Tensor, out_layout: str) -> Tensor:

@@ -414,9 +414,9 @@ def _sparse_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block
     rm = _rowmap(rowmap, L, q.device)
     bias, bias_sb, gl = bias_args(bias, gate_logit, B, H * D, q.device)
     use_tma = _use_tma(c, opts, q, k, v)
-    qd, kd, vd = _descs(use_tma, (q, block), (k, bn), (v, bn))
-    if rm is not None:
-        qd = q  # q rows are gathered through the row map with plain loads
+    kd, vd = _descs(use_tma, (k, bn), (v, bn))
+    # with a row map q rows are gathered with plain loads: no descriptor for q (host work per call)
+    qd = q if rm is not None else _descs(use_tma, (q, block))[0]
     km, vm = means if means is not None else (lse, lse)
     tk._sparse_fwd_kernel[(nq, B * H)](
         qd, kd, vd, o, lse, idx, cnt, rm if rm is not None else lse, bias if bias is not None else lse,

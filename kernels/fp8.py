@@ -36,6 +36,7 @@ quantisation step, so the kernel is checked tightly against it.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -133,6 +134,13 @@ def fp8_support(device: Any = None) -> Tuple[bool, str]:
         return False, f"FP8 attention needs a CUDA GPU with FP8 tensor cores; got device {dev}"
     if not torch.cuda.is_available():
         return False, f"CUDA is not available (device {dev})"
+    return _cuda_fp8_support(dev.index if dev.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_fp8_support(index: int) -> Tuple[bool, str]:
+    """fp8_support for CUDA device `index`, asked once per device (the attention path asks on every call)."""
+    dev = torch.device("cuda", index)
     cap = torch.cuda.get_device_capability(dev)
     if tuple(cap) < MIN_CAPABILITY:
         return False, (f"{dev} ({torch.cuda.get_device_name(dev)}) has compute capability {cap[0]}.{cap[1]}; "

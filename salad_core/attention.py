@@ -367,7 +367,7 @@ def _infer(q: Tensor, k: Tensor, v: Tensor, B: int, L: int, H: int, D: int, layo
     """Inference: K and V are read once (tile-order copies, k block means for top-k, the linear state), Q
     once (q block means, G * linear branch in raster order); the sparse kernel reads q through the tile
     permutation and writes raster order plus G * proj.bias; the Proj GEMM accumulates into its output.
-    About ten launches per call whatever the size (see benchmarks/profile_layer.py)."""
+    15 kernels per call with gate + Proj, whatever the size (benchmarks/profile_layer.py)."""
     comp = config.compensation == "centroid"
     topk = config.pattern == "topk"
     linear = proj is not None
@@ -440,7 +440,7 @@ def _fp8_usable(q: Tensor, config: SaladConfig) -> bool:
     if why not in _FP8_WARNED:
         _FP8_WARNED.add(why)
         import logging
-        logging.getLogger("salad").warning("SALAD: precision 'fp8' falls back to bf16 attention: %s.", why)
+        logging.getLogger("SALAD").warning("SALAD: precision 'fp8' falls back to bf16 attention: %s.", why)
     return False
 
 

@@ -183,7 +183,7 @@ def test_fp8_precision_falls_back_with_one_warning(seed, caplog):
     q, k, v = (torch.randn(B, L, H * D, device=DEV) for _ in range(3))
     A._FP8_WARNED.clear()
     outs = {}
-    with caplog.at_level(logging.WARNING, logger="salad"), torch.no_grad():
+    with caplog.at_level(logging.WARNING, logger="SALAD"), torch.no_grad():
         for prec in ("bf16", "fp8", "fp8"):
             cfg = SaladConfig(sparsity=0.5, block=32, tile=(2, 4, 4), backend="torch", precision=prec)
             outs[prec] = salad_self_attention(q, k, v, H, grid=grid, config=cfg)
