@@ -1,0 +1,132 @@
+"""Variants of the sparse forward kernel's inner loop, timed on the inference path (issue 9: the sparse kernel
+is most of a SALAD layer).
+
+    python benchmarks/sweep_fwd.py --out DIR [--shapes 1.3b-480p,14b-480p,1.3b-sq480,14b-720p] [--sparsities 0.9,0.95]
+
+Per shape (B1, a Wan grid's tokens, H heads of 128, bf16 random q/k/v, top-k lists from the real selection, gate
++ Proj bias as in a layer): ``kernels.block_sparse_attention_rowmap`` under each candidate ``fwd`` config, passed
+per call through ``TritonOptions(configs=...)`` (the checked-in table is never touched), timed with
+``triton.testing.do_bench`` (median), with its largest difference from the table's config on the same inputs.
+
+Loop variants (``_sparse_fwd_kernel`` constexprs, config keys):
+* ``FOLD``: the max is taken on the raw scores and the scale folded into the exp2's FMA (one op per score less);
+* ``TAIL_BRANCH``: the tail mask (keys past L) only on steps that reach past L (a uniform branch);
+* ``LAZY_TAU``: the accumulator is rescaled only when some row's max grew by more than LAZY_TAU (log2 units; the
+  result is the same up to rounding since the final 1/l uses the same stale max; p <= 2**LAZY_TAU).
+
+``--smoke``: CPU interpreter, a tiny shape, two candidates (checks the script; numbers mean nothing).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+SHAPES = {"1.3b-480p": (12, (21, 30, 52)), "14b-480p": (40, (21, 30, 52)), "1.3b-sq480": (12, (21, 30, 30)),
+          "14b-720p": (40, (21, 45, 80)), "1.3b-480p33": (12, (9, 30, 52))}
+
+# (num_warps, num_stages, BLOCK_N, FOLD, TAIL_BRANCH, LAZY_TAU)
+VARIANTS = [(4, 2, 64, False, False, 0.0), (4, 3, 64, False, False, 0.0),
+            (4, 2, 64, True, False, 0.0), (4, 2, 64, True, True, 0.0),
+            (4, 2, 64, True, True, 8.0), (4, 2, 64, True, False, 8.0),
+            (4, 3, 64, True, True, 8.0), (8, 2, 64, True, True, 8.0),
+            (8, 2, 128, True, True, 8.0), (8, 3, 128, True, True, 8.0)]
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--shapes", default="1.3b-480p,14b-480p,1.3b-sq480")
+    ap.add_argument("--sparsities", default="0.9,0.95")
+    ap.add_argument("--rep-ms", type=int, default=100)
+    ap.add_argument("--budget-s", type=float, default=300)
+    ap.add_argument("--smoke", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse(argv)
+    if a.smoke:
+        import os
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from _pack import register
+    register()
+    import torch
+    import triton
+    import salad_pack.kernels as K
+    from salad_pack.salad_core import attention as A
+    from salad_pack.salad_core.tiling import TileLayout
+    from profile_layer import median_ms, make_inputs
+    dev = torch.device("cpu" if a.smoke else "cuda")
+    dtype = torch.float16 if a.smoke else torch.bfloat16
+    shapes = {k: SHAPES[k] for k in a.shapes.split(",")}
+    variants = VARIANTS
+    if a.smoke:
+        shapes, variants, a.rep_ms = {"smoke": (2, (3, 10, 12))}, VARIANTS[:1] + VARIANTS[4:5], 1
+    card = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    res = {"card": card, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "torch": torch.__version__, "triton": triton.__version__, "rows": []}
+    t0 = time.time()
+    for name, (H, grid) in shapes.items():
+        D = 32 if a.smoke else 128
+        q, k, v, x, proj, gate = make_inputs(H, D, grid, 1, dev, dtype)
+        B, L = q.shape[:2]
+        q4, k4, v4 = (t.view(B, L, H, D).transpose(1, 2) for t in (q, k, v))
+        for s in (float(t) for t in a.sparsities.split(",")):
+            conf = A.SaladConfig(sparsity=s, pattern="topk", block=32 if a.smoke else 128)
+            layout = TileLayout.get(grid, 0, 0, conf.tile, dev)
+            rm = layout.perm32
+            with torch.inference_mode():
+                kt, vt, km, _, st = K.kv_pass(k4, v4, rm, conf.block, pool_k=True, linear_state=True)
+                gl = A.gate_logit(x, gate, B)
+                qm, _ = K.q_pass(q4, rm, conf.block, state=st, eps=conf.eps, gate_logit=gl)
+                idx, cnt = K.topk_from_pooled(qm, km, s)
+                _, bias = A.proj_factors(proj, q, "proj")
+
+                def run(opts):
+                    return K.block_sparse_attention_rowmap(q4, kt, vt, idx, cnt, rm, block=conf.block,
+                                                           scale=1 / math.sqrt(D), bias=bias, gate_logit=gl,
+                                                           backend="triton", triton_options=opts)
+                ref = run(K.TritonOptions()).float()
+                base_ms = None
+                for nw, ns, bn, fold, tail, tau in variants:
+                    if time.time() - t0 > a.budget_s:
+                        print(f"[sweep_fwd] budget spent, skipping the rest of {name} {s}", flush=True)
+                        break
+                    c = triton.Config(dict(BLOCK_N=bn, USE_TMA=not a.smoke, FOLD=fold, TAIL_BRANCH=tail,
+                                           LAZY_TAU=tau), num_warps=nw, num_stages=ns)
+                    opts = K.TritonOptions(configs={"fwd": c})
+                    row = dict(shape=name, H=H, L=L, sparsity=s, num_warps=nw, num_stages=ns, BLOCK_N=bn, FOLD=fold,
+                               TAIL_BRANCH=tail, LAZY_TAU=tau)
+                    try:
+                        o = run(opts).float()
+                        row["max_diff_vs_table"] = float((o - ref).abs().max())
+                        row["ms"] = median_ms(lambda: run(opts), dev, a.rep_ms, max(10, a.rep_ms // 4))
+                    except Exception as e:  # a config that does not compile (shared memory, registers)
+                        row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                    if base_ms is None and "ms" in row:
+                        base_ms = row["ms"]
+                    if "ms" in row:
+                        row["vs_first"] = base_ms / row["ms"]
+                    res["rows"].append(row)
+                    print(f"[sweep_fwd] {json.dumps(row)}", flush=True)
+        del q, k, v, x
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = card.replace(" ", "_").lower()
+    (out / f"sweep-fwd-{dt.date.today().isoformat()}-{tag}.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    main()
