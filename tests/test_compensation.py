@@ -70,7 +70,9 @@ def test_reference_sparsity0_is_dense(seed):
     idx, cnt = full_lut(B, H, K.num_blocks(L, block), K.num_blocks(L, block))
     o, lse = R.block_sparse_attention_ref(q, k, v, idx, cnt, block, compensate=True)
     plain, plse = R.block_sparse_attention_ref(q, k, v, idx, cnt, block)
-    assert torch.equal(o, plain) and torch.equal(lse, plse), f"[seed {seed}]"
+    # (bit-equal on CPU; a GPU may order the fp64 sums differently)
+    assert_close(o, plain, 1e-13, 1e-13, "sparsity 0: compensated vs plain", seed)
+    assert_close(lse, plse, 1e-13, 1e-13, "sparsity 0: compensated vs plain lse", seed)
     d, dl = K.attention_ref(q, k, v)
     assert_close(o, d, 1e-12, 1e-12, "sparsity 0 + compensation vs dense", seed)
 
@@ -80,7 +82,7 @@ def test_reference_backward_vs_dense_construction(seed):
     B, H, L, D, block = 1, 2, 100, 8, 16
     q, k, v = (t.requires_grad_() for t in qkv(B, H, L, D, torch.float64))
     idx, cnt = _lut(B, H, L, L, block, "random")
-    do = torch.randn(B, H, L, D, dtype=torch.float64)
+    do = torch.randn(B, H, L, D, device=DEV, dtype=torch.float64)
     o, _ = K.block_sparse_attention(q, k, v, idx, cnt, block=block, backend="torch", compensate=True)
     g = torch.autograd.grad(o, (q, k, v), do)
     ro, _ = K.compensated_attention_ref(q, k, v, idx, cnt, block=block)
@@ -239,20 +241,21 @@ def test_salad_core_centroid_paths(seed, pattern, backend):
                                      config=SaladConfig(sparsity=0.7, pattern=pattern, backend=backend))
     assert not torch.allclose(out, plain), f"[seed {seed}]"
     # explicit construction in tile order
-    lay = TileLayout.get(grid, nf, 0, cfg.tile)
+    lay = TileLayout.get(grid, nf, 0, cfg.tile, DEV)
     th = lambda t: t.view(1, L, H, D).index_select(1, lay.perm).permute(0, 2, 1, 3)  # noqa: E731
     idx, cnt = select_blocks(th(q), th(k), lay, cfg)
     ro, _ = K.compensated_attention_ref(th(q), th(k), th(v), idx, cnt, block=128)
     ro = ro.permute(0, 2, 1, 3).index_select(1, lay.inv_perm).reshape(1, L, H * D)
-    assert_close(out, ro, 1e-5, 1e-5, "salad centroid vs construction", seed)
+    tol = TOL[torch.float32] if backend == "triton" else (1e-5, 1e-5)   # (TF32 dots on a GPU)
+    assert_close(out, ro, *tol, "salad centroid vs construction", seed)
     # autograd path (proj trainable): same forward, gradients reach q, k, v
     w = SaladWeights.new(H * D, H, 2)
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     og = salad_self_attention(qg, kg, vg, H, grid=grid, n_front=nf, config=cfg)
     with torch.no_grad():
         oi = salad_self_attention(q, k, v, H, grid=grid, n_front=nf, proj=w.proj_for(1), config=cfg)
-    assert_close(og.detach(), ro, 1e-5, 1e-5, "autograd path", seed)
-    assert_close(oi, ro, 1e-5, 1e-5, "zero Proj == sparse-only", seed)
+    assert_close(og.detach(), ro, *tol, "autograd path", seed)
+    assert_close(oi, ro, *tol, "zero Proj == sparse-only", seed)
     og.square().sum().backward()
     assert all(torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0 for t in (qg, kg, vg))
 
