@@ -5,11 +5,18 @@
 #   PART=p2 bash benchmarks/gpu_speed_suite.sh   (FP8: GPU tests, kernel sweep, per-layer, 1.3B and 14B forwards)
 #   PART=p1 bash benchmarks/gpu_speed_suite.sh   (issue 9 wave 3: GPU tests of the inference passes, the per-layer
 #                                                profile before/after, 1.3B forward before/after)
+#   PART=p3 bash benchmarks/gpu_speed_suite.sh   (issue 9 wave 4, the sparse kernel's new inner loop: GPU tests,
+#                                                fwd config sweep, per-layer profile before/after)
+#   PART=p4 bash benchmarks/gpu_speed_suite.sh   (wave 4: 1.3B forwards before/after, batch 1 and 2, 14B 480p,
+#                                                per-layer GPU time with the host kept ahead, kernel table)
+#   PART=p5 bash benchmarks/gpu_speed_suite.sh   (wave 4: the 1.3B size x batch table, FP8 vs bf16 at 480p)
+#   PART=p6 bash benchmarks/gpu_speed_suite.sh   (wave 4: 720p forwards, Wan 14B and 1.3B)
 # Needs COMFYUI_DIR (a ComfyUI source tree); writes logs and JSON under $OUT/work and packs them into
 # $OUT/<part>.tgz (the device returns at most 8 files).  Each step has its own timeout so one overrun
 # cannot eat the rest.  .before/ is `git archive` of an earlier tree (kernels, salad_core, nodes,
 # tests/_pack.py, comfy_harness.py, make_fixtures.py, bench_e2e.py, bench_quality.py: for s1/s2 the commit
-# before the kernel/patch refactor, 95dea79; for p1 the commit before the inference passes, 395be3f), so
+# before the kernel/patch refactor, 95dea79; for p1 the commit before the inference passes, 395be3f; for p3/p4
+# the commit before the new sparse loop, 59b4c7d, with profile_layer.py), so
 # "before" and "after" run in the same call on the same card.
 set -u
 W=$OUT/work; mkdir -p "$W"
@@ -18,6 +25,33 @@ step() { local t=$1 name=$2; shift 2; echo "== $name ($(date +%T))"; timeout "$t
          echo "   rc=$? $(tail -1 "$W/$name.log")"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$W/card.txt"
 case "${PART:-s1}" in
+p5)
+  step 330 e2e-1.3b python3 benchmarks/bench_e2e.py --model 1.3b --batches 1,2 --rep-ms 600 \
+       --sizes 480p,sq480,sq624,portrait,480p17,480p33,480p49,480p121,720p --out "$W/e2e"
+  step 60 fp8 python3 benchmarks/bench_fp8.py --shapes wan1.3b_480p --budget-s 45 --out "$W/fp8.json" ;;
+p6)
+  step 200 e2e-14b-720p python3 benchmarks/bench_e2e.py --model 14b --sizes 720p --no-layers --iters 1 \
+       --sparsities 0.9 --out "$W/e2e14"
+  step 75 e2e-1.3b-720p python3 benchmarks/bench_e2e.py --model 1.3b --sizes 720p --no-layers --iters 2 \
+       --out "$W/e2e13" ;;
+p3)
+  step 240 gpu-tests python3 -m pytest -q tests/test_kernels.py tests/test_passes.py tests/test_compensation.py \
+       tests/test_salad_core_gpu.py tests/test_fp8.py
+  step 90 sweep-fwd python3 benchmarks/sweep_fwd.py --out "$W/sweep" --shapes 1.3b-480p,14b-720p,1.3b-480p33 \
+       --budget-s 80
+  step 220 profile python3 benchmarks/profile_layer.py --before .before --out "$W/profile" \
+       --models 1.3b,14b --grids sq480,al18k,480p,720p --budget-s 190 ;;
+p4)
+  step 60 gpu-tests python3 -m pytest -q tests/test_compensation.py
+  step 70 e2e-before python3 .before/benchmarks/bench_e2e.py --model 1.3b --sizes 480p --no-layers --rep-ms 800 \
+       --out "$W/before"
+  step 110 e2e-after python3 benchmarks/bench_e2e.py --model 1.3b --sizes 480p --batches 1,2 --no-layers \
+       --rep-ms 800 --out "$W/after"
+  step 130 e2e-14b python3 benchmarks/bench_e2e.py --model 14b --sizes 480p --no-layers --iters 2 \
+       --sparsities 0.9 --out "$W/e2e14"
+  step 80 profile python3 benchmarks/profile_layer.py --out "$W/profile" --models 1.3b \
+       --grids 480p33,sq480,al18k,480p --budget-s 60
+  step 100 kernels python3 benchmarks/bench_kernels.py --quick --budget-s 85 --out "$W/kernels" ;;
 p2)
   step 90 gpu-tests python3 -m pytest -q tests/test_fp8.py tests/test_salad_core_gpu.py -k "fp8 or triton_matches"
   step 150 fp8 python3 benchmarks/bench_fp8.py --sweep --budget-s 125 --out "$W/fp8.json"
