@@ -27,7 +27,9 @@ Measured (benchmarks/results/2026-11-28-fp8-nvidia_h200.*, NVIDIA H200, Triton 3
 faster than the bf16 one (0.91-1.00x at 90/95% on Wan-1.3B/14B 480p and 21x30x30; quantising K/V adds
 0.14-0.72 ms), and it differs from the step-by-step reference by ~1% (5e-3 gate failed: the tensor cores'
 fp8 accumulation is coarser than the reference's fp32).  The kernel is bound by the softmax and the LUT
-walk, not by tensor-core throughput; opt-in and experimental.
+walk, not by tensor-core throughput; opt-in and experimental.  The bf16 kernel's inner loop was then made
+~9% faster (max on raw scores, tail mask only past L; benchmarks/results/fwd_loop/), which this kernel does not
+have: 0.86x the bf16 kernel at Wan-1.3B 480p (benchmarks/results/2026-11-28-fp8-loop-nvidia_h200.*).
 Error: on random bf16 inputs (the hardest case: the output is a cancelling average) about 5% relative L2
 against exact attention, from the e4m3 rounding of q.k (~4%), of P and of V (~2.5% each); bf16 is ~0.2%.
 Outputs dominated by a few keys, or by V's mean, fare better (benchmarks/bench_fp8.py reports it per

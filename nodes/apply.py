@@ -91,8 +91,8 @@ class SALADApplyAttention:
                 "precision": (list(PRECISIONS), {"default": DEFAULT_PRECISION,
                                            "tooltip": "bf16 (recommended): sparse attention in the model's "
                                                       "16-bit dtype. fp8 (experimental): Q.K and P.V on FP8 "
-                                                      "tensor cores; measured on an H200 it is NOT faster yet "
-                                                      "(0.91-1.00x the bf16 kernel) and adds ~5% error per "
+                                                      "tensor cores; measured on an H200 it is NOT faster "
+                                                      "(0.86x the bf16 kernel) and adds ~5% error per "
                                                       "attention call (README, Speed). Cards without FP8 and "
                                                       "centroid compensation fall back to bf16 (logged)."}),
             },
