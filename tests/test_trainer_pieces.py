@@ -105,7 +105,9 @@ def test_train_and_select_keeps_only_blocks_that_help():
         store.add(**s)
     w = SaladWeights.new(32, 2, 3, blocks=[0, 2], sparsity=0.9)
     logs = []
-    out = train_and_select(store, w, TrainConfig(steps=120, lr=3e-2, batch_size=2, log_every=60, seed=seed), CFG,
+    # 300 steps: at 120 about 1 seed in 10 had not learned block 2 yet (held-out gain < MIN_GAIN); at 300 the
+    # smallest gain over 33 seeds was 7.8%
+    out = train_and_select(store, w, TrainConfig(steps=300, lr=3e-2, batch_size=2, log_every=150, seed=seed), CFG,
                            device="cpu", callback=logs.append, source="from a test")
     assert out["training"]["blocks"] == [0, 2] and len(logs) == 4
     assert 2 in out["kept"] and 0 in out["dropped"], out["per_block"]
