@@ -212,37 +212,6 @@ def _mask_tail(qk, start, kmask, LK, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _exp2_poly(x):
-    """2**x for x <= 0 on the FMA units (degree-3 fit of 2**f on [0, 1), max rel. error 8.6e-5; 0 below -127)."""
-    x = tl.maximum(x, -127.0)
-    n = tl.floor(x)
-    f = x - n
-    p = 1.0 + f * (0.6951155 + f * (0.2276508 + f * 0.0770617))
-    return (p.to(tl.int32, bitcast=True) + (n.to(tl.int32) << 23)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _exp2_mode(x, EXP_MODE: tl.constexpr):
-    if EXP_MODE == 0:
-        p = tl.exp2(x)
-    elif EXP_MODE == 1:
-        p = _exp2_poly(x)
-    else:
-        a, b = tl.split(tl.reshape(x, [x.shape[0], x.shape[1] // 2, 2]))
-        p = tl.reshape(tl.join(tl.exp2(a), _exp2_poly(b)), [x.shape[0], x.shape[1]])
-    return p
-
-
-@triton.jit
-def _softmax_raw_x(qk, qk_scale, m_i, l_i, acc, EXP_MODE: tl.constexpr):
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    alpha = tl.exp2(m_i - m_new)
-    acc = acc * alpha[:, None]
-    p = _exp2_mode(qk * qk_scale - m_new[:, None], EXP_MODE)
-    return m_new, l_i * alpha + tl.sum(p, 1), acc, p
-
-
-@triton.jit
 def _softmax_raw(qk, qk_scale, m_i, l_i, acc):
     """One online-softmax step over raw scores qk (exp2 domain after scaling by qk_scale > 0): the max
     is taken before scaling, so scale and max subtraction are one FMA per score.  Returns the new
@@ -392,7 +361,7 @@ def _sparse_fwd_kernel(Q, K, V, O, LSE, IDX, CNT, ROWMAP, BIAS, GL, KM, VM,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, NUM_STAGES: tl.constexpr,
                        USE_TMA: tl.constexpr, ROWMAP_IO: tl.constexpr, HAS_BIAS: tl.constexpr,
                        HAS_GATE: tl.constexpr, COMPENSATE: tl.constexpr, BLOCK_C: tl.constexpr,
-                       KMAXP: tl.constexpr, EXP_MODE: tl.constexpr = 0, UNROLL: tl.constexpr = None):
+                       KMAXP: tl.constexpr):
     """Online-softmax attention of one query block (BLOCK_M rows = one key block) over its listed
     key blocks, walked in BLOCK_N-key tiles.  ROWMAP_IO: tile row r reads q row ROWMAP[r] and
     stores its output at row ROWMAP[r] (the caller's token order; plain loads for q, TMA has no row
@@ -410,12 +379,12 @@ def _sparse_fwd_kernel(Q, K, V, O, LSE, IDX, CNT, ROWMAP, BIAS, GL, KM, VM,
         q = _tile(Q, q_str, b, h, pid_m * BLOCK_M, offs_m, row_ok, offs_d, BLOCK_M, D, USE_TMA)
     idx_base, sik, n = _lut_row(IDX, CNT, lut_str, b, h, pid_m)
     m_i, l_i, acc = _online_softmax_init(BLOCK_M, D)
-    for t in tl.range(0, n * (BLOCK_M // BLOCK_N), num_stages=NUM_STAGES, loop_unroll_factor=UNROLL):
+    for t in tl.range(0, n * (BLOCK_M // BLOCK_N), num_stages=NUM_STAGES):
         start, offs_n, kmask = _lut_step(idx_base, sik, t, offs_n0, LK, BLOCK_M, BLOCK_N)
         k = _tile(K, k_str, b, h, start, offs_n, kmask, offs_d, BLOCK_N, D, USE_TMA)
         qk = _mask_tail(tl.dot(q, tl.trans(k)), start, kmask, LK, BLOCK_N)
         # every listed block (0 <= kb < nk) has >= 1 valid key, so m_i is finite after the first step
-        m_i, l_i, acc, p = _softmax_raw_x(qk, qk_scale, m_i, l_i, acc, EXP_MODE)
+        m_i, l_i, acc, p = _softmax_raw(qk, qk_scale, m_i, l_i, acc)
         v = _tile(V, v_str, b, h, start, offs_n, kmask, offs_d, BLOCK_N, D, USE_TMA)
         acc = tl.dot(p.to(v.dtype), v, acc)
     if COMPENSATE:

@@ -425,7 +425,6 @@ def _sparse_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block
         BLOCK_M=block, BLOCK_N=bn, D=D, NUM_STAGES=c.num_stages, USE_TMA=use_tma, ROWMAP_IO=rm is not None,
         HAS_BIAS=bias is not None, HAS_GATE=gl is not None, COMPENSATE=means is not None,
         **_centroid_tiles(nk, idx.shape[-1]),
-        **{key: c.kwargs[key] for key in ("EXP_MODE", "UNROLL") if key in c.kwargs},
         **_launch(c))
     return o, lse, means
 
