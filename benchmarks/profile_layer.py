@@ -46,6 +46,41 @@ GRIDS = {"480p": (21, 30, 52), "sq480": (21, 30, 30), "al18k": (18, 32, 32), "48
          "al624": (20, 40, 40), "720p": (21, 45, 80), "al720": (22, 48, 72)}
 
 
+# ---- shared by the GPU benchmark scripts (sweep_passes.py, sweep_fwd.py) --------------------------------------
+
+def shape(name: str):
+    """A shape name MODEL-GRID (e.g. "1.3b-480p", "14b-sq480"; keys of MODELS and GRIDS) -> (heads, grid)."""
+    model, grid = name.split("-", 1)
+    return MODELS[model][0], GRIDS[grid]
+
+
+def sweep_parser(doc: str, rep_ms: int, budget_s: float, smoke_help: str) -> argparse.ArgumentParser:
+    """The arguments every sweep script takes: --out, --shapes (MODEL-GRID names), --rep-ms, --budget-s, --smoke."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--shapes", default="1.3b-480p,14b-480p,1.3b-sq480", help="MODEL-GRID names, comma separated")
+    ap.add_argument("--rep-ms", type=int, default=rep_ms)
+    ap.add_argument("--budget-s", type=float, default=budget_s)
+    ap.add_argument("--smoke", action="store_true", help=smoke_help)
+    return ap
+
+
+def run_header(dev, **extra) -> dict:
+    """The head of a result JSON: card (or "cpu") and UTC date, then `extra`."""
+    import torch
+    card = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    return {"card": card, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **extra}
+
+
+def write_result(out, stem: str, res: dict) -> Path:
+    """res as OUT/<stem>-<date>-<card>.json (the folder is created)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stem}-{dt.date.today().isoformat()}-{res['card'].replace(' ', '_').lower()}.json"
+    path.write_text(json.dumps(res, indent=1))
+    return path
+
+
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
@@ -227,9 +262,7 @@ def main(argv=None):
     if a.smoke:
         MODELS["smoke"], GRIDS["smoke"], models, grids, a.rep_ms = (2, 32), (3, 10, 12), ["smoke"], ["smoke"], 10
     clock = Clock(dev, a.rep_ms)
-    card = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
-    res = {"card": card, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "torch": torch.__version__, "before": a.before, "batch": a.batch, "rows": []}
+    res = run_header(dev, torch=torch.__version__, before=a.before, batch=a.batch, rows=[])
     t_start = time.time()
     for model in models:
         H, D = MODELS[model]
@@ -260,10 +293,7 @@ def main(argv=None):
             del q, k, v, x
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = card.replace(" ", "_").lower()
-    (out / f"profile-layer-{dt.date.today().isoformat()}-{tag}.json").write_text(json.dumps(res, indent=1))
+    write_result(a.out, "profile-layer", res)
     hdr = f"{'model':<6}{'grid':<12}{'tok':>7}{'sp':>5}{'sdpa':>8}{'layer':>8}{'x':>6}{'queued':>8}" \
           f"{'whole':>8}{'x':>6}" \
           f"{'host us':>9}{'kern':>5}{'before':>8}{'b.host':>8}{'b.kern':>7}"

@@ -20,8 +20,6 @@ is not what bounds the kernel; they were removed.
 """
 from __future__ import annotations
 
-import argparse
-import datetime as dt
 import json
 import math
 import sys
@@ -30,23 +28,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-SHAPES = {"1.3b-480p": (12, (21, 30, 52)), "14b-480p": (40, (21, 30, 52)), "1.3b-sq480": (12, (21, 30, 30)),
-          "14b-720p": (40, (21, 45, 80)), "1.3b-480p33": (12, (9, 30, 52))}
+from profile_layer import make_inputs, median_ms, run_header, shape, sweep_parser, write_result  # noqa: E402
 
 # (num_warps, num_stages, BLOCK_N); the first is the table's entry for D=128
 VARIANTS = [(4, 2, 64), (4, 3, 64), (8, 2, 64), (8, 2, 128), (8, 3, 128), (4, 2, 128)]
 
 
 def parse(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--shapes", default="1.3b-480p,14b-480p,1.3b-sq480")
+    ap = sweep_parser(__doc__, rep_ms=100, budget_s=300, smoke_help="CPU interpreter, tiny shape, two configs")
     ap.add_argument("--sparsities", default="0.9,0.95")
-    ap.add_argument("--rep-ms", type=int, default=100)
-    ap.add_argument("--budget-s", type=float, default=300)
-    ap.add_argument("--smoke", action="store_true")
     return ap.parse_args(argv)
 
 
@@ -62,16 +53,13 @@ def main(argv=None):
     import salad_pack.kernels as K
     from salad_pack.salad_core import attention as A
     from salad_pack.salad_core.tiling import TileLayout
-    from profile_layer import median_ms, make_inputs
     dev = torch.device("cpu" if a.smoke else "cuda")
     dtype = torch.float16 if a.smoke else torch.bfloat16
-    shapes = {k: SHAPES[k] for k in a.shapes.split(",")}
+    shapes = {k: shape(k) for k in a.shapes.split(",")}
     variants = VARIANTS
     if a.smoke:
         shapes, variants, a.rep_ms = {"smoke": (2, (3, 10, 12))}, VARIANTS[:2], 1
-    card = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
-    res = {"card": card, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "torch": torch.__version__, "triton": triton.__version__, "rows": []}
+    res = run_header(dev, torch=torch.__version__, triton=triton.__version__, rows=[])
     t0 = time.time()
     for name, (H, grid) in shapes.items():
         D = 32 if a.smoke else 128
@@ -117,10 +105,7 @@ def main(argv=None):
         del q, k, v, x
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = card.replace(" ", "_").lower()
-    (out / f"sweep-fwd-{dt.date.today().isoformat()}-{tag}.json").write_text(json.dumps(res, indent=1))
+    write_result(a.out, "sweep-fwd", res)
     return res
 
 

@@ -14,12 +14,9 @@ kept busy (so only the host's work is seen): the functions where the host spends
 """
 from __future__ import annotations
 
-import argparse
 import cProfile
-import datetime as dt
 import io
 import itertools
-import json
 import pstats
 import sys
 import time
@@ -28,18 +25,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-SHAPES = {"1.3b-480p": (12, (21, 30, 52)), "14b-480p": (40, (21, 30, 52)), "1.3b-sq480": (12, (21, 30, 30)),
-          "14b-sq480": (40, (21, 30, 30)), "1.3b-480p17": (12, (5, 30, 52))}
+from profile_layer import median_ms, run_header, shape, sweep_parser, write_result  # noqa: E402
+
+SMOKE = (2, (2, 8, 8))          # heads, grid of --smoke
 
 
 def parse(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--shapes", default="1.3b-480p,14b-480p,1.3b-sq480")
+    ap = sweep_parser(__doc__, rep_ms=60, budget_s=240, smoke_help="CPU interpreter, tiny shape, two candidates")
     ap.add_argument("--host-profile", action="store_true")
-    ap.add_argument("--rep-ms", type=int, default=60)
-    ap.add_argument("--budget-s", type=float, default=240)
-    ap.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shape, two candidates")
     return ap.parse_args(argv)
 
 
@@ -70,22 +63,15 @@ def main(argv=None):
     dev = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float16
     if a.smoke:
-        SHAPES["smoke"] = (2, (2, 8, 8))
         a.shapes = "smoke"
 
     def bench(fn):
-        if dev.type != "cuda":
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1000
-        from triton.testing import do_bench
-        return do_bench(fn, warmup=15, rep=a.rep_ms, return_mode="median")
+        return median_ms(fn, dev, a.rep_ms, 15)
 
-    card = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
-    res = {"card": card, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "shapes": {}}
+    res = run_header(dev, shapes={})
     t_start = time.time()
     for name in a.shapes.split(","):
-        H, grid = SHAPES[name]
+        H, grid = SMOKE if a.smoke else shape(name)
         D = 32 if a.smoke else 128
         L = grid[0] * grid[1] * grid[2]
         lay = TileLayout.get(grid, 0, 0, (2, 8, 8), dev)
@@ -135,14 +121,14 @@ def main(argv=None):
                               flush=True)
                     entry[f"{kind}_default_ms"] = default
                     nbytes = entry["kv_bytes"] if kind == "kv_pass" else entry["q_bytes"]
-                    print(f"[sweep] {card} {name} {kind}: default {default:.3f} ms, best {best['ms']:.3f} ms "
+                    print(f"[sweep] {res['card']} {name} {kind}: default {default:.3f} ms, best {best['ms']:.3f} ms "
                           f"{best['config']} ({nbytes / best['ms'] / 1e9:.2f} TB/s; K/V index_select copy "
                           f"{copy_ms:.3f} ms)", flush=True)
         res["shapes"][name] = entry
         del q, k, v
 
     if a.host_profile:
-        H, grid = SHAPES["smoke" if a.smoke else "1.3b-480p17"]
+        H, grid = SMOKE if a.smoke else shape("1.3b-480p17")
         D = 32 if a.smoke else 128
         L = grid[0] * grid[1] * grid[2]
         q, k, v, x = (torch.randn(1, L, H * D, device=dev, dtype=dtype) for _ in range(4))
@@ -173,10 +159,7 @@ def main(argv=None):
         pstats.Stats(pr, stream=s2).sort_stats("cumulative").print_stats(40)
         res["host_profile"] = {"calls": n, "host_us_per_call_under_cprofile": host_us}
         print(f"[host] {host_us:.0f} us per call under cProfile\n{s.getvalue()}\n{s2.getvalue()}", flush=True)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"sweep-passes-{dt.date.today().isoformat()}-{card.replace(' ', '_').lower()}.json").write_text(
-        json.dumps(res, indent=1))
+    write_result(a.out, "sweep-passes", res)
     return res
 
 
