@@ -564,7 +564,7 @@ def make_selector(variant: str):
     if sink == "tok" or parse_aug(sink) or variant.startswith("oracle"):
         raise ValueError(f"selection_study: {variant} is not a block-level selection (study only)")
 
-    def select_blocks(qh, kh, layout, config, q_rowmap=None, k_pooled=None):
+    def select_blocks(qh, kh, layout, config, q_rowmap=None, k_pooled=None, q_pooled=None):
         if q_rowmap is not None:
             qh = qh.index_select(2, q_rowmap.to(qh.device, torch.long))
         nk = kh.shape[2] // config.block

@@ -133,17 +133,22 @@ def _window_lut_cached(grid, n_front, n_back, tile, device, block, sparsity, win
 
 
 def select_blocks(qh: Tensor, kh: Tensor, layout: TileLayout, config: SaladConfig,
-                  q_rowmap: Optional[Tensor] = None, k_pooled: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                  q_rowmap: Optional[Tensor] = None, k_pooled: Optional[Tensor] = None,
+                  q_pooled: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Block lists for tile-ordered (B,H,L,D) q, k (q in raster order with q_rowmap = layout.perm).
-    k_pooled: kernels.pool_blocks(kh) if the caller has it (top-k then pools k only once)."""
+    k_pooled / q_pooled: the fp32 block means of the tile-ordered k / q if the caller has them
+    (kernels.pool_blocks, kv_pass, q_pass): top-k then scores the given means instead of pooling again.
+    The one selection entry point of both paths (benchmarks/selection_study.py swaps it out)."""
     B, H = qh.shape[:2]
     if config.pattern == "window":
         idx, cnt = _window_lut(layout, config)
         return idx.expand(B, H, *idx.shape[2:]), cnt.expand(B, H, cnt.shape[-1])
     extra = layout.extra_blocks(config.block)
-    return K.select_topk(qh, kh, config.sparsity, block=config.block,
-                         always_kept=extra if extra.numel() else None, backend=config.backend, q_rowmap=q_rowmap,
-                         k_pooled=k_pooled)
+    kept = extra if extra.numel() else None
+    if q_pooled is not None and k_pooled is not None:
+        return K.topk_from_pooled(q_pooled, k_pooled, config.sparsity, always_kept=kept, backend=config.backend)
+    return K.select_topk(qh, kh, config.sparsity, block=config.block, always_kept=kept, backend=config.backend,
+                         q_rowmap=q_rowmap, k_pooled=k_pooled)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,12 +385,7 @@ def _infer(q: Tensor, k: Tensor, v: Tensor, B: int, L: int, H: int, D: int, layo
     if topk or linear:
         q_mean, o_lin = K.q_pass(q4, rowmap, config.block, state=state, eps=config.eps, gate_logit=gl, pool=topk,
                                  backend=config.backend)
-    if topk:
-        extra = layout.extra_blocks(config.block)
-        idx, cnt = K.topk_from_pooled(q_mean, k_mean, config.sparsity, always_kept=extra if extra.numel() else None,
-                                      backend=config.backend)
-    else:
-        idx, cnt = _window_lut(layout, config)
+    idx, cnt = select_blocks(q4, kt, layout, config, q_rowmap=rowmap, k_pooled=k_mean, q_pooled=q_mean)
     mats, bias = proj_factors(proj, q, f"SALAD Proj weights{where}") if linear else ((), None)
     bias_gate = gl if bias is not None else None       # the kernels add sigmoid(gl) * bias
     if config.precision == "fp8" and _fp8_usable(q, config):
