@@ -47,14 +47,15 @@ class LowRankProj(nn.Module):
     A new module follows the zero-init rule of the module docstring (output exactly 0, trainable):
     ``up`` = 0, ``down`` orthonormal rows from ``seed``."""
 
-    def __init__(self, dim: int, rank: int, seed: int = 0, device=None, dtype=None):
+    def __init__(self, dim: int, rank: int, seed: int = 0, device=None, dtype=None, init: bool = True):
         super().__init__()
         dim, rank = int(dim), int(rank)
         if dim < 1 or not 1 <= rank <= dim:
             raise ValueError(f"LowRankProj needs dim >= 1 and 1 <= rank <= dim, got dim {dim}, rank {rank}")
         self.down = nn.Linear(dim, rank, bias=False, device=device, dtype=dtype)
         self.up = nn.Linear(rank, dim, device=device, dtype=dtype)
-        self.reset_parameters(seed)
+        if init:
+            self.reset_parameters(seed)
 
     @torch.no_grad()
     def reset_parameters(self, seed: int = 0) -> None:
@@ -82,12 +83,19 @@ class LowRankProj(nn.Module):
         return f"dim={self.dim}, rank={self.rank}"
 
 
-def make_proj(dim: int, rank: int = 0, seed: int = 0, device=None, dtype=None) -> nn.Module:
+def make_proj(dim: int, rank: int = 0, seed: int = 0, device=None, dtype=None, init: bool = True) -> nn.Module:
     """A fresh Proj following the zero-init rule: rank 0 or rank >= dim -> ``nn.Linear(dim, dim)`` with weight
-    and bias 0; 1 <= rank < dim -> :class:`LowRankProj` (``up`` = 0, ``down`` orthonormal rows from ``seed``)."""
+    and bias 0; 1 <= rank < dim -> :class:`LowRankProj` (``up`` = 0, ``down`` orthonormal rows from ``seed``).
+    ``init=False``: the same module with uninitialised storage, for a caller that overwrites every tensor (a load
+    or a copy: no random init, no QR)."""
     dim, rank = int(dim), int(rank)
     if rank < 0:
         raise ValueError(f"proj rank must be >= 0 (0: full dim x dim Proj), got {rank}")
+    if not init:
+        full = rank == 0 or rank >= dim
+        mod = (nn.Linear(dim, dim, device="meta", dtype=dtype) if full
+               else LowRankProj(dim, rank, device="meta", dtype=dtype, init=False))
+        return mod.to_empty(device=device if device is not None else "cpu")
     if rank == 0 or rank >= dim:
         lin = nn.Linear(dim, dim, device=device, dtype=dtype)
         with torch.no_grad():

@@ -503,7 +503,7 @@ def subset_weights(weights: SaladWeights, keep: Iterable[int]) -> SaladWeights:
     """A copy of ``weights`` covering only blocks ``keep`` (same metadata, ``blocks`` updated)."""
     keep = sorted(set(int(b) for b in keep))
     out = SaladWeights(weights.dim, weights.heads, weights.num_blocks, keep, metadata=dict(weights.metadata),
-                       path=weights.path, proj_rank=weights.proj_rank)
+                       path=weights.path, proj_rank=weights.proj_rank, init=False)
     p0 = next(iter(weights.parameters()), None)
     if p0 is not None:
         out.to(device=p0.device, dtype=p0.dtype)

@@ -140,12 +140,13 @@ class SaladWeights(nn.Module):
     ``proj`` and ``gate`` are ``nn.ModuleDict`` keyed by ``str(block_index)``.  ``proj_rank``: 0 = full Proj,
     r = rank-r Proj in every block (r >= dim means full); None takes the metadata's ``proj_rank`` (default 0),
     so a copy made from another file's metadata keeps its form.  New modules follow the zero-init rule
-    (see :func:`~.proj.make_proj`; :meth:`new` also zeroes the gates).
+    (see :func:`~.proj.make_proj`; :meth:`new` also zeroes the gates); ``init=False`` leaves every tensor
+    uninitialised, for a load or a copy that overwrites them all (no init work on dim x dim matrices).
     """
 
     def __init__(self, dim: int, heads: int, num_blocks: int, block_ids: Sequence[int],
                  metadata: Optional[Dict[str, str]] = None, path: Optional[str] = None,
-                 proj_rank: Optional[int] = None, seed: int = 0):
+                 proj_rank: Optional[int] = None, seed: int = 0, init: bool = True):
         super().__init__()
         dim, heads, num_blocks = int(dim), int(heads), int(num_blocks)
         if dim < 1 or heads < 1 or dim % heads:
@@ -160,8 +161,10 @@ class SaladWeights(nn.Module):
         self.dim, self.heads, self.num_blocks = dim, heads, num_blocks
         self.block_ids: List[int] = ids
         self.path = path
-        self.proj = nn.ModuleDict({str(i): make_proj(dim, self.proj_rank, seed=_proj_seed(i, seed)) for i in ids})
-        self.gate = nn.ModuleDict({str(i): nn.Linear(dim, 1) for i in ids})
+        self.proj = nn.ModuleDict({str(i): make_proj(dim, self.proj_rank, seed=_proj_seed(i, seed), init=init)
+                                   for i in ids})
+        self.gate = nn.ModuleDict({str(i): nn.Linear(dim, 1) if init else
+                                   nn.Linear(dim, 1, device="meta").to_empty(device="cpu") for i in ids})
         meta = dict(DEFAULT_META)
         meta.update({k: str(v) for k, v in (metadata or {}).items()})
         self.metadata: Dict[str, str] = meta
@@ -218,7 +221,7 @@ class SaladWeights(nn.Module):
             raise SaladWeightsError(f"to_low_rank: these weights already have rank {self.proj_rank}; a rank-{r} "
                                     f"copy would not be smaller")
         out = SaladWeights(self.dim, self.heads, self.num_blocks, self.block_ids, metadata=dict(self.metadata),
-                           path=None, proj_rank=r)
+                           path=None, proj_rank=r, init=False)
         p0 = next(iter(self.parameters()), None)
         if p0 is not None:
             out.to(device=p0.device, dtype=p0.dtype)
@@ -596,7 +599,7 @@ def _load(path: Path, device, dtype) -> SaladWeights:
         if info["dtype"] not in _FLOAT_DTYPES:
             raise SaladWeightsError(f"{name}: tensor {tname} has dtype {clip(info['dtype'])}, expected a float type")
 
-    w = SaladWeights(dim, heads, nblk, ids, metadata=full, path=str(path), proj_rank=rank)
+    w = SaladWeights(dim, heads, nblk, ids, metadata=full, path=str(path), proj_rank=rank, init=False)
     dst = w.state_tensors()
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
