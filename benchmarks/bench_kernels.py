@@ -266,9 +266,8 @@ def sweep(name, shape, sparsity=0.9):
     out["lin_state"] = sweep_configs("lin_state", LIN_STATE_CANDIDATES, lambda o: ops.linear_state(k, v, o),
                                      D, q.dtype, L)
     S, z = ops.linear_state(k, v)
-    SH, SLO, LP = ops._lin_operands(S, q.dtype)
     out["lin_apply"] = sweep_configs("lin_apply", LIN_APPLY_CANDIDATES,
-                                     lambda o: ops._linear_apply(q, SH, SLO, LP, z, 1e-5, opts=o), D, q.dtype, L)
+                                     lambda o: ops._linear_apply(q, S, z, 1e-5, opts=o), D, q.dtype, L)
     log("sweep", name, {kind: (r["table"], r["fastest"]) for kind, r in out.items()})
     return out
 

@@ -85,6 +85,7 @@ def main(argv=None):
             entry = {"H": H, "L": L, "copy_ms": copy_ms, "kv_bytes": 4 * k.numel() * k.element_size(),
                      "q_bytes": 2 * q.numel() * q.element_size(), "kv_pass": [], "q_pass": []}
             for kind in ("kv_pass", "q_pass"):
+                tried = []                  # (config, ms) of this kind's candidates
                 for c in candidates(kind, a.smoke):
                     if time.time() - t_start > a.budget_s:
                         break
@@ -102,6 +103,7 @@ def main(argv=None):
                         print(f"[sweep] {name} {kind} {c} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
                     entry[kind].append(dict(config=dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages),
                                             ms=ms))
+                    tried.append((c, ms))
                 ok = [r for r in entry[kind] if r["ms"] is not None]
                 if ok:
                     best = min(ok, key=lambda r: r["ms"])
@@ -109,9 +111,8 @@ def main(argv=None):
                                              else K.q_pass(q, rm, state=st, gate_logit=gl)))
                     entry[f"{kind}_best"] = best
                     if kind == "kv_pass":   # which part bounds it: the gather alone, + pooling, + state
-                        bo = K.TritonOptions(configs={kind: candidates(kind, a.smoke)[0].__class__(
-                            {k_: v_ for k_, v_ in best["config"].items() if k_ not in ("num_warps", "num_stages")},
-                            num_warps=best["config"]["num_warps"], num_stages=best["config"]["num_stages"])})
+                        bo = K.TritonOptions(configs={kind: min((t for t in tried if t[1] is not None),
+                                                                key=lambda t: t[1])[0]})
                         entry["kv_gather_only_ms"] = bench(lambda: K.kv_pass(k, v, rm, pool_k=False, linear_state=False,
                                                                              triton_options=bo))
                         entry["kv_gather_pool_ms"] = bench(lambda: K.kv_pass(k, v, rm, pool_k=True, linear_state=False,

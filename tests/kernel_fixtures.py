@@ -3,20 +3,14 @@
 ``salad_pack.kernels`` is imported inside the fixtures, not here: test_kernels selects the Triton CPU
 interpreter (TRITON_INTERPRET=1) before the kernels are first imported.
 """
-import os
-import random
-
 import pytest
-import torch
+from seeds import fresh_seed
 
 
 @pytest.fixture
 def seed():
     """A fresh seed per test (``SALAD_TEST_SEED`` replays one), printed so a failure can be replayed."""
-    s = int(os.environ.get("SALAD_TEST_SEED", random.SystemRandom().randrange(2**31)))
-    torch.manual_seed(s)
-    print(f"[seed {s}]")
-    return s
+    return fresh_seed()
 
 
 @pytest.fixture

@@ -16,12 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 sys.path.insert(0, str(Path(__file__).parent))
+from triton_env import have_triton, kernel_device, ptxas_bundled, use_interpreter_without_cuda  # noqa: E402
+
+use_interpreter_without_cuda()   # before the kernels are first imported
 from _pack import register  # noqa: E402
-from triton_env import ptxas_bundled  # noqa: E402
 
 register()
 
@@ -29,12 +28,8 @@ import salad_pack.kernels as K  # noqa: E402
 from salad_pack.kernels import fp8 as F8  # noqa: E402
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
-DEV = torch.device("cpu" if INTERP or not torch.cuda.is_available() else "cuda")
-try:
-    import triton  # noqa: F401
-    HAVE_TRITON = True
-except Exception:  # pragma: no cover
-    HAVE_TRITON = False
+DEV = kernel_device()
+HAVE_TRITON = have_triton()
 RUNNABLE = HAVE_TRITON and (INTERP or F8.fp8_support(DEV)[0])
 needs_fp8 = pytest.mark.skipif(not RUNNABLE, reason=f"FP8 kernels cannot run here: {F8.fp8_support(DEV)[1]}")
 # kernel vs the step-by-step reference: the interpreter computes in IEEE fp32 like torch; the GPU's exp2

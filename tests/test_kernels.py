@@ -92,7 +92,7 @@ def TIGHT(t: float):
     return (t, t) if DEV.type == "cpu" else (1e-2, 1e-2)
 
 
-def check_lut(idx, cnt, nk, k_expect, seed, forced=None):
+def check_lut(idx, cnt, nk, k_expect, seed):
     B, H, nq, kmax = idx.shape
     slot = torch.arange(kmax, device=idx.device)
     valid = slot < cnt[..., None].long()

@@ -338,7 +338,6 @@ def test_finetune_low_rank_checkpoints_and_resume_checks(tmp_path):
 def test_mix_branches_low_rank_bf16_activations_fp32_parameters():
     """Training shape: bf16 activations, fp32 (trainable) low-rank Proj outside autocast: computed in the
     promoted dtype (fp32), returned in the sparse output's dtype, gradients reach both factors."""
-    from salad_pack.salad_core.attention import mix_branches
     proj = LowRankProj(32, 4)
     with torch.no_grad():
         proj.up.weight.normal_()
