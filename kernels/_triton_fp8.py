@@ -26,9 +26,7 @@ import triton.language as tl
 from ._triton_kernels import (_head, _io_rows, _lut_row, _lut_step, _online_softmax_init, _program_head,
                               _query_rows, _rows, _sigmoid, _split_rows, _split_tile, _tile)
 
-FP8_MAX = 448.0                  # largest finite float8_e4m3fn
-P_LOG2 = 8                       # P is quantised as p * 2**P_LOG2 (p <= 1 after the max subtraction)
-TINY = 1e-20                     # an all-zero row / block gets this amax (its values quantise to 0)
+from .fp8 import FP8_MAX, P_LOG2, TINY   # the host module's constants (it loads without Triton)
 _FP8_MAX = tl.constexpr(FP8_MAX)
 _P_LOG2 = tl.constexpr(float(P_LOG2))
 _TINY = tl.constexpr(TINY)

@@ -413,7 +413,8 @@ def _sparse_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block
     lse = _empty(B, H, L, device=q.device, dtype=torch.float32, poison=opts.poison)
     rm = _rowmap(rowmap, L, q.device)
     bias, bias_sb, gl = bias_args(bias, gate_logit, B, H * D, q.device)
-    use_tma = _use_tma(c, opts, q, k, v)
+    # with a row map q is read with plain loads, so only k and v must meet TMA's rules
+    use_tma = _use_tma(c, opts, k, v) if rm is not None else _use_tma(c, opts, q, k, v)
     kd, vd = _descs(use_tma, (k, bn), (v, bn))
     # with a row map q rows are gathered with plain loads: no descriptor for q (host work per call)
     qd = q if rm is not None else _descs(use_tma, (q, block))[0]
@@ -539,7 +540,6 @@ class _LinearAttnFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, eps: float, layout: str, opts: TritonOptions) -> Tensor:
         S, z = linear_state(k, v, opts)
-        S, z = S.contiguous(), z.contiguous()
         eps_s = eps / max(1, k.shape[2])
         o = _linear_apply(q, S, z, eps_s, layout, opts)
         ctx.save_for_backward(q, k, v, z, S)

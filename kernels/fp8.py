@@ -52,9 +52,9 @@ from .reference import DEFAULT_BLOCK, bias_args, num_blocks
 Tensor = torch.Tensor
 
 FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
-FP8_MAX = 448.0            # largest finite e4m3 value (mirrors _triton_fp8.FP8_MAX)
-P_LOG2 = 8                 # P is quantised as p * 2**P_LOG2 (mirrors _triton_fp8.P_LOG2)
-TINY = 1e-20               # amax floor of an all-zero row / block / channel (mirrors _triton_fp8.TINY)
+FP8_MAX = 448.0            # largest finite e4m3 value
+P_LOG2 = 8                 # P is quantised as p * 2**P_LOG2
+TINY = 1e-20               # amax floor of an all-zero row / block / channel (the kernels import these)
 MIN_CAPABILITY = (8, 9)    # FP8 tensor cores: Ada (8.9), Hopper (9.0) and later
 HEAD_DIMS = (64, 128)
 _LOG2E = 1.4426950408889634
@@ -228,16 +228,13 @@ def quantize_kv_fp8(k: Tensor, v: Tensor, block: int = DEFAULT_BLOCK, smooth_k: 
     _check_kv(k, v, block)
     _require(k.device, "quantize_kv_fp8")
     from . import _triton_fp8 as tf
-    from ._triton_ops import triton_cdiv
+    from ._triton_ops import _lastdim_contig, _splits
     B, H, L, D = k.shape
-    if k.stride(-1) != 1 or v.stride(-1) != 1:
-        k, v = k.contiguous(), v.contiguous()
+    k, v = _lastdim_contig(k), _lastdim_contig(v)
     k_str, v_str = k.stride()[:3], v.stride()[:3]
     cs = fp8_config("stats", D)
     bn = cs["BLOCK_N"]
-    nsplit = max(1, min(triton_cdiv(L, bn), cs["PROGRAMS"] // (B * H)))
-    chunk = triton_cdiv(triton_cdiv(L, bn), nsplit) * bn
-    nsplit = triton_cdiv(L, chunk)
+    nsplit, chunk = _splits(L, bn, B * H, cs["PROGRAMS"])
     sp = torch.empty(B * H, nsplit, 4, D, device=k.device, dtype=torch.float32)
     tf._kv_stats_kernel[(nsplit, B * H)](k, v, sp, k_str, v_str, H, L, chunk, nsplit, BLOCK_N=bn, D=D,
                                          num_warps=cs["num_warps"])
@@ -306,22 +303,21 @@ def block_sparse_attention_rowmap_fp8(q: Tensor, kv8: KV8, idx: Tensor, cnt: Ten
     _check_attn(q, kv8, block)
     _require(q.device, "block_sparse_attention_rowmap_fp8")
     from . import _triton_fp8 as tf
-    from ._triton_ops import _lut_views, _rowmap
+    from ._triton_ops import _descs, _lastdim_contig, _lut_views, _out, _rowmap
     B, H, L, D = q.shape
-    if q.stride(-1) != 1:
-        q = q.contiguous()
+    q = _lastdim_contig(q)
     nq, nk = num_blocks(L, block), kv8.k_scale.shape[-1]
     idx, cnt, lut_str = _lut_views(idx, cnt, B, H, nq)
     rm = _rowmap(rowmap, L, q.device)
     c = fp8_config("fwd", D, config)
     bn = min(c["BLOCK_N"], block)
-    o = torch.empty(B, L, H, D, device=q.device, dtype=q.dtype).permute(0, 2, 1, 3)
+    o = _out(B, H, L, D, q.device, q.dtype, "blhd")
     bias, bias_sb, gl = bias_args(bias, gate_logit, B, H * D, q.device)
     kd, vd = kv8.k8, kv8.v8t
     if c["USE_TMA"]:  # our own contiguous buffers: TMA's 16-byte rules always hold
         from triton.tools.tensor_descriptor import TensorDescriptor
-        kd = TensorDescriptor.from_tensor(kv8.k8, [1, 1, bn, D])
-        vd = TensorDescriptor.from_tensor(kv8.v8t, [1, 1, D, bn])
+        kd = _descs(True, (kv8.k8, bn))[0]
+        vd = TensorDescriptor.from_tensor(kv8.v8t, [1, 1, D, bn])     # (B,H,D,LP): blocks of D rows x bn keys
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     tf._sparse_fwd_fp8_kernel[(nq, B * H)](
         q, kd, vd, kv8.k_scale, kv8.v_scale, kv8.v_mean, o, idx, cnt, rm if rm is not None else cnt,
