@@ -28,7 +28,7 @@ How (no ComfyUI file is edited, the user's model object is never touched):
   * The gate/Proj weights live in their own ModelPatcher (in the model's compute dtype) attached
     with ``set_additional_models``, so ComfyUI's memory management loads and offloads them with the
     model.  When a partial / low-VRAM load leaves them on the CPU, each block's weights follow the
-    activations per call (salad_core.attention.linear_params), as ComfyUI's ops do for offloaded
+    activations per call (salad_core.proj.linear_params), as ComfyUI's ops do for offloaded
     layers.
 """
 from __future__ import annotations

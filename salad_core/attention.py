@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from .. import kernels as K
 from .options import (BACKENDS, COMPENSATIONS, DEFAULT_BACKEND, DEFAULT_COMPENSATION, DEFAULT_PATTERN,
                       DEFAULT_PRECISION, DEFAULT_SPARSITY, PATTERNS, PRECISIONS)
-from .proj import add_factors_, proj_factors
+from .proj import add_factors_, apply_factors, linear_params, proj_factors
 from .tiling import DEFAULT_TILE, TileLayout
 
 Tensor = torch.Tensor
@@ -228,28 +228,6 @@ def salad_branches(q: Tensor, k: Tensor, v: Tensor, heads: int, *, grid: Sequenc
     return o_s, (_linear_branch(q, k, v, B, L, H, D, config) if linear else None)
 
 
-def linear_params(mod: torch.nn.Module, like: Tensor, what: str = "SALAD weights") -> Tuple[Tensor, Optional[Tensor]]:
-    """(weight, bias) of an ``nn.Linear``-like module on ``like``'s device and dtype.
-
-    This is how the SALAD weights follow the activations in every memory mode of the host
-    application: fully loaded on the GPU it is a no-op (apart from a dtype cast when the weights
-    are stored in another dtype); when the weights were left on the CPU by a partial / low-VRAM
-    load, the block's weights are copied for this call only, as ComfyUI's own ops do for offloaded
-    layers.  Weights that hold no data (``meta`` tensors) raise a ValueError naming ``what``.
-    """
-    w = mod.weight
-    b = getattr(mod, "bias", None)
-    if w.is_meta or (b is not None and b.is_meta):
-        raise ValueError(f"{what} are on the 'meta' device (they hold no data: the weight file was never "
-                         f"loaded into memory); activations are on {like.device}. Load the weights again.")
-    if w.device != like.device or w.dtype != like.dtype:
-        nb = w.device.type == "cpu" and like.device.type == "cuda" and w.is_pinned()
-        w = w.to(device=like.device, dtype=like.dtype, non_blocking=nb)
-        if b is not None:
-            b = b.to(device=like.device, dtype=like.dtype, non_blocking=nb)
-    return w, b
-
-
 def _token_mean(x: Tensor, batch: int) -> Tensor:
     """(B, dim) fp32 mean over the tokens of the block input x (B, L, dim), accumulated in fp32 (no fp32
     copy of x)."""
@@ -284,16 +262,16 @@ def mix_branches(o_sparse: Tensor, o_linear: Tensor, proj: torch.nn.Module,
     """``o_sparse + G * proj(o_linear)`` in ``out_dtype`` (default o_sparse.dtype).
 
     Training (grad enabled and proj has trainable parameters): computed in the promoted dtype of
-    the activations and the (fp32 master) parameters.  Inference: an ``nn.Linear`` proj runs in
-    the activation dtype on the activations' device (see :func:`linear_params`).
+    the activations and the (fp32 master) parameters.  Otherwise the proj (full or low rank) runs in
+    the activation dtype on the activations' device (see :func:`proj_factors`).
     """
     out_dtype = out_dtype or o_sparse.dtype
-    w = next(proj.parameters(), None)       # (a low-rank Proj has no .weight: its first factor's dtype)
-    if _needs_autograd(proj) or not isinstance(proj, torch.nn.Linear):
+    if _needs_autograd(proj):
+        w = next(proj.parameters(), None)   # (a low-rank Proj has no .weight: its first factor's dtype)
         cdt = torch.promote_types(o_linear.dtype, w.dtype) if w is not None else o_linear.dtype
         y = proj(o_linear.to(cdt))
     else:
-        y = F.linear(o_linear, *linear_params(proj, o_linear, "SALAD Proj weights"))
+        y = apply_factors(o_linear, *proj_factors(proj, o_linear, "SALAD Proj weights"))
     if G is not None:
         y = y * G.to(y.dtype)
     if y.dtype == out_dtype and o_sparse.dtype == out_dtype:

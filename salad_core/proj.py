@@ -18,17 +18,20 @@ Orthonormal rows keep ``down(x)`` at the scale of ``x``'s projection onto the r-
 
 Helpers: :func:`make_proj` (fresh Proj of a rank), :func:`svd_truncate` (training-free compression of a
 trained full Proj), :func:`proj_rank`, :func:`proj_matrix` (the dim x dim matrix a Proj applies) and the
-inference helpers :func:`proj_bias` / :func:`proj_add_` that the attention code calls.
+inference helpers the attention code calls: :func:`linear_params` (a module's weights on the activations'
+device and dtype, also for the gate), :func:`proj_factors` with :func:`add_factors_` (in place, the hot
+path) or :func:`apply_factors`; :func:`proj_bias` / :func:`proj_add_` are the same for one-off callers.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["LowRankProj", "make_proj", "svd_truncate", "proj_rank", "proj_matrix", "proj_bias", "proj_add_",
-           "proj_factors", "add_factors_", "proj_flops_ratio"]
+           "linear_params", "proj_factors", "apply_factors", "add_factors_", "proj_flops_ratio"]
 
 
 def _orthonormal_rows(rank: int, dim: int, seed: int) -> Tensor:
@@ -175,12 +178,33 @@ def _check_form(proj: nn.Module, dim: Optional[int], what: str) -> None:
         raise TypeError(f"{what}: expected an nn.Linear or LowRankProj Proj, got {type(proj).__name__}")
 
 
+def linear_params(mod: nn.Module, like: Tensor, what: str = "SALAD weights") -> Tuple[Tensor, Optional[Tensor]]:
+    """(weight, bias) of an ``nn.Linear``-like module on ``like``'s device and dtype.
+
+    This is how the SALAD weights follow the activations in every memory mode of the host
+    application: fully loaded on the GPU it is a no-op (apart from a dtype cast when the weights
+    are stored in another dtype); when the weights were left on the CPU by a partial / low-VRAM
+    load, the block's weights are copied for this call only, as ComfyUI's own ops do for offloaded
+    layers.  Weights that hold no data (``meta`` tensors) raise a ValueError naming ``what``.
+    """
+    w = mod.weight
+    b = getattr(mod, "bias", None)
+    if w.is_meta or (b is not None and b.is_meta):
+        raise ValueError(f"{what} are on the 'meta' device (they hold no data: the weight file was never "
+                         f"loaded into memory); activations are on {like.device}. Load the weights again.")
+    if w.device != like.device or w.dtype != like.dtype:
+        nb = w.device.type == "cpu" and like.device.type == "cuda" and w.is_pinned()
+        w = w.to(device=like.device, dtype=like.dtype, non_blocking=nb)
+        if b is not None:
+            b = b.to(device=like.device, dtype=like.dtype, non_blocking=nb)
+    return w, b
+
+
 def proj_factors(proj: nn.Module, like: Tensor, what: str = "SALAD Proj weights"
                  ) -> Tuple[Tuple[Tensor, ...], Optional[Tensor]]:
     """The Proj's GEMM factors and output bias on ``like``'s device and dtype, each weight fetched once
-    (:func:`salad_core.attention.linear_params`: a copy only when they sit elsewhere, e.g. offloaded):
+    (:func:`linear_params`: a copy only when they sit elsewhere, e.g. offloaded):
     ``((W,), b)`` for an ``nn.Linear``, ``((down, up), b)`` for a :class:`LowRankProj`."""
-    from .attention import linear_params
     _check_form(proj, like.shape[-1] if like.dim() else None, what)
     if isinstance(proj, LowRankProj):
         down = linear_params(proj.down, like, what)[0]
@@ -188,6 +212,13 @@ def proj_factors(proj: nn.Module, like: Tensor, what: str = "SALAD Proj weights"
         return (down, up), b
     w, b = linear_params(proj, like, what)
     return (w,), b
+
+
+def apply_factors(x: Tensor, mats: Sequence[Tensor], bias: Optional[Tensor] = None) -> Tensor:
+    """``x @ W^T + bias`` with W given by :func:`proj_factors` (one GEMM, or down then up for low rank)."""
+    for m in mats[:-1]:
+        x = F.linear(x, m)
+    return F.linear(x, mats[-1], bias)
 
 
 def add_factors_(out2d: Tensor, o_lin2d: Tensor, mats: Sequence[Tensor]) -> Tensor:
@@ -200,12 +231,11 @@ def add_factors_(out2d: Tensor, o_lin2d: Tensor, mats: Sequence[Tensor]) -> Tens
 
 def proj_bias(proj: nn.Module, like: Optional[Tensor] = None, what: str = "SALAD Proj weights") -> Optional[Tensor]:
     """The Proj's output bias (``nn.Linear.bias`` / ``LowRankProj.up.bias``), or None.  With ``like``: on its
-    device and dtype (see :func:`salad_core.attention.linear_params`; weights may be offloaded)."""
+    device and dtype (see :func:`linear_params`; weights may be offloaded)."""
     _check_form(proj, None, what)
     src = proj.up if isinstance(proj, LowRankProj) else proj
     if like is None or src.bias is None:
         return src.bias
-    from .attention import linear_params
     return linear_params(src, like, what)[1]
 
 
