@@ -89,6 +89,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from .proj import check_proj_rank
 from .options import DEFAULT_PATTERN, DEFAULT_SPARSITY, PATTERNS
 from .trainer import warmup_cosine
 from .weights import (SaladWeights, atomic_write_safetensors, format_block_spec, load_salad_weights,
@@ -178,10 +179,7 @@ class FinetuneConfig:
         if isinstance(r, bool) or not isinstance(r, (int, float)) or int(r) != r or not 0 <= r <= 1024:
             raise FinetuneError(f"lora_rank must be an integer from 0 (no LoRA) to 1024, got {self.lora_rank!r}")
         self.lora_rank = int(self.lora_rank)
-        r = self.proj_rank
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or int(r) != r or r < 0:
-            raise FinetuneError(f"proj_rank must be an integer >= 0 (0: full dim x dim Proj), got {self.proj_rank!r}")
-        self.proj_rank = int(r)
+        self.proj_rank = check_proj_rank(self.proj_rank, FinetuneError)
         self.seed, self.ckpt_every = int(self.seed), max(0, int(self.ckpt_every))
         self.log_every = max(1, int(self.log_every))
 

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LowRankProj", "make_proj", "svd_truncate", "proj_rank", "proj_matrix", "proj_bias", "proj_add_",
-           "linear_params", "proj_factors", "apply_factors", "add_factors_", "proj_flops_ratio"]
+__all__ = ["LowRankProj", "check_proj_rank", "make_proj", "svd_truncate", "proj_rank", "proj_matrix", "proj_bias",
+           "proj_add_", "linear_params", "proj_factors", "apply_factors", "add_factors_", "proj_flops_ratio"]
 
 
 def _orthonormal_rows(rank: int, dim: int, seed: int) -> Tensor:
@@ -84,6 +84,14 @@ class LowRankProj(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, rank={self.rank}"
+
+
+def check_proj_rank(rank, error: type = ValueError, what: str = "proj_rank") -> int:
+    """``rank`` as an int >= 0 (0: the full dim x dim Proj); else raises ``error`` naming ``what`` (the configs
+    that take a rank use this; weight files go through weights.normalize_proj_rank, which also reads text)."""
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)) or int(rank) != rank or rank < 0:
+        raise error(f"{what} must be an integer >= 0 (0: full dim x dim Proj), got {rank!r}")
+    return int(rank)
 
 
 def make_proj(dim: int, rank: int = 0, seed: int = 0, device=None, dtype=None, init: bool = True) -> nn.Module:

@@ -34,6 +34,7 @@ from torch import nn
 
 from . import attention as _attn
 from .attention import SaladConfig, dense_reference_attention, mix_branches, salad_branches
+from .proj import check_proj_rank
 from .options import DEFAULT_PATTERN, DEFAULT_SPARSITY
 from .weights import SaladWeights, atomic_write_safetensors, format_block_spec
 
@@ -278,10 +279,7 @@ class TrainConfig:
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         object.__setattr__(self, "steps", steps)
-        r = self.proj_rank
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or int(r) != r or r < 0:
-            raise ValueError(f"proj_rank must be an integer >= 0 (0: full Proj), got {self.proj_rank!r}")
-        object.__setattr__(self, "proj_rank", int(r))
+        object.__setattr__(self, "proj_rank", check_proj_rank(self.proj_rank))
 
     def fresh_weights(self, dim: int, heads: int, num_blocks: int, **new_kwargs) -> SaladWeights:
         """:meth:`SaladWeights.new` with this config's ``proj_rank`` (a rank >= dim means the full Proj) and the
