@@ -193,32 +193,42 @@ def make_inputs(H, D, grid, B, dev, dtype, seed=1):
     return q, k, v, x, proj, gate
 
 
+def infer_parts(A, K, q, k, v, x, proj, gate, H, D, grid, conf):
+    """What one inference call computes on its way (salad_core.attention._infer taken apart, top-k pattern), as
+    a namespace: rm, q4/k4/v4, kt/vt, km (k means), st (linear state), gl (gate logit), qm (q means), ol (linear
+    branch), idx/cnt, mats/bias (Proj factors), and ``sparse(**kw)``, the sparse kernel on these inputs (kw:
+    backend, triton_options).  Call under torch.inference_mode()."""
+    from types import SimpleNamespace
+    from salad_pack.salad_core.tiling import TileLayout
+    B, L = q.shape[:2]
+    n = SimpleNamespace(rm=TileLayout.get(grid, 0, 0, conf.tile, q.device).perm32)
+    n.q4, n.k4, n.v4 = (t.view(B, L, H, D).transpose(1, 2) for t in (q, k, v))
+    n.kt, n.vt, n.km, _, n.st = K.kv_pass(n.k4, n.v4, n.rm, conf.block, pool_k=True, linear_state=True)
+    n.gl = A.gate_logit(x, gate, B)
+    n.qm, n.ol = K.q_pass(n.q4, n.rm, conf.block, state=n.st, eps=conf.eps, gate_logit=n.gl)
+    n.idx, n.cnt = K.topk_from_pooled(n.qm, n.km, conf.sparsity)
+    n.mats, n.bias = A.proj_factors(proj, q, "proj")
+    n.sparse = lambda **kw: K.block_sparse_attention_rowmap(n.q4, n.kt, n.vt, n.idx, n.cnt, n.rm, block=conf.block,
+                                                            scale=1 / math.sqrt(D), bias=n.bias, gate_logit=n.gl, **kw)
+    return n
+
+
 def parts(A, K, q, k, v, x, proj, gate, H, D, grid, conf, clock):
     """The inference call taken apart (the current pack's functions), each part timed on its own."""
     import torch
-    from salad_pack.salad_core.tiling import TileLayout
     B, L = q.shape[:2]
-    layout = TileLayout.get(grid, 0, 0, conf.tile, q.device)
-    rm = layout.perm32
-    q4, k4, v4 = (t.view(B, L, H, D).transpose(1, 2) for t in (q, k, v))
     out = {}
     with torch.inference_mode():
-        kt, vt, km, _, st = K.kv_pass(k4, v4, rm, conf.block, pool_k=True, linear_state=True)
-        gl = A.gate_logit(x, gate, B)
-        qm, ol = K.q_pass(q4, rm, conf.block, state=st, eps=conf.eps, gate_logit=gl)
-        idx, cnt = K.topk_from_pooled(qm, km, conf.sparsity)
-        mats, bias = A.proj_factors(proj, q, "proj")
-        o = K.block_sparse_attention_rowmap(q4, kt, vt, idx, cnt, rm, block=conf.block, scale=1 / math.sqrt(D),
-                                            bias=bias, gate_logit=gl)
-        o2 = o.transpose(1, 2).reshape(B * L, H * D)
-        ol2 = ol.transpose(1, 2).reshape(B * L, H * D)
+        n = infer_parts(A, K, q, k, v, x, proj, gate, H, D, grid, conf)
+        rm, q4, k4, v4, km, st, gl, qm = n.rm, n.q4, n.k4, n.v4, n.km, n.st, n.gl, n.qm
+        o2 = n.sparse().transpose(1, 2).reshape(B * L, H * D)
+        ol2 = n.ol.transpose(1, 2).reshape(B * L, H * D)
         out["kv_pass_ms"] = clock.gpu_ms(lambda: K.kv_pass(k4, v4, rm, conf.block, pool_k=True, linear_state=True))
         out["gate_ms"] = clock.gpu_ms(lambda: A.gate_logit(x, gate, B))
         out["q_pass_ms"] = clock.gpu_ms(lambda: K.q_pass(q4, rm, conf.block, state=st, eps=conf.eps, gate_logit=gl))
         out["topk_ms"] = clock.gpu_ms(lambda: K.topk_from_pooled(qm, km, conf.sparsity))
-        out["sparse_ms"] = clock.gpu_ms(lambda: K.block_sparse_attention_rowmap(
-            q4, kt, vt, idx, cnt, rm, block=conf.block, scale=1 / math.sqrt(D), bias=bias, gate_logit=gl))
-        out["proj_ms"] = clock.gpu_ms(lambda: A.add_factors_(o2, ol2, mats))
+        out["sparse_ms"] = clock.gpu_ms(n.sparse)
+        out["proj_ms"] = clock.gpu_ms(lambda: A.add_factors_(o2, ol2, n.mats))
 
         def whole():
             kt, vt, km, _, st = K.kv_pass(k4, v4, rm, conf.block, pool_k=True, linear_state=True)

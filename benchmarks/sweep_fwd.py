@@ -21,7 +21,6 @@ is not what bounds the kernel; they were removed.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from profile_layer import make_inputs, median_ms, run_header, shape, sweep_parser, write_result  # noqa: E402
+from profile_layer import (infer_parts, make_inputs, median_ms, run_header, shape, sweep_parser,  # noqa: E402
+                           write_result)
 
 # (num_warps, num_stages, BLOCK_N); the first is the table's entry for D=128
 VARIANTS = [(4, 2, 64), (4, 3, 64), (8, 2, 64), (8, 2, 128), (8, 3, 128), (4, 2, 128)]
@@ -52,7 +52,6 @@ def main(argv=None):
     import triton
     import salad_pack.kernels as K
     from salad_pack.salad_core import attention as A
-    from salad_pack.salad_core.tiling import TileLayout
     dev = torch.device("cpu" if a.smoke else "cuda")
     dtype = torch.float16 if a.smoke else torch.bfloat16
     shapes = {k: shape(k) for k in a.shapes.split(",")}
@@ -64,23 +63,14 @@ def main(argv=None):
     for name, (H, grid) in shapes.items():
         D = 32 if a.smoke else 128
         q, k, v, x, proj, gate = make_inputs(H, D, grid, 1, dev, dtype)
-        B, L = q.shape[:2]
-        q4, k4, v4 = (t.view(B, L, H, D).transpose(1, 2) for t in (q, k, v))
+        L = q.shape[1]
         for s in (float(t) for t in a.sparsities.split(",")):
             conf = A.SaladConfig(sparsity=s, pattern="topk", block=32 if a.smoke else 128)
-            layout = TileLayout.get(grid, 0, 0, conf.tile, dev)
-            rm = layout.perm32
             with torch.inference_mode():
-                kt, vt, km, _, st = K.kv_pass(k4, v4, rm, conf.block, pool_k=True, linear_state=True)
-                gl = A.gate_logit(x, gate, B)
-                qm, _ = K.q_pass(q4, rm, conf.block, state=st, eps=conf.eps, gate_logit=gl)
-                idx, cnt = K.topk_from_pooled(qm, km, s)
-                _, bias = A.proj_factors(proj, q, "proj")
+                n = infer_parts(A, K, q, k, v, x, proj, gate, H, D, grid, conf)
 
                 def run(opts):
-                    return K.block_sparse_attention_rowmap(q4, kt, vt, idx, cnt, rm, block=conf.block,
-                                                           scale=1 / math.sqrt(D), bias=bias, gate_logit=gl,
-                                                           backend="triton", triton_options=opts)
+                    return n.sparse(backend="triton", triton_options=opts)
                 ref = run(K.TritonOptions()).float()
                 base_ms = None
                 for nw, ns, bn in variants:
