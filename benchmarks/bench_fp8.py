@@ -69,6 +69,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import salad_pack.kernels as K  # noqa: E402
 from salad_pack.kernels import fp8 as F8  # noqa: E402
+from profile_layer import median_ms  # noqa: E402
 
 T0 = time.time()
 
@@ -83,13 +84,8 @@ def over_budget() -> bool:
 
 def bench(fn) -> float:
     """Median ms (do_bench on the GPU; one timed call after a warm-up on CPU)."""
-    if torch.cuda.is_available() and not ARGS.smoke:
-        import triton.testing
-        return float(triton.testing.do_bench(fn, warmup=10, rep=ARGS.rep, return_mode="median"))
-    fn()
-    t = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t) * 1e3
+    dev = torch.device("cuda" if torch.cuda.is_available() and not ARGS.smoke else "cpu")
+    return float(median_ms(fn, dev, ARGS.rep, 10))
 
 
 def rel(a, b) -> float:
