@@ -31,8 +31,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 from profile_layer import (infer_parts, make_inputs, median_ms, run_header, shape, sweep_parser,  # noqa: E402
                            write_result)
 
-# (num_warps, num_stages, BLOCK_N); the first is the table's entry for D=128
-VARIANTS = [(4, 2, 64), (4, 3, 64), (8, 2, 64), (8, 2, 128), (8, 3, 128), (4, 2, 128)]
+# (num_warps, num_stages, BLOCK_N, GLUON, PIPELINE); the first is the table's entry for D=128.  GLUON = rows per
+# program of the Gluon kernel (kernels/_gluon_fwd.py; num_stages = its ring of K/V buffers), 0 = the Triton kernel;
+# PIPELINE: scores of step t+1 issued before the softmax of step t (False: the Triton kernel's order, a like-for-like
+# replica of it in Gluon)
+VARIANTS = [(4, 2, 64, 0, False), (4, 2, 64, 128, False), (4, 3, 128, 64, True), (4, 3, 64, 64, True),
+            (8, 4, 64, 128, True)]
 
 
 def parse(argv=None):
@@ -73,13 +77,15 @@ def main(argv=None):
                     return n.sparse(backend="triton", triton_options=opts)
                 ref = run(K.TritonOptions()).float()
                 base_ms = None
-                for nw, ns, bn in variants:
+                for nw, ns, bn, glu, pipe in variants:
                     if time.time() - t0 > a.budget_s:
                         print(f"[sweep_fwd] budget spent, skipping the rest of {name} {s}", flush=True)
                         break
-                    c = triton.Config(dict(BLOCK_N=bn, USE_TMA=not a.smoke), num_warps=nw, num_stages=ns)
+                    c = triton.Config(dict(BLOCK_N=bn, USE_TMA=not a.smoke, GLUON=glu, PIPELINE=pipe),
+                                      num_warps=nw, num_stages=ns)
                     opts = K.TritonOptions(configs={"fwd": c})
-                    row = dict(shape=name, H=H, L=L, sparsity=s, num_warps=nw, num_stages=ns, BLOCK_N=bn)
+                    row = dict(shape=name, H=H, L=L, sparsity=s, num_warps=nw, num_stages=ns, BLOCK_N=bn, gluon=glu,
+                               pipeline=pipe)
                     try:
                         o = run(opts).float()
                         row["max_diff_vs_table"] = float((o - ref).abs().max())
