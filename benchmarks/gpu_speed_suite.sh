@@ -11,8 +11,6 @@
 #                                                per-layer GPU time with the host kept ahead, kernel table)
 #   PART=p5 bash benchmarks/gpu_speed_suite.sh   (wave 4: the 1.3B size x batch table, FP8 vs bf16 at 480p)
 #   PART=p6 bash benchmarks/gpu_speed_suite.sh   (wave 4: 720p forwards, Wan 14B and 1.3B)
-#   PART=p7 bash benchmarks/gpu_speed_suite.sh   (wave 5, the Gluon software-pipelined forward: its GPU test,
-#                                                fwd config sweep Triton vs Gluon)
 # Needs COMFYUI_DIR (a ComfyUI source tree); writes logs and JSON under $OUT/work and packs them into
 # $OUT/<part>.tgz (the device returns at most 8 files).  Each step has its own timeout so one overrun
 # cannot eat the rest.  .before/ is `git archive` of an earlier tree (kernels, salad_core, nodes,
@@ -31,10 +29,6 @@ p5)
   step 330 e2e-1.3b python3 benchmarks/bench_e2e.py --model 1.3b --batches 1,2 --rep-ms 600 \
        --sizes 480p,sq480,sq624,portrait,480p17,480p33,480p49,480p121,720p --out "$W/e2e"
   step 60 fp8 python3 benchmarks/bench_fp8.py --shapes wan1.3b_480p --budget-s 45 --out "$W/fp8.json" ;;
-p7)
-  step 200 gpu-tests python3 -m pytest -q -x tests/test_kernels.py -k "gluon or rowmap or sparse_fwd"
-  step 260 sweep-fwd python3 benchmarks/sweep_fwd.py --out "$W/sweep" --shapes 1.3b-480p,14b-480p,1.3b-sq480 \
-       --budget-s 240 ;;
 p6)
   step 200 e2e-14b-720p python3 benchmarks/bench_e2e.py --model 14b --sizes 720p --no-layers --iters 1 \
        --sparsities 0.9 --out "$W/e2e14"

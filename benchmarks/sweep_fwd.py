@@ -14,7 +14,10 @@ folded into the exp2 FMA plus the tail mask only on steps past L was 1.06-1.11x 
 sparsity, a lazy rescale (FlashAttention-4's trick, as a uniform branch) was slower; the kernel now has that one
 loop.  At commit 0a97554 exp2 on the FMA units (a degree-3 polynomial for all or half the scores), loop unrolling
 by 2 and 32-key steps were swept the same way (sweep-fwd-exp2-unroll-*.json): all 0.68-0.95x, so the MUFU exp2
-is not what bounds the kernel; they were removed.
+is not what bounds the kernel; they were removed.  At commit 9212be2 (reverted) a Gluon sm90 kernel that issues the
+scores of step t+1 before the softmax of step t was swept against the table's Triton config (fwd-config keys
+GLUON = rows per program, PIPELINE; sweep-fwd-gluon-*.json): 0.72-0.92x in every variant, its non-pipelined Gluon
+replica 0.94-1.07x.
 
 ``--smoke``: CPU interpreter, a tiny shape, two candidates (checks the script; numbers mean nothing).
 """
@@ -31,12 +34,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from profile_layer import (infer_parts, make_inputs, median_ms, run_header, shape, sweep_parser,  # noqa: E402
                            write_result)
 
-# (num_warps, num_stages, BLOCK_N, GLUON, PIPELINE); the first is the table's entry for D=128.  GLUON = rows per
-# program of the Gluon kernel (kernels/_gluon_fwd.py; num_stages = its ring of K/V buffers), 0 = the Triton kernel;
-# PIPELINE: scores of step t+1 issued before the softmax of step t (False: the Triton kernel's order, a like-for-like
-# replica of it in Gluon)
-VARIANTS = [(4, 2, 64, 0, False), (4, 2, 64, 128, False), (4, 3, 128, 64, True), (4, 3, 64, 64, True),
-            (8, 4, 64, 128, True)]
+# (num_warps, num_stages, BLOCK_N); the first is the table's entry for D=128
+VARIANTS = [(4, 2, 64), (4, 3, 64), (8, 2, 64), (8, 2, 128), (8, 3, 128), (4, 2, 128)]
 
 
 def parse(argv=None):
@@ -77,15 +76,13 @@ def main(argv=None):
                     return n.sparse(backend="triton", triton_options=opts)
                 ref = run(K.TritonOptions()).float()
                 base_ms = None
-                for nw, ns, bn, glu, pipe in variants:
+                for nw, ns, bn in variants:
                     if time.time() - t0 > a.budget_s:
                         print(f"[sweep_fwd] budget spent, skipping the rest of {name} {s}", flush=True)
                         break
-                    c = triton.Config(dict(BLOCK_N=bn, USE_TMA=not a.smoke, GLUON=glu, PIPELINE=pipe),
-                                      num_warps=nw, num_stages=ns)
+                    c = triton.Config(dict(BLOCK_N=bn, USE_TMA=not a.smoke), num_warps=nw, num_stages=ns)
                     opts = K.TritonOptions(configs={"fwd": c})
-                    row = dict(shape=name, H=H, L=L, sparsity=s, num_warps=nw, num_stages=ns, BLOCK_N=bn, gluon=glu,
-                               pipeline=pipe)
+                    row = dict(shape=name, H=H, L=L, sparsity=s, num_warps=nw, num_stages=ns, BLOCK_N=bn)
                     try:
                         o = run(opts).float()
                         row["max_diff_vs_table"] = float((o - ref).abs().max())

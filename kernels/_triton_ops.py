@@ -391,24 +391,6 @@ def _centroid_tiles(nk: int, kmax: int, widest: int = 64) -> Dict[str, int]:
     return dict(BLOCK_C=max(16, min(widest, triton_next_pow2(nk))), KMAXP=max(16, triton_next_pow2(kmax)))
 
 
-def _gluon_ok(q: Tensor, k: Tensor, v: Tensor, block: int, bn: int) -> bool:
-    """Whether the Gluon (sm90, software-pipelined) forward can run this call: a Hopper GPU, a Triton with
-    Gluon's Hopper API, 16-bit q/k/v of one dtype, head dim 64 or 128, k and v stored alike as
-    contiguous (B,H,L,D) or (B,L,H,D), and 64 <= block (one warpgroup needs 64 rows)."""
-    if not (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9):
-        return False
-    if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
-        return False
-    if q.shape[-1] not in (64, 128) or block < 64 or block % bn:
-        return False
-    try:
-        from . import _gluon_fwd
-    except Exception:  # a Triton without triton.experimental.gluon's Hopper API
-        return False
-    kv, vv = _gluon_fwd.kv_view(k), _gluon_fwd.kv_view(v)
-    return kv is not None and vv is not None and kv[1:] == vv[1:]
-
-
 def _sparse_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block: int, scale: float, *,
                 layout: str = "bhld", rowmap: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                 gate_logit: Optional[Tensor] = None, comp: Comp = None, opts: TritonOptions = DEFAULT_OPTIONS
@@ -433,13 +415,6 @@ def _sparse_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block
     bias, bias_sb, gl = bias_args(bias, gate_logit, B, H * D, q.device)
     # with a row map q is read with plain loads, so only k and v must meet TMA's rules
     use_tma = _use_tma(c, opts, k, v) if rm is not None else _use_tma(c, opts, q, k, v)
-    if c.kwargs.get("GLUON") and use_tma and rm is not None and means is None and _gluon_ok(q, k, v, block, bn):
-        from . import _gluon_fwd
-        _gluon_fwd.launch(q, k, v, o, lse, idx, cnt, rm, bias, bias_sb, gl, block, scale * tk.LOG2E,
-                          rows=min(int(c.kwargs["GLUON"]), block), block_n=bn, nbuf=c.num_stages,
-                          num_warps=min(c.num_warps, min(int(c.kwargs["GLUON"]), block) // 16),
-                          pipeline=c.kwargs.get("PIPELINE", True))
-        return o, lse, means
     kd, vd = _descs(use_tma, (k, bn), (v, bn))
     # with a row map q rows are gathered with plain loads: no descriptor for q (host work per call)
     qd = q if rm is not None else _descs(use_tma, (q, block))[0]

@@ -525,52 +525,6 @@ def test_rowmap_forward_gathers_q_and_scatters_o(seed, fwd_path, backend):
     assert torch.equal(c1, c2) and torch.equal(i1, i2)
 
 
-def _is_hopper():
-    return DEV.type == "cuda" and torch.cuda.get_device_capability()[0] == 9
-
-
-@pytest.mark.skipif(not _is_hopper(), reason="the Gluon forward runs on Hopper GPUs only")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("D, block, L, layout", [(128, 128, 1000, "blhd"), (128, 128, 4133, "bhld"),
-                                                 (64, 128, 2100, "blhd"), (128, 64, 777, "blhd")])
-@pytest.mark.parametrize("variant", [(4, 3, 64, 64, True), (8, 4, 64, 128, True), (4, 3, 128, 64, True),
-                                     (4, 2, 64, 128, False)])
-def test_gluon_forward_matches_reference(seed, monkeypatch, dtype, D, block, L, layout, variant):
-    """The Gluon forward (GLUON fwd config) == the plain-torch reference on the inference call (row map,
-    gated bias), ragged lengths, some query blocks with an empty list (output = bias, LSE = -inf),
-    both K/V storages; and it really ran (not the Triton kernel's fallback)."""
-    import triton
-    from salad_pack.kernels import _gluon_fwd, _triton_ops as ops
-    nw, nbuf, bn, rows, pipe = variant
-    if block < max(bn, rows):
-        pytest.skip("BLOCK_N or rows per program larger than the block")
-    calls = []
-    real = _gluon_fwd.launch
-    monkeypatch.setattr(_gluon_fwd, "launch", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
-    B, H = 2, 3
-    q, k, v = qkv(B, H, L, D, dtype, layout)
-    perm = torch.randperm(L, device=DEV)
-    nq = K.num_blocks(L, block)
-    idx, cnt = random_lut(B, H, nq, nq)
-    cnt[0, 1, 0] = 0
-    cnt[1, 2, -1] = 0
-    bias = torch.randn(B, H * D, device=DEV)
-    gate = torch.randn(B, device=DEV)
-    opts = K.TritonOptions(configs={"fwd": triton.Config(dict(BLOCK_N=bn, USE_TMA=True, GLUON=rows, PIPELINE=pipe),
-                                                         num_warps=nw, num_stages=nbuf)})
-    o, lse, _ = ops._sparse_fwd(q, k, v, idx, cnt, block, D ** -0.5, layout="blhd", rowmap=perm, bias=bias,
-                                gate_logit=gate, opts=opts)
-    assert calls, "the Gluon kernel did not run"
-    ro, rlse = K.masked_attention_ref(q.index_select(2, perm).float(), k.float(), v.float(), idx, cnt, block=block)
-    expect = torch.empty_like(ro)
-    expect[:, :, perm] = ro.nan_to_num(0.0)    # a row with no key: o = 0 (+ bias)
-    expect = expect + (bias * torch.sigmoid(gate)[:, None]).view(B, H, 1, D)
-    assert_close(o, expect, 1e-2, 1e-2, "gluon o", seed)
-    empty = torch.isinf(rlse)                 # the LSE stays in tile order, like the Triton kernel's
-    assert empty.any() and torch.equal(torch.isinf(lse), empty), f"gluon lse: empty rows differ [seed {seed}]"
-    assert_close(lse[~empty], rlse[~empty], 1e-3, 1e-3, "gluon lse", seed)
-
-
 @pytest.mark.skipif(not ptxas_bundled(), reason="triton without its NVIDIA backend / ptxas")
 def test_kernels_compile_for_sm90(tmp_path):
     """The interpreter checks results, not compilation: every kernel path is compiled for sm90 by the
@@ -588,7 +542,7 @@ def test_kernels_compile_for_sm90(tmp_path):
     assert names == {"_pool_kernel", "_topk_lut_kernel", "_sparse_fwd_kernel", "_linear_state_kernel",
                      "_linear_apply_kernel", "_linear_bwd_q_kernel", "_linear_bwd_kv_kernel", "_bwd_preprocess_kernel",
                      "_sparse_bwd_dq_kernel", "_sparse_bwd_dkdv_kernel", "_centroid_bwd_kernel", "_kv_pass_kernel",
-                     "_q_pass_kernel", "_sparse_fwd_gluon"}, names
+                     "_q_pass_kernel"}, names
     assert all(k["shared"] <= 227 * 1024 for k in ks.values()), {n: k["shared"] for n, k in ks.items()}
     fwd = ks["fwd_tma:_sparse_fwd_kernel"]
     assert (fwd["num_warps"], fwd["num_stages"]) == (4, 2)          # the D=128 16-bit entry of the table
