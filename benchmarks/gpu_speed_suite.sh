@@ -11,6 +11,9 @@
 #                                                per-layer GPU time with the host kept ahead, kernel table)
 #   PART=p5 bash benchmarks/gpu_speed_suite.sh   (wave 4: the 1.3B size x batch table, FP8 vs bf16 at 480p)
 #   PART=p6 bash benchmarks/gpu_speed_suite.sh   (wave 4: 720p forwards, Wan 14B and 1.3B)
+#   PART=p8 bash benchmarks/gpu_speed_suite.sh   (wave 5: the rows wave 4 left open with the kept loop: Wan 14B 720p
+#                                                at 90/95% with 2 timed forwards, 14B 720p with a rank-256 Proj,
+#                                                1.3B 720p batch 2, FP8 vs bf16)
 # Needs COMFYUI_DIR (a ComfyUI source tree); writes logs and JSON under $OUT/work and packs them into
 # $OUT/<part>.tgz (the device returns at most 8 files).  Each step has its own timeout so one overrun
 # cannot eat the rest.  .before/ is `git archive` of an earlier tree (kernels, salad_core, nodes,
@@ -28,6 +31,14 @@ case "${PART:-s1}" in
 p5)
   step 330 e2e-1.3b python3 benchmarks/bench_e2e.py --model 1.3b --batches 1,2 --rep-ms 600 \
        --sizes 480p,sq480,sq624,portrait,480p17,480p33,480p49,480p121,720p --out "$W/e2e"
+  step 60 fp8 python3 benchmarks/bench_fp8.py --shapes wan1.3b_480p --budget-s 45 --out "$W/fp8.json" ;;
+p8)
+  step 170 e2e-14b-720p python3 benchmarks/bench_e2e.py --model 14b --sizes 720p --no-layers --iters 2 \
+       --out "$W/e2e14"
+  step 120 e2e-14b-720p-r256 python3 benchmarks/bench_e2e.py --model 14b --sizes 720p --no-layers --iters 2 \
+       --sparsities 0.9 --proj-rank 256 --out "$W/e2e14r"
+  step 90 e2e-1.3b-720p-b2 python3 benchmarks/bench_e2e.py --model 1.3b --sizes 720p --batches 1,2 --no-layers \
+       --iters 2 --sparsities 0.9 --out "$W/e2e13"
   step 60 fp8 python3 benchmarks/bench_fp8.py --shapes wan1.3b_480p --budget-s 45 --out "$W/fp8.json" ;;
 p6)
   step 200 e2e-14b-720p python3 benchmarks/bench_e2e.py --model 14b --sizes 720p --no-layers --iters 1 \
