@@ -349,3 +349,48 @@ def test_mix_branches_low_rank_bf16_activations_fp32_parameters():
     assert torch.allclose(out.float(), want, atol=3e-2, rtol=1e-2)
     out.float().sum().backward()
     assert proj.down.weight.grad is not None and proj.up.weight.grad is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# FP8 Proj GEMM (precision="fp8_proj")
+# ----------------------------------------------------------------------------------------------
+
+def test_quantize_rows_e4m3_round_trip(seed):
+    """Each row's largest magnitude maps to 448, an all-zero row gets scale 1, and the round trip is within
+    e4m3's half step (2^-4 relative) of every element above the row's subnormal range."""
+    from salad_pack.salad_core.proj import quantize_rows_e4m3
+    x = torch.randn(37, 64, dtype=torch.bfloat16) * torch.logspace(-3, 3, 37).reshape(-1, 1).to(torch.bfloat16)
+    x[5] = 0
+    x8, s = quantize_rows_e4m3(x)
+    assert x8.dtype == torch.float8_e4m3fn and s.shape == (37, 1) and s.dtype == torch.float32
+    assert s[5].item() == 1.0 and torch.all(x8[5].float() == 0)
+    back = x8.float() * s
+    assert torch.allclose(back.abs().amax(1), x.float().abs().amax(1), rtol=1e-2)
+    big = x.float().abs() > s * 2 ** -6
+    assert ((back - x.float()).abs() <= x.float().abs() * 2 ** -4 + 1e-30)[big].all(), f"seed {seed}"
+
+
+def test_add_fp8_close_to_bf16_gemm_and_chunking_exact(seed):
+    """out += o_lin @ W^T in e4m3 (row-wise scales) is within a few percent of the 16-bit GEMM on the Proj
+    term, and the row chunking changes nothing."""
+    from salad_pack.salad_core.proj import add_factors_, add_fp8_
+    o_lin = torch.randn(100, 64, dtype=torch.bfloat16)
+    w = (torch.randn(64, 64) * 0.05).to(torch.bfloat16)
+    base = torch.randn(100, 64, dtype=torch.bfloat16)
+    ref = add_factors_(base.clone().float(), o_lin.float(), (w.float(),))
+    out = add_fp8_(base.clone(), o_lin, w)
+    term_err = ((out.float() - ref).norm() / (ref - base.float()).norm()).item()
+    assert 0 < term_err < 0.06, f"fp8 Proj term rel err {term_err:.3e} [seed {seed}]"
+    assert torch.equal(add_fp8_(base.clone(), o_lin, w, rows=7), out)
+
+
+def test_fp8_proj_unusable_reasons():
+    from salad_pack.salad_core.proj import fp8_proj_unusable
+    w = torch.zeros(64, 64, dtype=torch.bfloat16)
+    like = torch.zeros(3, 64, dtype=torch.bfloat16)
+    assert "compute capability" in fp8_proj_unusable(like, (w,))
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
+        c = like.cuda()
+        assert fp8_proj_unusable(c, (w.cuda(),)) is None
+        assert "low-rank" in fp8_proj_unusable(c, (w.cuda()[:16], w.cuda()[:, :16]))
+        assert "16-bit" in fp8_proj_unusable(c.float(), (w.cuda().float(),))
