@@ -11,8 +11,6 @@
 #                                                per-layer GPU time with the host kept ahead, kernel table)
 #   PART=p5 bash benchmarks/gpu_speed_suite.sh   (wave 4: the 1.3B size x batch table, FP8 vs bf16 at 480p)
 #   PART=p6 bash benchmarks/gpu_speed_suite.sh   (wave 4: 720p forwards, Wan 14B and 1.3B)
-#   PART=p9 bash benchmarks/gpu_speed_suite.sh   (wave 5: precision fp8_proj, the FP8 Proj GEMM: its GPU tests,
-#                                                1.3B 480p and Wan 14B 720p forwards bf16 vs fp8_proj)
 #   PART=p8 bash benchmarks/gpu_speed_suite.sh   (wave 5: the rows wave 4 left open with the kept loop: Wan 14B 720p
 #                                                at 90/95% with 2 timed forwards, 14B 720p with a rank-256 Proj,
 #                                                1.3B 720p batch 2, FP8 vs bf16)
@@ -34,12 +32,6 @@ p5)
   step 330 e2e-1.3b python3 benchmarks/bench_e2e.py --model 1.3b --batches 1,2 --rep-ms 600 \
        --sizes 480p,sq480,sq624,portrait,480p17,480p33,480p49,480p121,720p --out "$W/e2e"
   step 60 fp8 python3 benchmarks/bench_fp8.py --shapes wan1.3b_480p --budget-s 45 --out "$W/fp8.json" ;;
-p9)
-  step 70 gpu-tests python3 -m pytest -q tests/test_salad_core_gpu.py tests/test_proj.py -k "fp8"
-  step 60 e2e-1.3b python3 benchmarks/bench_e2e.py --model 1.3b --sizes 480p --sparsities 0.9 --no-layers \
-       --rep-ms 500 --precisions bf16,fp8_proj --out "$W/e2e13"
-  step 170 e2e-14b-720p python3 benchmarks/bench_e2e.py --model 14b --sizes 720p --no-layers --iters 2 \
-       --sparsities 0.9 --precisions bf16,fp8_proj --out "$W/e2e14" ;;
 p8)
   step 170 e2e-14b-720p python3 benchmarks/bench_e2e.py --model 14b --sizes 720p --no-layers --iters 2 \
        --out "$W/e2e14"

@@ -94,11 +94,8 @@ class SALADApplyAttention:
                                                       "16-bit dtype. fp8 (experimental): Q.K and P.V on FP8 "
                                                       "tensor cores; measured on an H200 it is NOT faster "
                                                       "(0.86x the bf16 kernel) and adds ~5% error per "
-                                                      "attention call (README, Speed). fp8_proj: bf16 "
-                                                      "attention, the SALAD Proj's d x d GEMM in FP8 (only "
-                                                      "with a full-rank Proj; README, Speed). Cards without "
-                                                      "FP8, and centroid compensation for fp8, fall back to "
-                                                      "bf16 (logged)."}),
+                                                      "attention call (README, Speed). Cards without FP8 and "
+                                                      "centroid compensation fall back to bf16 (logged)."}),
             },
         }
 

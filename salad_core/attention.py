@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from .. import kernels as K
 from .options import (BACKENDS, COMPENSATIONS, DEFAULT_BACKEND, DEFAULT_COMPENSATION, DEFAULT_PATTERN,
                       DEFAULT_PRECISION, DEFAULT_SPARSITY, PATTERNS, PRECISIONS)
-from .proj import add_factors_, add_fp8_, apply_factors, fp8_proj_unusable, linear_params, proj_factors
+from .proj import add_factors_, apply_factors, linear_params, proj_factors
 from .tiling import DEFAULT_TILE, TileLayout
 
 Tensor = torch.Tensor
@@ -61,11 +61,9 @@ class SaladConfig:
         block a query block skips adds one pseudo-token, its mean key and mean value with logit
         scale*q.kbar + log(n_tokens), to the same softmax; training-free; see
         kernels.reference.block_sparse_attention_ref).
-    precision: "bf16" (the activations' 16-bit dtype), "fp8" or "fp8_proj": with "fp8" the sparse branch runs
-        the FP8 kernel (kernels/fp8.py: Q.K and P.V in e4m3 with scales) at inference where the card has FP8
-        tensor cores; elsewhere, with centroid compensation and under autograd it runs in bf16 (a warning says
-        why, once).  With "fp8_proj" attention stays bf16 and the full d x d Proj GEMM runs in e4m3 with
-        per-row scales (proj.add_fp8_), at inference on FP8 cards; otherwise the bf16 GEMM (warned once).
+    precision: "bf16" (the activations' 16-bit dtype) or "fp8": at inference the sparse branch runs the
+        FP8 kernel (kernels/fp8.py: Q.K and P.V in e4m3 with scales) where the card has FP8 tensor cores;
+        elsewhere, with centroid compensation and under autograd it runs in bf16 (a warning says why, once).
     """
 
     sparsity: float = DEFAULT_SPARSITY
@@ -380,11 +378,7 @@ def _infer(q: Tensor, k: Tensor, v: Tensor, B: int, L: int, H: int, D: int, layo
     del kt, vt
     out = o.transpose(1, 2).reshape(B, L, H * D)
     if linear:
-        out2d, lin2d = out.view(B * L, H * D), o_lin.transpose(1, 2).reshape(B * L, H * D)
-        if config.precision == "fp8_proj" and _fallback_ok("fp8_proj", fp8_proj_unusable(out2d, mats)):
-            add_fp8_(out2d, lin2d, mats[0])
-        else:
-            add_factors_(out2d, lin2d, mats)
+        add_factors_(out.view(B * L, H * D), o_lin.transpose(1, 2).reshape(B * L, H * D), mats)
     return out.to(q.dtype)
 
 
@@ -419,20 +413,12 @@ def _fp8_usable(q: Tensor, config: SaladConfig) -> bool:
     else:
         ok, reason = K.fp8.fp8_support(q.device)
         why = None if ok else reason
-    return _fallback_ok("fp8", why)
-
-
-def _fallback_ok(precision: str, why: Optional[str]) -> bool:
-    """True when ``why`` is None; else logs (once per precision and reason) that ``precision`` falls back to
-    bf16 and why, and returns False.  Logged, never raised: the graph keeps running."""
     if why is None:
         return True
-    if (precision, why) not in _FP8_WARNED:
-        _FP8_WARNED.add((precision, why))
+    if why not in _FP8_WARNED:
+        _FP8_WARNED.add(why)
         import logging
-        what = "attention" if precision == "fp8" else "Proj GEMM"
-        logging.getLogger("SALAD").warning("SALAD: precision '%s' falls back to bf16 (%s): %s.", precision,
-                                           what, why)
+        logging.getLogger("SALAD").warning("SALAD: precision 'fp8' falls back to bf16 attention: %s.", why)
     return False
 
 

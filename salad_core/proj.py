@@ -31,8 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["LowRankProj", "check_proj_rank", "make_proj", "svd_truncate", "proj_rank", "proj_matrix", "proj_bias",
-           "proj_add_", "linear_params", "proj_factors", "apply_factors", "add_factors_", "add_fp8_",
-           "quantize_rows_e4m3", "fp8_proj_unusable", "proj_flops_ratio"]
+           "proj_add_", "linear_params", "proj_factors", "apply_factors", "add_factors_", "proj_flops_ratio"]
 
 
 def _orthonormal_rows(rank: int, dim: int, seed: int) -> Tensor:
@@ -236,49 +235,6 @@ def add_factors_(out2d: Tensor, o_lin2d: Tensor, mats: Sequence[Tensor]) -> Tens
     if len(mats) == 2:
         return out2d.addmm_(torch.mm(o_lin2d, mats[0].t()), mats[1].t())
     return out2d.addmm_(o_lin2d, mats[0].t())
-
-
-E4M3_MAX = 448.0
-FP8_PROJ_ROWS = 8192    # rows per quantise + GEMM + add step: bounds the temporaries (fp32 row scaling) to ~8k rows
-
-
-def quantize_rows_e4m3(x: Tensor) -> Tuple[Tensor, Tensor]:
-    """(N, K) -> (N, K) float8_e4m3fn and (N, 1) fp32 scales, x ~= x8 * scale: each row scaled so its largest
-    magnitude maps to 448 (an all-zero row gets scale 1)."""
-    amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=1, keepdim=True, dtype=torch.float32)
-    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
-    x8 = (x.float() / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return x8, scale
-
-
-def fp8_proj_unusable(like: Tensor, mats: Sequence[Tensor]) -> Optional[str]:
-    """Why the FP8 Proj GEMM cannot run for activations ``like`` and the factors of :func:`proj_factors`
-    (None: it can).  It needs FP8 tensor cores (an NVIDIA GPU of compute capability 8.9 or newer), a full Proj
-    (a low-rank one is already 2 r / dim of the GEMM), 16-bit activations and a dim divisible by 16."""
-    if like.device.type != "cuda" or torch.cuda.get_device_capability(like.device) < (8, 9):
-        return f"it needs an NVIDIA GPU with FP8 tensor cores (compute capability 8.9+), not {like.device}"
-    if len(mats) != 1:
-        return "the Proj is low-rank (its two small GEMMs stay in 16-bit)"
-    if like.dtype not in (torch.float16, torch.bfloat16):
-        return f"activations are {like.dtype}, not 16-bit"
-    if mats[0].shape[0] % 16 or mats[0].shape[1] % 16:
-        return f"the Proj is {tuple(mats[0].shape)}; FP8 GEMMs need both sizes divisible by 16"
-    return None
-
-
-def add_fp8_(out2d: Tensor, o_lin2d: Tensor, w: Tensor, rows: int = FP8_PROJ_ROWS) -> Tensor:
-    """``out2d += o_lin2d @ w^T`` with both operands in e4m3, scaled per row of ``o_lin2d`` and per output
-    channel of ``w`` (``torch._scaled_mm``, bf16 result, fp32 accumulation with Hopper's fast FP8 accumulate),
-    ``rows`` rows at a time so the temporaries stay small.  The product carries ~2-4% relative error (e4m3 has
-    3 mantissa bits); it is the Proj correction term only, the sparse attention output is untouched."""
-    w8, sw = quantize_rows_e4m3(w)
-    wt, sw = w8.t(), sw.reshape(1, -1).contiguous()
-    fast = out2d.device.type == "cuda"
-    for r0 in range(0, o_lin2d.shape[0], rows):
-        a8, sa = quantize_rows_e4m3(o_lin2d[r0:r0 + rows])
-        out2d[r0:r0 + rows] += torch._scaled_mm(a8, wt, scale_a=sa, scale_b=sw, out_dtype=torch.bfloat16,
-                                                use_fast_accum=fast)
-    return out2d
 
 
 def proj_bias(proj: nn.Module, like: Optional[Tensor] = None, what: str = "SALAD Proj weights") -> Optional[Tensor]:

@@ -192,24 +192,3 @@ def test_fp8_precision_falls_back_with_one_warning(seed, caplog):
     assert torch.equal(outs["bf16"], outs["fp8"])
     with pytest.raises(ValueError, match="precision"):
         SaladConfig(precision="int4")
-
-
-def test_fp8_proj_falls_back_with_one_warning(seed, caplog):
-    """precision="fp8_proj" without FP8 tensor cores (here: the CPU) keeps the bf16 Proj GEMM, logs why once,
-    and gives the same output as bf16."""
-    import logging
-    from salad_pack.salad_core import attention as A
-    B, H, D, grid = 1, 2, 32, (2, 4, 8)
-    L = 64
-    q, k, v, x = (torch.randn(B, L, n, device=DEV) for n in (H * D, H * D, H * D, 48))
-    proj = torch.nn.Linear(H * D, H * D).to(DEV)
-    gate = torch.nn.Linear(48, 1).to(DEV)
-    A._FP8_WARNED.clear()
-    outs = {}
-    with caplog.at_level(logging.WARNING, logger="SALAD"), torch.no_grad():
-        for prec in ("bf16", "fp8_proj", "fp8_proj"):
-            cfg = SaladConfig(sparsity=0.5, block=32, tile=(2, 4, 4), backend="torch", precision=prec)
-            outs[prec] = salad_self_attention(q, k, v, H, grid=grid, x=x, proj=proj, gate=gate, config=cfg)
-    warned = [r.getMessage() for r in caplog.records if "falls back to bf16" in r.getMessage()]
-    assert len(warned) == 1 and "fp8_proj" in warned[0] and "Proj GEMM" in warned[0], warned
-    assert torch.equal(outs["bf16"], outs["fp8_proj"])
