@@ -16,8 +16,8 @@ loop.  At commit 0a97554 exp2 on the FMA units (a degree-3 polynomial for all or
 by 2 and 32-key steps were swept the same way (sweep-fwd-exp2-unroll-*.json): all 0.68-0.95x, so the MUFU exp2
 is not what bounds the kernel; they were removed.  At commit 9212be2 (reverted) a Gluon sm90 kernel that issues the
 scores of step t+1 before the softmax of step t was swept against the table's Triton config (fwd-config keys
-GLUON = rows per program, PIPELINE; sweep-fwd-gluon-*.json): 0.72-0.92x in every variant, its non-pipelined Gluon
-replica 0.94-1.07x.
+GLUON = rows per program, PIPELINE; sweep-fwd-gluon-*.json): 0.44-0.92x (best variant 0.76-0.92x), its
+non-pipelined Gluon replica 0.94-1.07x.
 
 ``--smoke``: CPU interpreter, a tiny shape, two candidates (checks the script; numbers mean nothing).
 """
