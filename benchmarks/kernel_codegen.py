@@ -12,6 +12,11 @@ are compiled, never launched.  Per compiled kernel it records num_warps, num_sta
 memory the compiler allocated and a histogram of the PTX instructions; --compare lists what
 changed against an earlier fingerprint (a refactor that only moves code into @triton.jit helpers
 should leave the tensor-core, load/store and exp2 counts and the shared memory unchanged).
+
+It also runs the bundled ``ptxas -v`` on each kernel's PTX and records the registers per thread, the
+spill bytes and ptxas' performance warnings (``C75xx``, e.g. C7513/C7514: wgmma instructions serialised,
+which silently removes the tensor-core overlap a kernel was written for).  Registers decide how many
+programs share an SM: the sparse forward's 255 (4 warps) allow two.
 """
 from __future__ import annotations
 
@@ -141,6 +146,30 @@ def _cases(compiled: list) -> dict:
     return out
 
 
+def _ptxas_report(ptx: str, arch: int) -> dict:
+    """registers, spill bytes and C75xx performance warnings from the bundled ``ptxas -v`` (empty when
+    this Triton has no ptxas to run)."""
+    import subprocess
+    import tempfile
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        exe = get_ptxas(arch).path
+    except Exception:
+        return {}
+    suffix = "a" if arch >= 90 else ""
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "k.ptx"
+        src.write_text(ptx)
+        r = subprocess.run([exe, "-v", f"--gpu-name=sm_{arch}{suffix}", str(src), "-o", str(Path(d) / "k.o")],
+                           capture_output=True, text=True)
+    text = r.stdout + r.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes spill stores", text)
+    return dict(registers=int(regs.group(1)) if regs else None,
+                spill_store_bytes=int(spill.group(1)) if spill else None,
+                ptxas_warnings=sorted(set(re.findall(r"\((C75\d\d)\)", text))))
+
+
 def _fingerprint(kernel) -> dict:
     ptx = kernel.asm["ptx"]
     hist: collections.Counter = collections.Counter()
@@ -153,7 +182,7 @@ def _fingerprint(kernel) -> dict:
             hist[m.group(1)] += 1
     md = kernel.metadata
     return dict(num_warps=md.num_warps, num_stages=md.num_stages, shared=md.shared, n_instr=sum(hist.values()),
-                hist=dict(sorted(hist.items())))
+                hist=dict(sorted(hist.items())), **_ptxas_report(ptx, md.target.arch))
 
 
 def compare(before: dict, after: dict) -> list:
@@ -164,7 +193,10 @@ def compare(before: dict, after: dict) -> list:
         if a is None or b is None:
             lines.append(f"{key}: only in {'after' if a is None else 'before'}")
             continue
-        meta = {f: (a[f], b[f]) for f in ("num_warps", "num_stages", "shared") if a[f] != b[f]}
+        # (fingerprints written before the ptxas report have no registers / spills / warnings: not compared)
+        meta = {f: (a.get(f), b.get(f)) for f in ("num_warps", "num_stages", "shared", "registers",
+                                                   "spill_store_bytes", "ptxas_warnings")
+                if f in a and f in b and a[f] != b[f]}
         ops = sorted(op for op in set(a["hist"]) | set(b["hist"]) if a["hist"].get(op, 0) != b["hist"].get(op, 0))
         if not meta and not ops:
             lines.append(f"{key}: same")
@@ -183,7 +215,8 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(result, indent=1, sort_keys=True))
     for key, r in result["kernels"].items():
         print(f"{key:52s} warps {r['num_warps']} stages {r['num_stages']} shared {r['shared']:6d} "
-              f"instructions {r['n_instr']}")
+              f"instructions {r['n_instr']} registers {r.get('registers')} spill {r.get('spill_store_bytes')} "
+              f"{' '.join(r.get('ptxas_warnings') or [])}")
     if args.compare:
         before = json.loads(Path(args.compare).read_text())
         print(f"\nagainst {args.compare} (triton {before.get('triton')}, sm{before.get('arch')}):")

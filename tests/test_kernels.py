@@ -547,6 +547,11 @@ def test_kernels_compile_for_sm90(tmp_path):
     fwd = ks["fwd_tma:_sparse_fwd_kernel"]
     assert (fwd["num_warps"], fwd["num_stages"]) == (4, 2)          # the D=128 16-bit entry of the table
     assert any(op.startswith("wgmma") for op in fwd["hist"]), "no Hopper tensor-core instructions"
+    # ptxas -v: the D=128 forward's wgmmas stay asynchronous (no C75xx "wgmma serialized" warning), on the
+    # TMA path and on the inference path (row map + gated bias)
+    for key in ("fwd_tma:_sparse_fwd_kernel", "fwd_rowmap_gated_bias:_sparse_fwd_kernel"):
+        assert isinstance(ks[key]["registers"], int), ks[key]
+        assert ks[key]["ptxas_warnings"] == [], (key, ks[key]["ptxas_warnings"])
 
 
 # ----------------------------------------------------------------------------------------------
