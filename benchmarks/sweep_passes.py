@@ -85,7 +85,7 @@ def main(argv=None):
             entry = {"H": H, "L": L, "copy_ms": copy_ms, "kv_bytes": 4 * k.numel() * k.element_size(),
                      "q_bytes": 2 * q.numel() * q.element_size(), "kv_pass": [], "q_pass": []}
             for kind in ("kv_pass", "q_pass"):
-                tried = []                  # (config, ms) of this kind's candidates
+                tried = []                  # (config, its row in entry[kind]) of each candidate
                 for c in candidates(kind, a.smoke):
                     if time.time() - t_start > a.budget_s:
                         break
@@ -103,16 +103,15 @@ def main(argv=None):
                         print(f"[sweep] {name} {kind} {c} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
                     entry[kind].append(dict(config=dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages),
                                             ms=ms))
-                    tried.append((c, ms))
-                ok = [r for r in entry[kind] if r["ms"] is not None]
+                    tried.append((c, entry[kind][-1]))
+                ok = [t for t in tried if t[1]["ms"] is not None]
                 if ok:
-                    best = min(ok, key=lambda r: r["ms"])
+                    best_c, best = min(ok, key=lambda t: t[1]["ms"])
                     default = bench(lambda: (K.kv_pass(k, v, rm) if kind == "kv_pass"
                                              else K.q_pass(q, rm, state=st, gate_logit=gl)))
                     entry[f"{kind}_best"] = best
                     if kind == "kv_pass":   # which part bounds it: the gather alone, + pooling, + state
-                        bo = K.TritonOptions(configs={kind: min((t for t in tried if t[1] is not None),
-                                                                key=lambda t: t[1])[0]})
+                        bo = K.TritonOptions(configs={kind: best_c})
                         entry["kv_gather_only_ms"] = bench(lambda: K.kv_pass(k, v, rm, pool_k=False, linear_state=False,
                                                                              triton_options=bo))
                         entry["kv_gather_pool_ms"] = bench(lambda: K.kv_pass(k, v, rm, pool_k=True, linear_state=False,

@@ -148,17 +148,18 @@ def select_topk(q: Tensor, k: Tensor, sparsity: float, block: int = DEFAULT_BLOC
     rows q_rowmap[j*block:(j+1)*block] (see block_sparse_attention_rowmap).  k_pooled: pool_blocks(k)
     when the caller already has it (e.g. for centroid compensation), so k is pooled once."""
     with torch.no_grad():
-        if _pick(q, backend, block):
+        triton_path = _pick(q, backend, block)
+        if triton_path:
             ops = _ops()
             pq = ops.pool_blocks(q, block, q_rowmap, triton_options)
             pk = ops.pool_blocks(k, block, opts=triton_options) if k_pooled is None else k_pooled
         else:
             if q_rowmap is not None:
                 q = q.index_select(2, q_rowmap.to(device=q.device, dtype=torch.long))
-            backend = "torch"   # the torch path selects in torch too
             pq = _ref.pool_blocks_ref(q, block)
             pk = _ref.pool_blocks_ref(k, block) if k_pooled is None else k_pooled.float()
-        return topk_from_pooled(pq, pk, sparsity, always_kept, backend)
+        # the path chosen once: pooling and top-k run on the same backend
+        return topk_from_pooled(pq, pk, sparsity, always_kept, "triton" if triton_path else "torch")
 
 
 def _as_layout(o: Tensor, out_layout: str) -> Tensor:

@@ -239,7 +239,7 @@ def linear_attention_ref(q: Tensor, k: Tensor, v: Tensor, eps: float = 1e-5) -> 
 
 
 def bias_args(bias: Optional[Tensor], gate_logit: Optional[Tensor], B: int, HD: int, device: torch.device
-          ) -> Tuple[Optional[Tensor], int, Optional[Tensor]]:
+              ) -> Tuple[Optional[Tensor], int, Optional[Tensor]]:
     """The forward kernels' bias arguments: (bias (n, H*D) contiguous on `device`, any float dtype; its batch
     stride (0: one row shared by the batch); gate logits (B,) fp32 or None), with the shapes checked."""
     if bias is None:
@@ -254,6 +254,7 @@ def bias_args(bias: Optional[Tensor], gate_logit: Optional[Tensor], B: int, HD: 
             raise ValueError(f"gate_logit must have B = {B} elements, got shape {tuple(gate_logit.shape)}")
         gate_logit = gate_logit.to(device=device, dtype=torch.float32).reshape(B).contiguous()
     return bias, (HD if bias.shape[0] > 1 else 0), gate_logit
+
 
 # ----------------------------------------------------------------------------------------------
 # inference passes (torch): what kernels.kv_pass / kernels.q_pass compute

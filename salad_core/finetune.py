@@ -89,8 +89,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .proj import check_proj_rank
 from .options import DEFAULT_PATTERN, DEFAULT_SPARSITY, PATTERNS
+from .proj import check_proj_rank
 from .trainer import warmup_cosine
 from .weights import (SaladWeights, atomic_write_safetensors, format_block_spec, load_salad_weights,
                       parse_block_spec, save_salad_weights)

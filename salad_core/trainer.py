@@ -34,8 +34,8 @@ from torch import nn
 
 from . import attention as _attn
 from .attention import SaladConfig, dense_reference_attention, mix_branches, salad_branches
-from .proj import check_proj_rank
 from .options import DEFAULT_PATTERN, DEFAULT_SPARSITY
+from .proj import check_proj_rank
 from .weights import SaladWeights, atomic_write_safetensors, format_block_spec
 
 Tensor = torch.Tensor
