@@ -273,7 +273,9 @@ def test_calibration_with_low_rank_proj_lowers_the_error():
     seed = fresh_seed("calibration_low_rank")
     gen = torch.Generator().manual_seed(seed)
     store = SampleStore()
-    for _ in range(12):
+    # 24 samples (6 held out): with 12 (3 held out) about 1 seed in 30 ended above the bound on held-out noise
+    # alone (SALAD_TEST_SEED=2191226043: 0.965); with 24 the largest ratio over 90 seeds was 0.940
+    for _ in range(24):
         store.add(**_structured_sample(gen))
     train, held = store.split(holdout=0.25, seed=seed)
     cfg = SaladConfig(sparsity=0.9, pattern="window", backend="torch")
