@@ -11,6 +11,8 @@
 #                                                per-layer GPU time with the host kept ahead, kernel table)
 #   PART=p5 bash benchmarks/gpu_speed_suite.sh   (wave 4: the 1.3B size x batch table, FP8 vs bf16 at 480p)
 #   PART=p6 bash benchmarks/gpu_speed_suite.sh   (wave 4: 720p forwards, Wan 14B and 1.3B)
+#   PART=p9 bash benchmarks/gpu_speed_suite.sh   (wave 6: Nsight Compute counters of one 1.3B/14B 480p call, bf16
+#                                                and FP8; the 17-frame forwards again)
 #   PART=p8 bash benchmarks/gpu_speed_suite.sh   (wave 5: the rows wave 4 left open with the kept loop: Wan 14B 720p
 #                                                at 90/95% with 2 timed forwards, 14B 720p with a rank-256 Proj,
 #                                                1.3B 720p batch 2, FP8 vs bf16)
@@ -28,6 +30,16 @@ step() { local t=$1 name=$2; shift 2; echo "== $name ($(date +%T))"; timeout "$t
          echo "   rc=$? $(tail -1 "$W/$name.log")"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$W/card.txt"
 case "${PART:-s1}" in
+p9)
+  NCU="ncu --profile-from-start off --clock-control none --set detailed --metrics \
+sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active"
+  step 240 ncu $NCU -f -o "$W/ncu" python3 benchmarks/ncu_layer.py --shapes 1.3b-480p,14b-480p
+  step 60 ncu-raw ncu --import "$W/ncu.ncu-rep" --page raw --csv
+  step 30 ncu-sum python3 benchmarks/ncu_layer.py --summarize "$W/ncu-raw.log" --out "$W/ncu-summary.json"
+  step 60 ncu-details ncu --import "$W/ncu.ncu-rep" --page details
+  rm -f "$W/ncu.ncu-rep"
+  step 150 e2e-17 python3 benchmarks/bench_e2e.py --model 1.3b --sizes 480p17,480p33 --batches 1,2 --rep-ms 1500 \
+       --out "$W/e2e17" ;;
 p5)
   step 330 e2e-1.3b python3 benchmarks/bench_e2e.py --model 1.3b --batches 1,2 --rep-ms 600 \
        --sizes 480p,sq480,sq624,portrait,480p17,480p33,480p49,480p121,720p --out "$W/e2e"
