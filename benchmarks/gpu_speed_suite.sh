@@ -13,6 +13,8 @@
 #   PART=p6 bash benchmarks/gpu_speed_suite.sh   (wave 4: 720p forwards, Wan 14B and 1.3B)
 #   PART=p9 bash benchmarks/gpu_speed_suite.sh   (wave 6: Nsight Compute counters of one 1.3B/14B 480p call, bf16
 #                                                and FP8; the 17-frame forwards again)
+#   PART=p10 bash benchmarks/gpu_speed_suite.sh  (wave 6: GPU tests of fp8_proj and the q_pass variants, the pass
+#                                                sweep with them, per-layer bf16 vs fp8_proj at 1.3B/14B)
 #   PART=p8 bash benchmarks/gpu_speed_suite.sh   (wave 5: the rows wave 4 left open with the kept loop: Wan 14B 720p
 #                                                at 90/95% with 2 timed forwards, 14B 720p with a rank-256 Proj,
 #                                                1.3B 720p batch 2, FP8 vs bf16)
@@ -30,6 +32,13 @@ step() { local t=$1 name=$2; shift 2; echo "== $name ($(date +%T))"; timeout "$t
          echo "   rc=$? $(tail -1 "$W/$name.log")"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$W/card.txt"
 case "${PART:-s1}" in
+p10)
+  step 200 gpu-tests python3 -m pytest -q tests/test_fp8.py tests/test_passes.py tests/test_salad_core_gpu.py \
+       -k "fp8 or q_pass or accumulates or passes or inference"
+  step 150 sweep-passes python3 benchmarks/sweep_passes.py --out "$W/sweep" --shapes 1.3b-480p,14b-480p \
+       --budget-s 130
+  step 150 profile python3 benchmarks/profile_layer.py --out "$W/profile" --models 1.3b,14b --grids 480p,720p \
+       --sparsities 0.9 --precisions bf16,fp8_proj --no-parts --budget-s 120 ;;
 p9)
   NCU="ncu --profile-from-start off --clock-control none --set detailed --metrics \
 sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active"

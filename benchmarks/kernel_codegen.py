@@ -16,7 +16,8 @@ should leave the tensor-core, load/store and exp2 counts and the shared memory u
 It also runs the bundled ``ptxas -v`` on each kernel's PTX and records the registers per thread, the
 spill bytes and ptxas' performance warnings (``C75xx``, e.g. C7513/C7514: wgmma instructions serialised,
 which silently removes the tensor-core overlap a kernel was written for).  Registers decide how many
-programs share an SM: the sparse forward's 255 (4 warps) allow two.
+programs share an SM: the sparse forward's 255 (4 warps) allow two.  CODEGEN_DUMP_DIR=DIR also writes
+each kernel's PTX there.
 """
 from __future__ import annotations
 
@@ -143,6 +144,8 @@ def _cases(compiled: list) -> dict:
         fn()
         for name, kernel in compiled[n0:]:
             out[f"{tag}:{name}"] = _fingerprint(kernel)
+            if os.environ.get("CODEGEN_DUMP_DIR"):      # the PTX itself, for reading a loop's schedule
+                Path(os.environ["CODEGEN_DUMP_DIR"], f"{tag}-{name}.ptx").write_text(kernel.asm["ptx"])
     return out
 
 

@@ -8,7 +8,7 @@ The script warms every kernel up (Triton compiles, autotune caches fill) outside
 one ``salad_self_attention`` call per (shape, precision) with gate + Proj between ``cudaProfilerStart`` and
 ``cudaProfilerStop``, so ncu sees exactly the kernels of those calls.  ``--summarize`` reduces ncu's raw CSV to
 the numbers the kernels README quotes per kernel: duration, tensor-pipe / FMA / MUFU (XU) / ALU utilisation,
-L2 and DRAM throughput, achieved occupancy, registers, and the top warp-stall reasons.
+L2 and DRAM throughput, achieved occupancy, registers, and the top warp-stall reasons (share of PC samples).
 
 CPU: ``--smoke`` runs the call once with the torch backend and no profiler range (checks the script).
 """
@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 # raw-page metric name -> short name (absent ones are skipped: names differ between ncu versions)
 METRICS = {
-    "gpu__time_duration.sum": "us",
+    "gpu__time_duration.sum": "ms",
     "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active": "tensor_gmma_pct",
     "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active": "tensor_hmma_pct",
     "sm__inst_executed_pipe_fma.avg.pct_of_peak_sustained_active": "fma_pct",
@@ -48,8 +48,7 @@ METRICS = {
     "smsp__issue_active.avg.pct_of_peak_sustained_active": "issue_active_pct",
     "l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum": "smem_bank_conflicts",
 }
-STALL_PREFIX = "smsp__average_warps_issue_stalled_"
-STALL_SUFFIX = "_per_issue_active.ratio"
+STALL_PREFIX = "smsp__pcsamp_warps_issue_stalled_"      # PC-sampling counts (the detailed set's source view)
 
 
 def parse(argv=None):
@@ -87,16 +86,15 @@ def summarize(path: str) -> list:
         for raw, short in METRICS.items():
             if raw in col and _num(r[col[raw]]) is not None:
                 v = _num(r[col[raw]])
-                if raw == "gpu__time_duration.sum":
-                    unit = units[col[raw]]
-                    v = v / 1000.0 if unit == "nsecond" else (v * 1000.0 if unit == "msecond" else v)
+                if raw == "gpu__time_duration.sum":     # -> ms
+                    v *= {"ns": 1e-6, "nsecond": 1e-6, "us": 1e-3, "usecond": 1e-3}.get(units[col[raw]], 1.0)
                 k[short] = v
         stalls = {}
         for name, i in col.items():
-            if name.startswith(STALL_PREFIX) and name.endswith(STALL_SUFFIX) and "_not_issued" not in name:
+            if name.startswith(STALL_PREFIX) and not name.endswith("_not_issued"):
                 v = _num(r[i])
                 if v:
-                    stalls[name[len(STALL_PREFIX):-len(STALL_SUFFIX)]] = v
+                    stalls[name[len(STALL_PREFIX):]] = v
         total = sum(stalls.values()) or 1.0
         k["stalls_top"] = {s: round(v / total, 3) for s, v in sorted(stalls.items(), key=lambda t: -t[1])[:6]}
         out.append(k)

@@ -88,6 +88,7 @@ def parse(argv=None):
     ap.add_argument("--models", default="1.3b,14b")
     ap.add_argument("--grids", default="480p17,480p33,sq480,al18k,480p,al480")
     ap.add_argument("--sparsities", default="0.9,0.95")
+    ap.add_argument("--precisions", default="bf16", help="comma list of salad_core PRECISIONS (layer rows only)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rep-ms", type=int, default=200)
     ap.add_argument("--no-parts", action="store_true")
@@ -286,13 +287,14 @@ def main(argv=None):
             q4, k4, v4 = (t.view(B, L, H, D).transpose(1, 2) for t in (q, k, v))
             with torch.inference_mode():
                 sdpa = clock.gpu_ms(lambda: F.scaled_dot_product_attention(q4, k4, v4))
-            for s in (float(t) for t in a.sparsities.split(",")):
-                conf = A.SaladConfig(sparsity=s, pattern="topk", backend="auto" if dev.type == "cuda" else "torch")
-                row = dict(model=model, grid=list(grid), tokens=L, batch=B, sparsity=s, sdpa_ms=sdpa)
+            for s, prec in ((float(t), p) for t in a.sparsities.split(",") for p in a.precisions.split(",")):
+                conf = A.SaladConfig(sparsity=s, pattern="topk", backend="auto" if dev.type == "cuda" else "torch",
+                                     precision=prec)
+                row = dict(model=model, grid=list(grid), tokens=L, batch=B, sparsity=s, precision=prec, sdpa_ms=sdpa)
                 row.update(measure(A, q, k, v, x, proj, gate, H, grid, conf, clock))
-                if not a.no_parts:
+                if not a.no_parts and prec == "bf16":
                     row.update(parts(A, K, q, k, v, x, proj, gate, H, D, grid, conf, clock))
-                if before is not None:
+                if before is not None and prec == "bf16":
                     bconf = before.SaladConfig(sparsity=s, pattern="topk", backend=conf.backend)
                     row.update(measure(before, q, k, v, x, proj, gate, H, grid, bconf, clock, prefix="before_"))
                 row["layer_vs_sdpa"] = sdpa / row["layer_ms"]
@@ -304,12 +306,12 @@ def main(argv=None):
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     write_result(a.out, "profile-layer", res)
-    hdr = f"{'model':<6}{'grid':<12}{'tok':>7}{'sp':>5}{'sdpa':>8}{'layer':>8}{'x':>6}{'queued':>8}" \
+    hdr = f"{'model':<6}{'grid':<12}{'tok':>7}{'sp':>5}{'prec':>9}{'sdpa':>8}{'layer':>8}{'x':>6}{'queued':>8}" \
           f"{'whole':>8}{'x':>6}" \
           f"{'host us':>9}{'kern':>5}{'before':>8}{'b.host':>8}{'b.kern':>7}"
     print(hdr)
     for r in res["rows"]:
-        print(f"{r['model']:<6}{'x'.join(map(str, r['grid'])):<12}{r['tokens']:>7}{r['sparsity']:>5}"
+        print(f"{r['model']:<6}{'x'.join(map(str, r['grid'])):<12}{r['tokens']:>7}{r['sparsity']:>5}{r['precision']:>9}"
               f"{r['sdpa_ms']:>8.3f}{r['layer_ms']:>8.3f}{r['layer_vs_sdpa']:>6.2f}"
               f"{r.get('layer_queued_ms') or 0:>8.3f}"
               f"{r.get('whole_op_ms') or 0:>8.3f}"

@@ -38,14 +38,18 @@ def parse(argv=None):
 
 def candidates(kind: str, smoke: bool):
     import triton
-    rows = (32, 64, 128)
     if smoke:
         return [triton.Config({"BLOCK_N" if kind == "kv_pass" else "BLOCK_M": 32, "PROGRAMS": p}, num_warps=4,
                               num_stages=1) for p in (4, 8)]
     out = []
-    for r, w, s, p in itertools.product(rows, (4, 8), (1, 2, 3), (528, 1056, 2112, 4224)):
-        key = "BLOCK_N" if kind == "kv_pass" else "BLOCK_M"
-        out.append(triton.Config({key: r, "PROGRAMS": p}, num_warps=w, num_stages=s))
+    if kind == "kv_pass":
+        for r, w, s, p in itertools.product((64, 128), (4, 8), (2, 3), (528, 1056)):
+            out.append(triton.Config({"BLOCK_N": r, "PROGRAMS": p}, num_warps=w, num_stages=s))
+        return out
+    # q_pass: also the state as one 16-bit operand (S_PARTS 1) and the denominator on the tensor cores
+    for r, w, s, p, parts, dd in itertools.product((64, 128), (4, 8), (1, 2), (528, 2112), (1, 2), (False, True)):
+        out.append(triton.Config({"BLOCK_M": r, "PROGRAMS": p, "S_PARTS": parts, "DEN_DOT": dd}, num_warps=w,
+                                 num_stages=s))
     return out
 
 

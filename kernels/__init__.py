@@ -211,7 +211,8 @@ def block_sparse_attention_rowmap(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, 
                                   bias: Optional[Tensor] = None, backend: str = "auto", compensate: bool = False,
                                   k_mean: Optional[Tensor] = None, v_mean: Optional[Tensor] = None,
                                   gate_logit: Optional[Tensor] = None,
-                                  triton_options: TritonOptions = DEFAULT_OPTIONS) -> Tensor:
+                                  triton_options: TritonOptions = DEFAULT_OPTIONS,
+                                  accumulate_into: Optional[Tensor] = None) -> Tensor:
     """Inference form of block_sparse_attention (no autograd) for callers whose tokens are not in
     tile order: k and v are in tile order, q is in the caller's order, and tile position r is
     caller row rowmap[r] (L,) for both the q read and the output write.  bias ((H*D,) or (B, H*D)),
@@ -219,13 +220,15 @@ def block_sparse_attention_rowmap(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, 
     Returns o (B,H,L,D) in the caller's order, as a view of a
     contiguous (B,L,H,D) buffer, so the tile gather of q and the scatter back cost no extra pass.
     compensate / k_mean / v_mean: centroid compensation as in block_sparse_attention (means of the
-    tile-ordered k, v blocks)."""
+    tile-ordered k, v blocks).  accumulate_into: a (B,H,L,D) tensor of q's dtype (unit last stride, e.g. a view
+    of a (B,L,H*D) buffer) holding another term of the output; the attention is added to it in place and it
+    is returned (the Triton kernel reads it in its epilogue: no separate add)."""
     _check_qkv(q, k, v)
     B, H, L, D = q.shape
     if _pick(q, backend, block):
         return _ops().block_sparse_attention_rowmap(q, k, v, idx, cnt, block, scale, rowmap, bias, gate_logit,
                                                     comp=(k_mean, v_mean) if compensate else None,
-                                                    opts=triton_options)
+                                                    opts=triton_options, accumulate_into=accumulate_into)
     rm = rowmap.to(device=q.device, dtype=torch.long)
     o_t, _ = _ref.block_sparse_attention_ref(q.index_select(2, rm), k, v, idx, cnt, block, scale,
                                              compensate=compensate, k_mean=k_mean, v_mean=v_mean)
@@ -236,7 +239,13 @@ def block_sparse_attention_rowmap(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, 
         if gate_logit is not None:
             b = b * torch.sigmoid(gate_logit.to(device=q.device, dtype=torch.float32)).reshape(B, 1, 1, 1)
         o = (o.float() + b).to(o.dtype)
-    return o.permute(0, 2, 1, 3)
+    o = o.permute(0, 2, 1, 3)
+    if accumulate_into is not None:
+        if tuple(accumulate_into.shape) != (B, H, L, D) or accumulate_into.dtype != q.dtype:
+            raise ValueError(f"accumulate_into must be a (B,H,L,D) = {(B, H, L, D)} {q.dtype} tensor, got "
+                             f"{tuple(accumulate_into.shape)} {accumulate_into.dtype}")
+        return accumulate_into.copy_((accumulate_into.float() + o.float()).to(q.dtype))
+    return o
 
 
 def linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float = 1e-5, backend: str = "auto",

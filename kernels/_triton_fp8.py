@@ -229,3 +229,33 @@ def _sparse_fwd_fp8_kernel(Q, K8, VT8, KS, VS, VM, O, IDX, CNT, ROWMAP, BIAS, GL
     o = acc * (tl.load(VS + hd)[None, :] / l_i[:, None]) + shift[None, :]
     tl.store(_head(O, o_str, b, h) + rows[:, None].to(tl.int64) * o_str[2] + offs_d[None, :],
              o.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# rows of a matrix as e4m3 with one scale per row (the FP8 Proj GEMM's operands)
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _quant_rows_kernel(X, X8, S, M, K, x_str, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                       EXACT_CAST: tl.constexpr):
+    """Rows [program_id(0) * BLOCK_R, +BLOCK_R) of X (M, K; row stride x_str, unit column stride): each
+    row's scale s = amax / 448 (an all-zero row: TINY / 448) to S (M,) fp32 and x / s as e4m3 to X8
+    (M, K contiguous).  Two sweeps over the row: amax, then quantise (the second read comes from cache)."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = offs_r < M
+    offs_k0 = tl.arange(0, BLOCK_K)
+    x_rows = X + offs_r[:, None].to(tl.int64) * x_str
+    amax = tl.zeros([BLOCK_R], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + offs_k0
+        x = tl.load(x_rows + offs_k[None, :], mask=r_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), 1))
+    s = _div(tl.maximum(amax, _TINY), _FP8_MAX)
+    inv = _div(1.0, s)
+    tl.store(S + offs_r, s, mask=r_ok)
+    out_rows = X8 + offs_r[:, None].to(tl.int64) * K
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + offs_k0
+        ok = r_ok[:, None] & (offs_k < K)[None, :]
+        x = tl.load(x_rows + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_rows + offs_k[None, :], _to_fp8(x * inv[:, None], EXACT_CAST), mask=ok)

@@ -362,14 +362,15 @@ def _sparse_fwd_kernel(Q, K, V, O, LSE, IDX, CNT, ROWMAP, BIAS, GL, KM, VM,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, NUM_STAGES: tl.constexpr,
                        USE_TMA: tl.constexpr, ROWMAP_IO: tl.constexpr, HAS_BIAS: tl.constexpr,
                        HAS_GATE: tl.constexpr, COMPENSATE: tl.constexpr, BLOCK_C: tl.constexpr,
-                       KMAXP: tl.constexpr):
+                       KMAXP: tl.constexpr, ACCUM: tl.constexpr = False):
     """Online-softmax attention of one query block (BLOCK_M rows = one key block) over its listed
     key blocks, walked in BLOCK_N-key tiles.  ROWMAP_IO: tile row r reads q row ROWMAP[r] and
     stores its output at row ROWMAP[r] (the caller's token order; plain loads for q, TMA has no row
     gather on sm90).  HAS_BIAS: add BIAS[b * bias_sb + h*D + d] (any float dtype; bias_sb = 0 for one
     bias shared by the batch) to O, times sigmoid(GL[b]) (fp32 gate logits, (B,)) when HAS_GATE.
     COMPENSATE: after the listed blocks, the centroids of all NK key blocks are walked in tiles of
-    BLOCK_C, the listed ones masked out by comparing with the list (KMAXP >= kmax entries)."""
+    BLOCK_C, the listed ones masked out by comparing with the list (KMAXP >= kmax entries).
+    ACCUM: O already holds a term to keep (e.g. the Proj output): the epilogue adds it (read, add, store)."""
     pid_m, offs_m, row_ok = _query_rows(L, BLOCK_M)
     pid_bh, b, h = _program_head(H)
     offs_d = tl.arange(0, D)
@@ -409,8 +410,10 @@ def _sparse_fwd_kernel(Q, K, V, O, LSE, IDX, CNT, ROWMAP, BIAS, GL, KM, VM,
             bias_row = bias_row * _sigmoid(tl.load(GL + b))
         o = o + bias_row[None, :]
     rows = _io_rows(ROWMAP, offs_m, row_ok, ROWMAP_IO)
-    tl.store(_head(O, o_str, b, h) + rows[:, None].to(tl.int64) * o_str[2] + offs_d[None, :],
-             o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    o_ptrs = _head(O, o_str, b, h) + rows[:, None].to(tl.int64) * o_str[2] + offs_d[None, :]
+    if ACCUM:
+        o = o + tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + pid_bh.to(tl.int64) * L + offs_m, lse, mask=row_ok)
 
 
@@ -561,12 +564,16 @@ def _kv_pass_kernel(K, V, KT, VT, KM, VM, SP, ROWMAP, k_str, v_str, kt_str, vt_s
 @triton.jit
 def _q_pass_kernel(Q, QM, OL, ST, GL, ROWMAP, q_str, o_str, H, L, NB, BPS, eps,
                    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, POOL: tl.constexpr,
-                   LINEAR: tl.constexpr, LP: tl.constexpr, HAS_GATE: tl.constexpr):
+                   LINEAR: tl.constexpr, LP: tl.constexpr, HAS_GATE: tl.constexpr, S_PARTS: tl.constexpr = 2,
+                   DEN_DOT: tl.constexpr = False):
     """Blocks [s*BPS, (s+1)*BPS) of the tile order for split s = program_id(0), read once through ROWMAP (tile
     position -> row of Q): POOL: each block's mean of q to QM ((B*H, NB, D) fp32); LINEAR: the linear
     branch's rows relu(q) S / (relu(q).z + eps), times G = sigmoid(GL[b]) when HAS_GATE, stored at the
     rows' own places in OL (the caller's order).  ST: the summed state ((B*H, D*D + D) fp32: S row-major,
-    then z), loaded once and split into 16-bit hi + lo parts in registers (LP)."""
+    then z), loaded once; LP (16-bit q): S as the dot operand in q's dtype, split into hi + lo parts
+    (S_PARTS 2, ~fp32 accuracy, two dots) or rounded once (S_PARTS 1: one dot, S to 16 bits);
+    DEN_DOT: the denominator relu(q).z on the tensor cores too (z as the first column of a D x 16 operand)
+    instead of an fp32 multiply-and-sum in registers."""
     pid_bh, b, h = _program_head(H)
     q_base, o_base = _head(Q, q_str, b, h), _head(OL, o_str, b, h)
     offs_d = tl.arange(0, D)
@@ -574,6 +581,8 @@ def _q_pass_kernel(Q, QM, OL, ST, GL, ROWMAP, q_str, o_str, H, L, NB, BPS, eps,
         st = ST + pid_bh.to(tl.int64) * (D * D + D)
         sh, slo = _split_state(tl.load(st + offs_d[:, None] * D + offs_d[None, :]), Q.dtype.element_ty, LP)
         z = tl.load(st + D * D + offs_d)
+        if DEN_DOT:   # (D, 16): z in column 0, zeros elsewhere, in the dot operands' dtype
+            zc = tl.where(tl.arange(0, 16)[None, :] == 0, z[:, None], 0.0).to(sh.dtype)
         g = 1.0
         if HAS_GATE:
             g = _sigmoid(tl.load(GL + b))
@@ -586,7 +595,18 @@ def _q_pass_kernel(Q, QM, OL, ST, GL, ROWMAP, q_str, o_str, H, L, NB, BPS, eps,
             if POOL:
                 q_sum += tl.sum(q.to(tl.float32), 0)
             if LINEAR:
-                num, den, _, _ = _phi_q(q, sh, slo, z, eps, LP)
+                if LP and (S_PARTS == 1 or DEN_DOT):
+                    pq = tl.maximum(q, 0.0).to(q.dtype)
+                    num = tl.dot(pq, sh)
+                    if S_PARTS == 2:
+                        num = tl.dot(pq, slo, num)
+                    if DEN_DOT:
+                        dz = tl.dot(pq, zc)
+                        den = tl.sum(tl.where(tl.arange(0, 16)[None, :] == 0, dz, 0.0), 1) + eps
+                    else:
+                        den = tl.sum(pq.to(tl.float32) * z[None, :], 1) + eps
+                else:
+                    num, den, _, _ = _phi_q(q, sh, slo, z, eps, LP)
                 ol = num * (g / den)[:, None]
                 tl.store(o_base + rows[:, None].to(tl.int64) * o_str[2] + offs_d[None, :],
                          ol.to(OL.dtype.element_ty), mask=ok[:, None])

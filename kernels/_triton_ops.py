@@ -362,7 +362,8 @@ def q_pass(q: Tensor, rowmap: Tensor, block: int, state: Optional[Tensor], eps: 
     tk._q_pass_kernel[(nsplit, B * H)](
         q, qm if pool else rm, ol if linear else q, st, gl if gl is not None else rm, rm, _bhl(q),
         _bhl(ol if linear else q), H, L, nb, bps, float(eps) / max(1, L), BLOCK=block, BLOCK_M=bm, D=D,
-        POOL=pool, LINEAR=linear, LP=_low_precision(q.dtype), HAS_GATE=gl is not None, **_launch(c))
+        POOL=pool, LINEAR=linear, LP=_low_precision(q.dtype), HAS_GATE=gl is not None,
+        S_PARTS=c.kwargs.get("S_PARTS", 2), DEN_DOT=c.kwargs.get("DEN_DOT", False), **_launch(c))
     return qm, ol
 
 
@@ -393,14 +394,16 @@ def _centroid_tiles(nk: int, kmax: int, widest: int = 64) -> Dict[str, int]:
 
 def _sparse_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block: int, scale: float, *,
                 layout: str = "bhld", rowmap: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                gate_logit: Optional[Tensor] = None, comp: Comp = None, opts: TritonOptions = DEFAULT_OPTIONS
-                ) -> Tuple[Tensor, Tensor, Optional[Means]]:
+                gate_logit: Optional[Tensor] = None, comp: Comp = None, opts: TritonOptions = DEFAULT_OPTIONS,
+                accumulate_into: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Optional[Means]]:
     """Returns (o, lse, means).  rowmap (L,): q is in the caller's row order; tile position r reads
     q row rowmap[r] and its output is stored at row rowmap[r] (k, v are in tile order).  bias
     ((H*D,) or (B, H*D)) is added to o, times sigmoid(gate_logit[b]) when gate_logit (B,) is given.
     comp: None, True or (k_mean, v_mean): centroid compensation of
     the key blocks each query block skips (see reference.block_sparse_attention_ref); means: the
-    fp32 block means it used (for the backward), None without compensation."""
+    fp32 block means it used (for the backward), None without compensation.  accumulate_into: a (B,H,L,D)
+    tensor of q's dtype (unit last stride) that already holds a term of the output: the kernel adds its
+    result to it in place (one read in the epilogue instead of a separate add) and returns it as o."""
     B, H, L, D = q.shape
     LK = k.shape[2]
     nq = num_blocks(L, block)
@@ -409,7 +412,14 @@ def _sparse_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block
     means = _comp_means(comp, k, v, block, opts) if comp is not None and comp is not False else None
     c = config_for("fwd", D, q.dtype, L, opts)
     bn = min(c.kwargs["BLOCK_N"], block)
-    o = _out(B, H, L, D, q.device, q.dtype, layout, opts.poison)
+    if accumulate_into is not None:
+        o = accumulate_into
+        if tuple(o.shape) != (B, H, L, D) or o.dtype != q.dtype or o.stride(-1) != 1 or o.device != q.device:
+            raise ValueError(f"accumulate_into must be a (B,H,L,D) = {(B, H, L, D)} {q.dtype} tensor on {q.device} "
+                             f"with a unit last stride, got {tuple(o.shape)} {o.dtype} on {o.device}, "
+                             f"strides {o.stride()}")
+    else:
+        o = _out(B, H, L, D, q.device, q.dtype, layout, opts.poison)
     lse = _empty(B, H, L, device=q.device, dtype=torch.float32, poison=opts.poison)
     rm = _rowmap(rowmap, L, q.device)
     bias, bias_sb, gl = bias_args(bias, gate_logit, B, H * D, q.device)
@@ -425,7 +435,7 @@ def _sparse_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block
         _bhl(q), _bhl(k), _bhl(v), _bhl(o), lut_str, H, L, LK, scale * tk.LOG2E, bias_sb,
         BLOCK_M=block, BLOCK_N=bn, D=D, NUM_STAGES=c.num_stages, USE_TMA=use_tma, ROWMAP_IO=rm is not None,
         HAS_BIAS=bias is not None, HAS_GATE=gl is not None, COMPENSATE=means is not None,
-        **_centroid_tiles(nk, idx.shape[-1]),
+        ACCUM=accumulate_into is not None, **_centroid_tiles(nk, idx.shape[-1]),
         **_launch(c))
     return o, lse, means
 
@@ -565,13 +575,15 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Te
 def block_sparse_attention_rowmap(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block: int,
                                   scale: Optional[float], rowmap: Tensor, bias: Optional[Tensor] = None,
                                   gate_logit: Optional[Tensor] = None, layout: str = "blhd", comp: Comp = None,
-                                  opts: TritonOptions = DEFAULT_OPTIONS) -> Tensor:
+                                  opts: TritonOptions = DEFAULT_OPTIONS,
+                                  accumulate_into: Optional[Tensor] = None) -> Tensor:
     """Inference only (no autograd; its caller kernels.block_sparse_attention_rowmap runs under
     no_grad, so it is not entered twice): q and the output in the caller's row order, k/v in tile order.
-    comp: None | True | (k_mean, v_mean): centroid compensation (see _sparse_fwd)."""
+    comp: None | True | (k_mean, v_mean): centroid compensation (see _sparse_fwd); accumulate_into: see
+    _sparse_fwd."""
     q, k, v, scale = _prep(q, k, v, block, scale)
     o, _, _ = _sparse_fwd(q, k, v, idx, cnt, block, scale, layout=layout, rowmap=rowmap, bias=bias,
-                          gate_logit=gate_logit, comp=comp, opts=opts)
+                          gate_logit=gate_logit, comp=comp, opts=opts, accumulate_into=accumulate_into)
     return o
 
 

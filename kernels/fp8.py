@@ -389,4 +389,76 @@ def block_sparse_attention_fp8_ref(q: Tensor, kv8: KV8, idx: Tensor, cnt: Tensor
 
 
 __all__ = ["FP8_CONFIGS", "KV8", "fp8_support", "fp8_config", "quantize_kv_fp8", "quantize_kv_fp8_ref",
-           "block_sparse_attention_rowmap_fp8", "block_sparse_attention_fp8_ref"]
+           "block_sparse_attention_rowmap_fp8", "block_sparse_attention_fp8_ref", "quantize_rows_fp8",
+           "quantize_rows_fp8_ref", "proj_fp8_support", "linear_fp8"]
+
+
+# ----------------------------------------------------------------------------------------------
+# the Proj GEMM in FP8 (precision "fp8_proj")
+# ----------------------------------------------------------------------------------------------
+
+ROWS_CONFIG = dict(BLOCK_R=16, BLOCK_K=512, num_warps=4)
+
+
+def _check_rows(x: Tensor, what: str) -> None:
+    if x.dim() != 2 or not x.is_floating_point() or x.dtype == FP8_DTYPE:
+        raise ValueError(f"{what} must be a 2-D fp16 / bf16 / fp32 matrix, got {tuple(x.shape)} {x.dtype}")
+    if x.shape[1] and x.stride(1) != 1:
+        raise ValueError(f"{what} must have a unit last stride, got strides {x.stride()}")
+
+
+@torch.no_grad()
+def quantize_rows_fp8(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """x (M, K) 16-bit or fp32 with a unit last stride -> (x8 (M, K) e4m3 contiguous, scale (M, 1) fp32), x ~= x8 *
+    scale with scale = row amax / 448 (rounded to nearest even; an all-zero row gets a tiny scale).  One Triton
+    kernel (the interpreter on CPU, for tests); :func:`quantize_rows_fp8_ref` is the torch version."""
+    _check_rows(x, "quantize_rows_fp8: x")
+    _require(x.device, "quantize_rows_fp8")
+    from . import _triton_fp8 as tf
+    M, K = x.shape
+    x8 = torch.empty(M, K, device=x.device, dtype=FP8_DTYPE)
+    s = torch.empty(M, 1, device=x.device, dtype=torch.float32)
+    c = ROWS_CONFIG
+    tf._quant_rows_kernel[(max(1, -(-M // c["BLOCK_R"])),)](x, x8, s, M, K, x.stride(0), BLOCK_R=c["BLOCK_R"],
+                                                           BLOCK_K=c["BLOCK_K"], EXACT_CAST=_interpreting(),
+                                                           num_warps=c["num_warps"])
+    return x8, s
+
+
+def quantize_rows_fp8_ref(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Plain-torch :func:`quantize_rows_fp8` (same rounding: IEEE division, round to nearest even)."""
+    amax = x.float().abs().amax(1, keepdim=True)
+    s = amax.clamp_min(TINY) / FP8_MAX
+    return (x.float() * (1.0 / s)).to(FP8_DTYPE), s
+
+
+def proj_fp8_support(x: Tensor, w: Tensor) -> Optional[str]:
+    """Why :func:`linear_fp8` cannot run for inputs like x (any shape, width x.shape[-1] = K) and w (N, K) (None:
+    it can): it needs a CUDA card with FP8 tensor cores (fp8_support), 16-bit activations and K, N divisible by
+    16 (torch._scaled_mm)."""
+    ok, why = fp8_support(x.device)
+    if not ok:
+        return why
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"activations are {x.dtype}, not 16-bit"
+    if w.dim() != 2 or w.shape[1] != x.shape[-1] or w.shape[0] % 16 or w.shape[1] % 16:
+        return f"the weight is {tuple(w.shape)} for inputs of width {x.shape[-1]}; FP8 GEMMs need both sizes " \
+               "divisible by 16"
+    return None
+
+
+@torch.no_grad()
+def linear_fp8(x2d: Tensor, w: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """x2d @ w^T (no bias) with both operands in e4m3: x2d (M, K) scaled per row, w (N, K) per output channel
+    (:func:`quantize_rows_fp8`, one kernel each), then ``torch._scaled_mm`` with fp32 accumulation (Hopper's
+    fast FP8 accumulate) into a (M, N) result of x2d's dtype (``out`` when given: a (M, N) contiguous buffer).
+    e4m3 keeps 3 mantissa bits: the product differs from the 16-bit one by a few percent (relative L2) on
+    random data."""
+    _check_rows(x2d, "linear_fp8: x2d")
+    _check_rows(w, "linear_fp8: w")
+    a8, sa = quantize_rows_fp8(x2d)
+    w8, sw = quantize_rows_fp8(w)
+    kw = dict(scale_a=sa, scale_b=sw.reshape(1, -1), out_dtype=x2d.dtype, use_fast_accum=True)
+    if out is not None:
+        return torch._scaled_mm(a8, w8.t(), out=out, **kw)
+    return torch._scaled_mm(a8, w8.t(), **kw)

@@ -94,8 +94,12 @@ class SALADApplyAttention:
                                                       "16-bit dtype. fp8 (experimental): Q.K and P.V on FP8 "
                                                       "tensor cores; measured on an H200 it is NOT faster "
                                                       "(0.86x the bf16 kernel) and adds ~5% error per "
-                                                      "attention call (README, Speed). Cards without FP8 and "
-                                                      "centroid compensation fall back to bf16 (logged)."}),
+                                                      "attention call (README, Speed). fp8_proj: bf16 "
+                                                      "attention, the SALAD Proj GEMM in FP8 (a few % error "
+                                                      "on that correction term only; pays off on big models, "
+                                                      "README, Speed). Cards without FP8, centroid "
+                                                      "compensation (fp8) and low-rank Proj weights (fp8_proj) "
+                                                      "fall back to bf16 (logged)."}),
             },
         }
 

@@ -61,9 +61,12 @@ class SaladConfig:
         block a query block skips adds one pseudo-token, its mean key and mean value with logit
         scale*q.kbar + log(n_tokens), to the same softmax; training-free; see
         kernels.reference.block_sparse_attention_ref).
-    precision: "bf16" (the activations' 16-bit dtype) or "fp8": at inference the sparse branch runs the
-        FP8 kernel (kernels/fp8.py: Q.K and P.V in e4m3 with scales) where the card has FP8 tensor cores;
-        elsewhere, with centroid compensation and under autograd it runs in bf16 (a warning says why, once).
+    precision: "bf16" (the activations' 16-bit dtype), "fp8" or "fp8_proj".  "fp8": at inference the sparse
+        branch runs the FP8 kernel (kernels/fp8.py: Q.K and P.V in e4m3 with scales) where the card has FP8
+        tensor cores; elsewhere, with centroid compensation and under autograd it runs in bf16 (a warning says
+        why, once).  "fp8_proj": attention stays bf16 and the full d x d Proj GEMM runs in e4m3 (per-row scales,
+        kernels.fp8.linear_fp8) before the sparse kernel, which adds its result in its epilogue; a low-rank
+        Proj, cards without FP8 and autograd keep the 16-bit GEMM (warned once).
     """
 
     sparsity: float = DEFAULT_SPARSITY
@@ -366,6 +369,14 @@ def _infer(q: Tensor, k: Tensor, v: Tensor, B: int, L: int, H: int, D: int, layo
     idx, cnt = select_blocks(q4, kt, layout, config, q_rowmap=rowmap, k_pooled=k_mean, q_pooled=q_mean)
     mats, bias = proj_factors(proj, q, f"SALAD Proj weights{where}") if linear else ((), None)
     bias_gate = gl if bias is not None else None       # the kernels add sigmoid(gl) * bias
+    acc = None
+    if linear and config.precision == "fp8_proj" and _fp8_proj_usable(q, mats):
+        # the Proj term first, in FP8, into the output buffer; the sparse kernel adds attention to it
+        lin2d = o_lin.transpose(1, 2).reshape(B * L, H * D)
+        acc = K.fp8.linear_fp8(lin2d, mats[0]).view(B, L, H, D).transpose(1, 2)
+        del lin2d
+        linear = False
+    o_lin = o_lin if linear else None
     if config.precision == "fp8" and _fp8_usable(q, config):
         kv8 = K.fp8.quantize_kv_fp8(kt, vt, config.block)
         o = K.fp8.block_sparse_attention_rowmap_fp8(q4, kv8, idx, cnt, rowmap, block=config.block,
@@ -374,7 +385,8 @@ def _infer(q: Tensor, k: Tensor, v: Tensor, B: int, L: int, H: int, D: int, layo
     else:
         o = K.block_sparse_attention_rowmap(q4, kt, vt, idx, cnt, rowmap, block=config.block,
                                             scale=1.0 / math.sqrt(D), bias=bias, gate_logit=bias_gate,
-                                            backend=config.backend, compensate=comp, k_mean=k_mean, v_mean=v_mean)
+                                            backend=config.backend, compensate=comp, k_mean=k_mean, v_mean=v_mean,
+                                            accumulate_into=acc)
     del kt, vt
     out = o.transpose(1, 2).reshape(B, L, H * D)
     if linear:
@@ -413,12 +425,30 @@ def _fp8_usable(q: Tensor, config: SaladConfig) -> bool:
     else:
         ok, reason = K.fp8.fp8_support(q.device)
         why = None if ok else reason
+    return _fallback_ok("fp8", why)
+
+
+def _fp8_proj_usable(q: Tensor, mats) -> bool:
+    """precision="fp8_proj" runs the Proj GEMM in FP8 for a full (d x d) Proj on a card with FP8 tensor cores;
+    otherwise the 16-bit GEMM, with one warning per reason."""
+    if len(mats) != 1:
+        why = "the Proj is low-rank (its two small GEMMs stay 16-bit)"
+    else:
+        why = K.fp8.proj_fp8_support(q, mats[0])
+    return _fallback_ok("fp8_proj", why)
+
+
+def _fallback_ok(precision: str, why: Optional[str]) -> bool:
+    """True when ``why`` is None; else logs (once per precision and reason) that ``precision`` falls back to
+    bf16 and why, and returns False.  Logged, never raised: the graph keeps running."""
     if why is None:
         return True
-    if why not in _FP8_WARNED:
-        _FP8_WARNED.add(why)
+    if (precision, why) not in _FP8_WARNED:
+        _FP8_WARNED.add((precision, why))
         import logging
-        logging.getLogger("SALAD").warning("SALAD: precision 'fp8' falls back to bf16 attention: %s.", why)
+        what = "attention" if precision == "fp8" else "Proj GEMM"
+        logging.getLogger("SALAD").warning("SALAD: precision '%s' falls back to bf16 (%s): %s.", precision, what,
+                                           why)
     return False
 
 

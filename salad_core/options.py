@@ -12,9 +12,10 @@ from typing import Iterable, List, Optional
 PATTERNS = ("topk", "window")
 BACKENDS = ("auto", "triton", "torch")
 COMPENSATIONS = ("none", "centroid")
-# attention precision of the sparse branch at inference: "bf16" = the model's 16-bit dtype (exact block-sparse
-# softmax); "fp8" = e4m3 Q.K and P.V on FP8 tensor cores (Hopper/Ada; kernels/fp8.py), others fall back to bf16
-PRECISIONS = ("bf16", "fp8")
+# precision at inference: "bf16" = the model's 16-bit dtype everywhere (exact block-sparse softmax); "fp8" = the
+# sparse branch's Q.K and P.V in e4m3 on FP8 tensor cores (Hopper/Ada; kernels/fp8.py); "fp8_proj" = bf16
+# attention, the d x d Proj GEMM in e4m3 (kernels.fp8.linear_fp8); where FP8 cannot run they fall back to bf16
+PRECISIONS = ("bf16", "fp8", "fp8_proj")
 
 DEFAULT_PATTERN = "topk"          # what the Apply node and the quality benchmark use
 DEFAULT_SPARSITY = 0.9

@@ -219,3 +219,71 @@ def test_fp8_kernels_compile_for_sm90(tmp_path):
     fwd = {name: k for name, k in ks.items() if "_sparse_fwd_fp8_kernel" in name}
     assert fwd and all(k["wgmma_e4m3"] > 0 for k in fwd.values()), {n: k["wgmma_e4m3"] for n, k in fwd.items()}
     assert all(k["shared"] <= 227 * 1024 for k in ks.values()), {n: k["shared"] for n, k in ks.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# precision "fp8_proj": the Proj GEMM in FP8
+# ----------------------------------------------------------------------------------------------
+
+@needs_fp8
+@pytest.mark.parametrize("M,K_,dtype", [(37, 96, torch.bfloat16), (300, 1040, torch.float16), (5, 16, torch.float32)])
+def test_quantize_rows_kernel_vs_reference(seed, M, K_, dtype):
+    """One scale per row (amax / 448) and the e4m3 values equal the torch reference bit for bit, for ragged row
+    counts, widths that are not a multiple of the kernel's column step, an all-zero row and a strided input."""
+    x = torch.randn(M, K_ + 8, device=DEV).mul_(torch.rand(M, 1, device=DEV) * 10).to(dtype)[:, 4:K_ + 4]
+    x[M // 2] = 0
+    x8, s = F8.quantize_rows_fp8(x)
+    r8, rs = F8.quantize_rows_fp8_ref(x)
+    assert x8.dtype == F8.FP8_DTYPE and x8.is_contiguous() and s.shape == (M, 1)
+    assert torch.equal(s, rs), f"scales differ [seed {seed}]"
+    # (as values: the interpreter's pre-rounding may turn a tiny negative into +0 where the cast gives -0)
+    assert torch.equal(x8.float(), r8.float()), f"e4m3 values differ [seed {seed}]"
+    assert rel(x8.float() * s, x.float()) < 0.04, f"round trip [seed {seed}]"
+    with pytest.raises(ValueError, match="x must be a 2-D"):
+        F8.quantize_rows_fp8(x[None])
+
+
+def test_sparse_kernel_accumulates_into_a_given_output(seed):
+    """accumulate_into: the sparse kernel adds attention (+ G * bias) to what the buffer holds, in place, on the
+    rowmap path (Triton interpreter / GPU) and the torch backend alike; a wrong buffer is refused by name."""
+    B, H, L, D, block = 2, 2, 300, 64, 128
+    q, k, v = bhld(B, H, L, D, torch.float16), bhld(B, H, L, D, torch.float16), bhld(B, H, L, D, torch.float16)
+    idx, cnt = K.select_topk(q.float(), k.float(), 0.5, block=block, backend="torch")
+    rm = torch.randperm(L, device=DEV)
+    bias, gl = torch.randn(B, H * D, device=DEV), torch.randn(B, device=DEV)
+    for backend in (["triton"] if HAVE_TRITON else []) + ["torch"]:
+        kw = dict(block=block, bias=bias, gate_logit=gl, backend=backend)
+        plain = K.block_sparse_attention_rowmap(q, k, v, idx, cnt, rm, **kw)
+        extra = torch.randn(B, L, H * D, device=DEV).to(torch.float16)
+        buf = extra.clone()
+        got = K.block_sparse_attention_rowmap(q, k, v, idx, cnt, rm, accumulate_into=buf.view(B, L, H, D)
+                                              .transpose(1, 2), **kw)
+        assert got.data_ptr() == buf.data_ptr()
+        want = plain.float() + extra.view(B, L, H, D).transpose(1, 2).float()
+        assert rel(got, want) < 2e-3, f"{backend} [seed {seed}]"
+        with pytest.raises(ValueError, match="accumulate_into"):
+            K.block_sparse_attention_rowmap(q, k, v, idx, cnt, rm, accumulate_into=buf.view(B, L, H, D), **kw)
+
+
+def test_fp8_proj_falls_back_with_one_warning(seed, caplog):
+    """precision="fp8_proj" without FP8 tensor cores (here the CPU), or with a low-rank Proj, runs the 16-bit
+    Proj GEMM (same output as bf16) and says why once per reason."""
+    import logging
+    from salad_pack.salad_core import attention as A
+    from salad_pack.salad_core.proj import LowRankProj
+    if F8.fp8_support(DEV)[0]:
+        pytest.skip("this card runs FP8: the fallback is tested where it cannot")
+    B, H, D, grid = 1, 2, 32, (2, 4, 8)
+    L = 64
+    q, k, v, x = (torch.randn(B, L, H * D, device=DEV) for _ in range(4))
+    proj, gate = torch.nn.Linear(H * D, H * D).to(DEV), torch.nn.Linear(H * D, 1).to(DEV)
+    A._FP8_WARNED.clear()
+    with caplog.at_level(logging.WARNING, logger="SALAD"), torch.no_grad():
+        for p in (proj, LowRankProj(H * D, 8).to(DEV)):
+            outs = {}
+            for prec in ("bf16", "fp8_proj", "fp8_proj"):
+                cfg = A.SaladConfig(sparsity=0.5, block=32, tile=(2, 4, 4), backend="torch", precision=prec)
+                outs[prec] = A.salad_self_attention(q, k, v, H, grid=grid, x=x, proj=p, gate=gate, config=cfg)
+            assert torch.equal(outs["bf16"], outs["fp8_proj"])
+    warned = [r.getMessage() for r in caplog.records if "falls back to bf16 (Proj GEMM)" in r.getMessage()]
+    assert len(warned) == 2 and any("low-rank" in w for w in warned), warned
