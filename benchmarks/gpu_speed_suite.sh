@@ -15,6 +15,8 @@
 #                                                and FP8; the 17-frame forwards again)
 #   PART=p10 bash benchmarks/gpu_speed_suite.sh  (wave 6: GPU tests of fp8_proj and the q_pass variants, the pass
 #                                                sweep with them, per-layer bf16 vs fp8_proj at 1.3B/14B)
+#   PART=p11 bash benchmarks/gpu_speed_suite.sh  (wave 6: forwards with the new q_pass config, bf16 vs fp8_proj:
+#                                                1.3B 480p batch 1/2, Wan 14B 480p and 720p; the row-quantiser test)
 #   PART=p8 bash benchmarks/gpu_speed_suite.sh   (wave 5: the rows wave 4 left open with the kept loop: Wan 14B 720p
 #                                                at 90/95% with 2 timed forwards, 14B 720p with a rank-256 Proj,
 #                                                1.3B 720p batch 2, FP8 vs bf16)
@@ -32,6 +34,15 @@ step() { local t=$1 name=$2; shift 2; echo "== $name ($(date +%T))"; timeout "$t
          echo "   rc=$? $(tail -1 "$W/$name.log")"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$W/card.txt"
 case "${PART:-s1}" in
+p11)
+  step 60 gpu-tests python3 -m pytest -q -s tests/test_fp8.py tests/test_salad_core_gpu.py \
+       -k "rows or fp8_proj or accumulates"
+  step 100 e2e-1.3b python3 benchmarks/bench_e2e.py --model 1.3b --sizes 480p --batches 1,2 --no-layers \
+       --rep-ms 800 --sparsities 0.9 --precisions bf16,fp8_proj --out "$W/e2e13"
+  step 160 e2e-14b python3 benchmarks/bench_e2e.py --model 14b --sizes 480p --no-layers --iters 2 \
+       --sparsities 0.9 --precisions bf16,fp8_proj --out "$W/e2e14"
+  step 200 e2e-14b-720p python3 benchmarks/bench_e2e.py --model 14b --sizes 720p --no-layers --iters 2 \
+       --sparsities 0.9 --precisions bf16,fp8_proj --out "$W/e2e14h" ;;
 p10)
   step 200 gpu-tests python3 -m pytest -q tests/test_fp8.py tests/test_passes.py tests/test_salad_core_gpu.py \
        -k "fp8 or q_pass or accumulates or passes or inference"

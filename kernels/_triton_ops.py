@@ -45,9 +45,13 @@ _TUNED_16BIT: Dict[Tuple[str, int], triton.Config] = {
     # inference passes (kv_pass: tile-order copy + pooling + linear state; q_pass: pooling + linear
     # branch): rows per step and about PROGRAMS programs.  Best of benchmarks/sweep_passes.py on the H200
     # (72 candidates each, Wan-1.3B/14B 480p and the 21x30x30 grid; within 1% of each shape's best):
-    # kv_pass 0.337 -> 0.209 ms at 1.3B 480p (the gather alone takes 0.109, index_select 0.114)
+    # kv_pass 0.337 -> 0.209 ms at 1.3B 480p (the gather alone takes 0.109, index_select 0.114).
+    # q_pass at D=128 (second sweep, 64 candidates with the variants, Wan-1.3B/14B 480p): the state as one
+    # 16-bit dot operand (S_PARTS 1) and the denominator on the tensor cores (DEN_DOT), 128 rows per step:
+    # 0.155 -> 0.103 ms (1.3B), 0.476 -> 0.316 ms (14B); D=64 keeps the first sweep's entry (not re-swept)
     **{("kv_pass", d): _cfg(4, 3, BLOCK_N=64, PROGRAMS=528) for d in (64, 128)},
-    **{("q_pass", d): _cfg(4, 1, BLOCK_M=64, PROGRAMS=528) for d in (64, 128)},
+    ("q_pass", 64): _cfg(4, 1, BLOCK_M=64, PROGRAMS=528),
+    ("q_pass", 128): _cfg(4, 1, BLOCK_M=128, PROGRAMS=528, S_PARTS=1, DEN_DOT=True),
 }
 TUNED_D = (64, 128)          # other head dims (16, 32) use the D=128 entries
 LONG_L = 65536               # length bucket "long": L >= LONG_L (no long-specific tuning yet)

@@ -427,8 +427,8 @@ def quantize_rows_fp8(x: Tensor) -> Tuple[Tensor, Tensor]:
 
 def quantize_rows_fp8_ref(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Plain-torch :func:`quantize_rows_fp8` (same rounding: IEEE division, round to nearest even)."""
-    amax = x.float().abs().amax(1, keepdim=True)
-    s = amax.clamp_min(TINY) / FP8_MAX
+    amax = x.float().abs().amax(1, keepdim=True).clamp_min(TINY)
+    s = amax / torch.full_like(amax, FP8_MAX)    # a tensor divisor: CUDA divides exactly (a scalar one multiplies)
     return (x.float() * (1.0 / s)).to(FP8_DTYPE), s
 
 
