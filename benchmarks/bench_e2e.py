@@ -59,7 +59,7 @@ def parse(argv=None):
     ap.add_argument("--iters", type=int, default=3, help="timed forwards per config when one takes > 1 s")
     ap.add_argument("--no-layers", action="store_true", help="skip the per-layer breakdown")
     ap.add_argument("--no-weights", action="store_true", help="sparse-only (no gate/Proj)")
-    ap.add_argument("--precisions", default="bf16", help="comma list of salad_core PRECISIONS: bf16 (default), fp8, fp8_proj")
+    ap.add_argument("--precisions", default="bf16", help="comma list of PRECISIONS: bf16 (default), fp8, fp8_proj")
     ap.add_argument("--proj-rank", type=int, default=0, help="rank of the random Proj weights (0 = full)")
     ap.add_argument("--append", action="store_true", help="merge into --out/latest-e2e.json")
     ap.add_argument("--smoke", action="store_true")
