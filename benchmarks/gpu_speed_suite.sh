@@ -17,6 +17,8 @@
 #                                                sweep with them, per-layer bf16 vs fp8_proj at 1.3B/14B)
 #   PART=p11 bash benchmarks/gpu_speed_suite.sh  (wave 6: forwards with the new q_pass config, bf16 vs fp8_proj:
 #                                                1.3B 480p batch 1/2, Wan 14B 480p and 720p; the row-quantiser test)
+#   PART=p12 bash benchmarks/gpu_speed_suite.sh  (wave 6, final tree: the GPU test suite, kernel table, per-layer
+#                                                profile with parts at 1.3B/14B 480p and 21x30x30)
 #   PART=p8 bash benchmarks/gpu_speed_suite.sh   (wave 5: the rows wave 4 left open with the kept loop: Wan 14B 720p
 #                                                at 90/95% with 2 timed forwards, 14B 720p with a rank-256 Proj,
 #                                                1.3B 720p batch 2, FP8 vs bf16)
@@ -34,6 +36,12 @@ step() { local t=$1 name=$2; shift 2; echo "== $name ($(date +%T))"; timeout "$t
          echo "   rc=$? $(tail -1 "$W/$name.log")"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$W/card.txt"
 case "${PART:-s1}" in
+p12)
+  step 260 gpu-tests python3 -m pytest -q tests/test_kernels.py tests/test_passes.py tests/test_compensation.py \
+       tests/test_salad_core_gpu.py tests/test_fp8.py tests/test_proj.py
+  step 100 kernels python3 benchmarks/bench_kernels.py --quick --budget-s 85 --out "$W/kernels"
+  step 110 profile python3 benchmarks/profile_layer.py --out "$W/profile" --models 1.3b,14b --grids 480p,sq480 \
+       --sparsities 0.9 --budget-s 90 ;;
 p11)
   step 60 gpu-tests python3 -m pytest -q -s tests/test_fp8.py tests/test_salad_core_gpu.py \
        -k "rows or fp8_proj or accumulates"
