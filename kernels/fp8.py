@@ -249,9 +249,16 @@ def quantize_kv_fp8(k: Tensor, v: Tensor, block: int = DEFAULT_BLOCK, smooth_k: 
     return KV8(k8, ks, v8t, v_scale.view(B, H, D), k_mean.view(B, H, D), v_mean.view(B, H, D), L, block)
 
 
+def _over_max(amax: Tensor) -> Tensor:
+    """amax / 448 divided exactly, as the kernels do (div_rn): on CUDA torch turns a division by a Python
+    scalar into a multiplication by its reciprocal, one ulp off at times, which moves whole blocks of the
+    reference's e4m3 values by a rounding step (a flaky comparison on the GPU)."""
+    return amax / torch.full_like(amax, FP8_MAX)
+
+
 def _v_scale(v_max: Tensor, v_min: Tensor, v_mean: Tensor) -> Tensor:
     """Channel scale of v - v_mean: its amax, max(v_max - mean, mean - v_min), over 448."""
-    return torch.maximum(v_max - v_mean, v_mean - v_min).clamp_min(TINY) / FP8_MAX
+    return _over_max(torch.maximum(v_max - v_mean, v_mean - v_min).clamp_min(TINY))
 
 
 def _q8(x: Tensor) -> Tensor:
@@ -277,7 +284,7 @@ def quantize_kv_fp8_ref(k: Tensor, v: Tensor, block: int = DEFAULT_BLOCK, smooth
     k8, v8t, ks = _kv8_buffers(k, block)
     LP = k8.shape[2]
     kc = torch.nn.functional.pad(kf - k_mean[:, :, None], (0, 0, 0, LP - L)).view(B, H, LP // block, block * D)
-    ks.copy_(kc.abs().amax(-1).clamp_min(TINY) / FP8_MAX)
+    ks.copy_(_over_max(kc.abs().amax(-1).clamp_min(TINY)))
     k8.copy_((kc * (1.0 / ks)[..., None]).view(B, H, LP, D))
     vc = (vf - v_mean[:, :, None]) * (1.0 / v_scale)[:, :, None]
     v8t.copy_(torch.nn.functional.pad(vc, (0, 0, 0, LP - L)).transpose(2, 3))
@@ -349,7 +356,7 @@ def block_sparse_attention_fp8_ref(q: Tensor, kv8: KV8, idx: Tensor, cnt: Tensor
     nq = num_blocks(L, block)
     rm = torch.arange(L, device=q.device) if rowmap is None else rowmap.to(device=q.device, dtype=torch.long)
     qt = torch.nn.functional.pad(q.index_select(2, rm).float(), (0, 0, 0, nq * block - L))
-    q_s = qt.abs().amax(-1).clamp_min(TINY) / FP8_MAX                        # (B,H,nq*block)
+    q_s = _over_max(qt.abs().amax(-1).clamp_min(TINY))                       # (B,H,nq*block)
     q8 = _q8(qt * (1.0 / q_s)[..., None]).view(B, H, nq, block, D)
     q_s = (q_s * ((1.0 / math.sqrt(D) if scale is None else float(scale)) * _LOG2E)).view(B, H, nq, block)
     idx = idx.expand(B, H, nq, idx.shape[-1]).long()
@@ -427,8 +434,7 @@ def quantize_rows_fp8(x: Tensor) -> Tuple[Tensor, Tensor]:
 
 def quantize_rows_fp8_ref(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Plain-torch :func:`quantize_rows_fp8` (same rounding: IEEE division, round to nearest even)."""
-    amax = x.float().abs().amax(1, keepdim=True).clamp_min(TINY)
-    s = amax / torch.full_like(amax, FP8_MAX)    # a tensor divisor: CUDA divides exactly (a scalar one multiplies)
+    s = _over_max(x.float().abs().amax(1, keepdim=True).clamp_min(TINY))
     return (x.float() * (1.0 / s)).to(FP8_DTYPE), s
 
 
