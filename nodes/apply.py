@@ -96,8 +96,9 @@ class SALADApplyAttention:
                                                       "(0.86x the bf16 kernel) and adds ~5% error per "
                                                       "attention call (README, Speed). fp8_proj: bf16 "
                                                       "attention, the SALAD Proj GEMM in FP8 (a few % error "
-                                                      "on that correction term only; pays off on big models, "
-                                                      "README, Speed). Cards without FP8, centroid "
+                                                      "on that correction term only; pays off on big models: "
+                                                      "Wan 14B 720p 2.56x -> 2.60x on an H200, README, Speed). "
+                                                      "Cards without FP8, centroid "
                                                       "compensation (fp8) and low-rank Proj weights (fp8_proj) "
                                                       "fall back to bf16 (logged)."}),
             },
