@@ -184,6 +184,8 @@ def parse(argv=None):
     ap.add_argument("--salad-pattern", default=None, help="pattern for salad_calibrated (default: the file's, "
                                                           "or topk when calibrating)")
     ap.add_argument("--methods", default=",".join(("dense",) + SPARSE_METHODS))
+    ap.add_argument("--precisions", default="bf16",
+                    help="SALAD precisions for the SALAD methods (comma list of bf16, fp8, fp8_proj); rows name theirs")
     ap.add_argument("--sparsities", default=SPARSITIES)
     ap.add_argument("--starts", default="0,0.2", help="start_percent values")
     ap.add_argument("--pairs", type=int, default=32)
@@ -531,14 +533,16 @@ def main(argv=None):
 
     def evaluate(method, sparsity, start, raw, seconds, extra):
         """Metrics of one configuration vs dense; appends a row."""
+        plain = extra.get("precision", "bf16") == "bf16"
+
         def keep_frame(sl, vid):
-            if sl.start == 0 and method in FIGURE_METHODS and (method == "dense" or (
+            if sl.start == 0 and plain and method in FIGURE_METHODS and (method == "dense" or (
                     abs(sparsity - a.image_sparsity) < 1e-9 and start == 0.0)):
                 figure[method] = vid[0].cpu()
         row = dict(method=method, sparsity=sparsity, start_percent=start,
                    **b.metrics_row(*b.compare(raw, keep_frame)), seconds=round(seconds, 2), **extra)
         rows.append(row)
-        say_row(run, row, seconds)
+        say_row(run, row, seconds, None if plain else f"{method}[{extra['precision']}]")
 
     # dense reference
     dense_raw, sec = b.timed(lambda: b.sample(model))
@@ -551,20 +555,26 @@ def main(argv=None):
         run.say(f"sol_attn calibration: {len(sol_z)} self-attention calls recorded (dense run, first batch)")
     sol_cal = {}
 
-    configs = [("sparse_topk", 0.0, 0.0)] if "sparse_topk" in methods else []
-    configs += [(m, s, st) for st in starts for s in sparsities for m in SPARSE_METHODS if m in methods]
-    for method, s, start in configs:
+    precisions = a.precisions.split(",")
+    configs = [("sparse_topk", 0.0, 0.0, "bf16")] if "sparse_topk" in methods else []
+    configs += [(m, s, st, p) for st in starts for s in sparsities for m in SPARSE_METHODS if m in methods
+                for p in (precisions if m != "sol_attn" else ["bf16"])]
+    for method, s, start, prec in configs:
         target = keep_count_share(b.nkv, s)             # SALAD's kept key-block share at this length
         extra = dict(kept_share=target)
+        if prec != "bf16":
+            extra["precision"] = prec
         probe = None
         if method in ("sparse_topk", "sparse_window"):
-            opts = PatchOptions(sparsity=s, pattern=method.split("_")[1], start_percent=start, backend=a.backend)
+            opts = PatchOptions(sparsity=s, pattern=method.split("_")[1], start_percent=start, backend=a.backend,
+                                precision=prec)
             m = apply_salad(model, opts)
             probe = SaladProbe()
         elif method == "salad_calibrated":
             sw, path = pick_weights(files, s)
             pattern = a.salad_pattern or sw.metadata.get("pattern") or "topk"
-            opts = PatchOptions(sparsity=s, pattern=pattern, start_percent=start, backend=a.backend)
+            opts = PatchOptions(sparsity=s, pattern=pattern, start_percent=start, backend=a.backend,
+                                precision=prec)
             m = apply_salad(model, opts, SALADWeightsLoader.wrap(sw))
             probe = SaladProbe(copy.deepcopy(sw).to(dev))   # fp32 copy: the patched model's copy stays as loaded
             extra.update(weights=Path(path).name, pattern=pattern, weights_sparsity=sw.metadata.get("sparsity"))

@@ -22,6 +22,7 @@ CASES = [
     ("bench_finetune.py", [], "finetune-*.json"),
     ("bench_kernels.py", ["--quick"], None),
     ("bench_fp8.py", [], None),
+    ("ncu_layer.py", ["--precisions", "bf16"], None),
 ]
 
 
@@ -44,3 +45,32 @@ def test_benchmark_smoke(tmp_path, comfyui_dir, script, extra, produces):
         assert list(tmp_path.glob(produces)), f"{script} --smoke wrote no {produces} in {tmp_path}: " \
                                               f"{sorted(p.name for p in tmp_path.iterdir())}"
     assert _results_listing() == before, f"{script} --smoke wrote into benchmarks/results/"
+
+
+def test_ncu_summary_reduces_the_raw_page(tmp_path):
+    """ncu_layer.py --summarize: ncu's raw CSV (header row, units row, one row per kernel; ==PROF== lines before)
+    -> per kernel the duration in ms whatever ncu's unit, the pipe shares and the top stall reasons as shares of
+    the PC samples (a kernel's _not_issued counters are not stalls of their own)."""
+    import csv
+    import json
+    head = ["ID", "Kernel Name", "Grid Size", "Block Size", "gpu__time_duration.sum",
+            "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active",
+            "smsp__pcsamp_warps_issue_stalled_wait", "smsp__pcsamp_warps_issue_stalled_wait_not_issued",
+            "smsp__pcsamp_warps_issue_stalled_barrier", "smsp__pcsamp_warps_issue_stalled_long_scoreboard"]
+    units = ["", "", "", "", "us", "%", "", "", "", ""]
+    rows = [["0", "_sparse_fwd_kernel", "(256, 12, 1)", "(128, 1, 1)", "1,307.5", "55.3", "30", "999", "10", "0"],
+            ["1", "nvjet_gemm", "(2, 66, 1)", "(384, 1, 1)", "2.03", "96.7", "0", "0", "0", "0"]]
+    raw = tmp_path / "raw.csv"
+    with open(raw, "w", newline="") as f:
+        f.write("==PROF== Connected to process\n")
+        w = csv.writer(f)
+        w.writerows([head, units] + rows)
+    out = tmp_path / "sum.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ncu_layer.py"), "--summarize", str(raw),
+                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ks = json.loads(out.read_text())["kernels"]
+    assert [k["kernel"] for k in ks] == ["_sparse_fwd_kernel", "nvjet_gemm"]
+    assert abs(ks[0]["ms"] - 1.3075) < 1e-9 and abs(ks[1]["ms"] - 0.00203) < 1e-12
+    assert ks[0]["tensor_hmma_pct"] == 55.3
+    assert ks[0]["stalls_top"] == {"wait": 0.75, "barrier": 0.25}
