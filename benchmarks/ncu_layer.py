@@ -87,11 +87,13 @@ def summarize(path: str) -> list:
             if raw in col and _num(r[col[raw]]) is not None:
                 v = _num(r[col[raw]])
                 if raw == "gpu__time_duration.sum":     # -> ms
-                    v *= {"ns": 1e-6, "nsecond": 1e-6, "us": 1e-3, "usecond": 1e-3}.get(units[col[raw]], 1.0)
+                    v *= {"ns": 1e-6, "nsecond": 1e-6, "us": 1e-3, "usecond": 1e-3, "s": 1e3,
+                          "second": 1e3}.get(units[col[raw]], 1.0)
                 k[short] = v
         stalls = {}
         for name, i in col.items():
-            if name.startswith(STALL_PREFIX) and not name.endswith("_not_issued"):
+            # "selected" is a warp issuing, not a stall
+            if name.startswith(STALL_PREFIX) and not name.endswith(("_not_issued", "_selected")):
                 v = _num(r[i])
                 if v:
                     stalls[name[len(STALL_PREFIX):]] = v

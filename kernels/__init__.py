@@ -225,6 +225,10 @@ def block_sparse_attention_rowmap(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, 
     is returned (the Triton kernel reads it in its epilogue: no separate add)."""
     _check_qkv(q, k, v)
     B, H, L, D = q.shape
+    if accumulate_into is not None and (tuple(accumulate_into.shape) != (B, H, L, D) or accumulate_into.dtype !=
+                                        q.dtype or accumulate_into.device != q.device):
+        raise ValueError(f"accumulate_into must be a (B,H,L,D) = {(B, H, L, D)} {q.dtype} tensor on {q.device}, "
+                         f"got {tuple(accumulate_into.shape)} {accumulate_into.dtype} on {accumulate_into.device}")
     if _pick(q, backend, block):
         return _ops().block_sparse_attention_rowmap(q, k, v, idx, cnt, block, scale, rowmap, bias, gate_logit,
                                                     comp=(k_mean, v_mean) if compensate else None,
@@ -241,10 +245,7 @@ def block_sparse_attention_rowmap(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, 
         o = (o.float() + b).to(o.dtype)
     o = o.permute(0, 2, 1, 3)
     if accumulate_into is not None:
-        if tuple(accumulate_into.shape) != (B, H, L, D) or accumulate_into.dtype != q.dtype:
-            raise ValueError(f"accumulate_into must be a (B,H,L,D) = {(B, H, L, D)} {q.dtype} tensor, got "
-                             f"{tuple(accumulate_into.shape)} {accumulate_into.dtype}")
-        return accumulate_into.copy_((accumulate_into.float() + o.float()).to(q.dtype))
+        return accumulate_into.add_(o)
     return o
 
 

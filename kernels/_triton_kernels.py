@@ -572,8 +572,8 @@ def _q_pass_kernel(Q, QM, OL, ST, GL, ROWMAP, q_str, o_str, H, L, NB, BPS, eps,
     rows' own places in OL (the caller's order).  ST: the summed state ((B*H, D*D + D) fp32: S row-major,
     then z), loaded once; LP (16-bit q): S as the dot operand in q's dtype, split into hi + lo parts
     (S_PARTS 2, ~fp32 accuracy, two dots) or rounded once (S_PARTS 1: one dot, S to 16 bits);
-    DEN_DOT: the denominator relu(q).z on the tensor cores too (z as the first column of a D x 16 operand)
-    instead of an fp32 multiply-and-sum in registers."""
+    DEN_DOT: the denominator relu(q).z on the tensor cores too (z, rounded to q's 16-bit dtype, as the first
+    column of a D x 16 operand) instead of an fp32 multiply-and-sum in registers."""
     pid_bh, b, h = _program_head(H)
     q_base, o_base = _head(Q, q_str, b, h), _head(OL, o_str, b, h)
     offs_d = tl.arange(0, D)

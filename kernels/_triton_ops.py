@@ -262,8 +262,9 @@ def linear_state(k: Tensor, v: Tensor, opts: TritonOptions = DEFAULT_OPTIONS) ->
 
 
 def _low_precision(dtype: torch.dtype) -> bool:
-    """LP: the kernels split the fp32 linear state S into hi + lo parts in q's 16-bit dtype (two
-    tensor-core dots at ~fp32 accuracy); for fp32 q they use S itself (fp32 dots)."""
+    """LP: the kernels use the fp32 linear state S as dot operands in q's 16-bit dtype: hi + lo parts (two
+    tensor-core dots at ~fp32 accuracy), or one rounded part where a config says S_PARTS 1 (the D=128
+    inference Q pass); for fp32 q they use S itself (fp32 dots)."""
     return dtype in (torch.bfloat16, torch.float16)
 
 

@@ -440,16 +440,34 @@ def quantize_rows_fp8_ref(x: Tensor) -> Tuple[Tensor, Tensor]:
 
 def proj_fp8_support(x: Tensor, w: Tensor) -> Optional[str]:
     """Why :func:`linear_fp8` cannot run for inputs like x (any shape, width x.shape[-1] = K) and w (N, K) (None:
-    it can): it needs a CUDA card with FP8 tensor cores (fp8_support), 16-bit activations and K, N divisible by
-    16 (torch._scaled_mm)."""
+    it can): it needs a CUDA card with FP8 tensor cores and a Triton with e4m3 (fp8_support), 16-bit activations,
+    K and N divisible by 16, and a torch build whose ``_scaled_mm`` takes per-row scales with this output dtype on
+    this card (asked once per device and dtype with a 16 x 16 x 16 product: some builds, e.g. Windows ones,
+    lack that kernel)."""
     ok, why = fp8_support(x.device)
     if not ok:
-        return why
+        return f"no FP8 GEMM here ({why})"
     if x.dtype not in (torch.float16, torch.bfloat16):
         return f"activations are {x.dtype}, not 16-bit"
     if w.dim() != 2 or w.shape[1] != x.shape[-1] or w.shape[0] % 16 or w.shape[1] % 16:
         return f"the weight is {tuple(w.shape)} for inputs of width {x.shape[-1]}; FP8 GEMMs need both sizes " \
                "divisible by 16"
+    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return _rowwise_scaled_mm_unsupported(dev, x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _rowwise_scaled_mm_unsupported(index: int, dtype: torch.dtype) -> Optional[str]:
+    """None when ``torch._scaled_mm`` with per-row scales and a ``dtype`` result runs on CUDA device ``index``,
+    else why not (the error it raised)."""
+    dev = torch.device("cuda", index)
+    try:
+        a = torch.ones(16, 16, device=dev).to(FP8_DTYPE)
+        s = torch.ones(16, 1, device=dev, dtype=torch.float32)
+        torch._scaled_mm(a, a.t(), scale_a=s, scale_b=s.reshape(1, 16), out_dtype=dtype, use_fast_accum=True)
+    except Exception as e:  # noqa: BLE001 - any failure means: use the 16-bit GEMM
+        return f"torch {torch.__version__} cannot run a per-row scaled FP8 GEMM with {dtype} output on {dev} " \
+               f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
     return None
 
 

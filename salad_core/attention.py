@@ -65,8 +65,9 @@ class SaladConfig:
         branch runs the FP8 kernel (kernels/fp8.py: Q.K and P.V in e4m3 with scales) where the card has FP8
         tensor cores; elsewhere, with centroid compensation and under autograd it runs in bf16 (a warning says
         why, once).  "fp8_proj": attention stays bf16 and the full d x d Proj GEMM runs in e4m3 (per-row scales,
-        kernels.fp8.linear_fp8) before the sparse kernel, which adds its result in its epilogue; a low-rank
-        Proj, cards without FP8 and autograd keep the 16-bit GEMM (warned once).
+        kernels.fp8.linear_fp8) before the sparse kernel, which adds attention to it in its epilogue; a low-rank
+        Proj and cards or torch builds without the FP8 GEMM keep the 16-bit GEMM (warned once); training
+        (autograd) always uses the 16-bit GEMM.
     """
 
     sparsity: float = DEFAULT_SPARSITY
@@ -352,7 +353,8 @@ def _infer(q: Tensor, k: Tensor, v: Tensor, B: int, L: int, H: int, D: int, layo
            gate: Optional[torch.nn.Module], where: str) -> Tensor:
     """Inference: K and V are read once (tile-order copies, k block means for top-k, the linear state), Q
     once (q block means, G * linear branch in raster order); the sparse kernel reads q through the tile
-    permutation and writes raster order plus G * proj.bias; the Proj GEMM accumulates into its output.
+    permutation and writes raster order plus G * proj.bias; the Proj GEMM accumulates into its output (with
+    precision "fp8_proj" the order turns: the FP8 Proj GEMM first, the sparse kernel adds attention to it).
     15 kernels per call with gate + Proj, whatever the size (benchmarks/profile_layer.py)."""
     comp = config.compensation == "centroid"
     topk = config.pattern == "topk"
@@ -372,10 +374,14 @@ def _infer(q: Tensor, k: Tensor, v: Tensor, B: int, L: int, H: int, D: int, layo
     acc = None
     if linear and config.precision == "fp8_proj" and _fp8_proj_usable(q, mats):
         # the Proj term first, in FP8, into the output buffer; the sparse kernel adds attention to it
-        lin2d = o_lin.transpose(1, 2).reshape(B * L, H * D)
-        acc = K.fp8.linear_fp8(lin2d, mats[0]).view(B, L, H, D).transpose(1, 2)
-        del lin2d
-        linear = False
+        try:
+            acc = K.fp8.linear_fp8(o_lin.transpose(1, 2).reshape(B * L, H * D), mats[0]).view(B, L, H, D)
+            acc = acc.transpose(1, 2)
+            linear = False
+        except RuntimeError as e:   # a GEMM the support probe did not foresee: the 16-bit GEMM, logged once
+            if "out of memory" in str(e).lower():
+                raise
+            _fallback_ok("fp8_proj", f"the FP8 GEMM failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
     o_lin = o_lin if linear else None
     if config.precision == "fp8" and _fp8_usable(q, config):
         kv8 = K.fp8.quantize_kv_fp8(kt, vt, config.block)

@@ -50,16 +50,17 @@ def test_benchmark_smoke(tmp_path, comfyui_dir, script, extra, produces):
 def test_ncu_summary_reduces_the_raw_page(tmp_path):
     """ncu_layer.py --summarize: ncu's raw CSV (header row, units row, one row per kernel; ==PROF== lines before)
     -> per kernel the duration in ms whatever ncu's unit, the pipe shares and the top stall reasons as shares of
-    the PC samples (a kernel's _not_issued counters are not stalls of their own)."""
+    the stalled-warp PC samples (_not_issued counters and "selected", a warp issuing, are not stalls)."""
     import csv
     import json
     head = ["ID", "Kernel Name", "Grid Size", "Block Size", "gpu__time_duration.sum",
             "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active",
             "smsp__pcsamp_warps_issue_stalled_wait", "smsp__pcsamp_warps_issue_stalled_wait_not_issued",
-            "smsp__pcsamp_warps_issue_stalled_barrier", "smsp__pcsamp_warps_issue_stalled_long_scoreboard"]
-    units = ["", "", "", "", "us", "%", "", "", "", ""]
-    rows = [["0", "_sparse_fwd_kernel", "(256, 12, 1)", "(128, 1, 1)", "1,307.5", "55.3", "30", "999", "10", "0"],
-            ["1", "nvjet_gemm", "(2, 66, 1)", "(384, 1, 1)", "2.03", "96.7", "0", "0", "0", "0"]]
+            "smsp__pcsamp_warps_issue_stalled_barrier", "smsp__pcsamp_warps_issue_stalled_long_scoreboard",
+            "smsp__pcsamp_warps_issue_stalled_selected"]
+    units = ["", "", "", "", "us", "%", "", "", "", "", ""]
+    rows = [["0", "_sparse_fwd_kernel", "(256, 12, 1)", "(128, 1, 1)", "1,307.5", "55.3", "30", "999", "10", "0", "50"],
+            ["1", "nvjet_gemm", "(2, 66, 1)", "(384, 1, 1)", "2.03", "96.7", "0", "0", "0", "0", "0"]]
     raw = tmp_path / "raw.csv"
     with open(raw, "w", newline="") as f:
         f.write("==PROF== Connected to process\n")

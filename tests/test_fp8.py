@@ -245,14 +245,15 @@ def test_quantize_rows_kernel_vs_reference(seed, M, K_, dtype):
 
 def test_sparse_kernel_accumulates_into_a_given_output(seed):
     """accumulate_into: the sparse kernel adds attention (+ G * bias) to what the buffer holds, in place, on the
-    rowmap path (Triton interpreter / GPU) and the torch backend alike; a wrong buffer is refused by name."""
+    rowmap path (Triton interpreter / GPU) and the torch backend alike, with and without centroid compensation;
+    a wrong buffer is refused by name."""
     B, H, L, D, block = 2, 2, 300, 64, 128
     q, k, v = bhld(B, H, L, D, torch.float16), bhld(B, H, L, D, torch.float16), bhld(B, H, L, D, torch.float16)
     idx, cnt = K.select_topk(q.float(), k.float(), 0.5, block=block, backend="torch")
     rm = torch.randperm(L, device=DEV)
     bias, gl = torch.randn(B, H * D, device=DEV), torch.randn(B, device=DEV)
-    for backend in (["triton"] if HAVE_TRITON else []) + ["torch"]:
-        kw = dict(block=block, bias=bias, gate_logit=gl, backend=backend)
+    for backend, comp in [(b, c) for b in (["triton"] if HAVE_TRITON else []) + ["torch"] for c in (False, True)]:
+        kw = dict(block=block, bias=bias, gate_logit=gl, backend=backend, compensate=comp)
         plain = K.block_sparse_attention_rowmap(q, k, v, idx, cnt, rm, **kw)
         extra = torch.randn(B, L, H * D, device=DEV).to(torch.float16)
         buf = extra.clone()
@@ -260,7 +261,7 @@ def test_sparse_kernel_accumulates_into_a_given_output(seed):
                                               .transpose(1, 2), **kw)
         assert got.data_ptr() == buf.data_ptr()
         want = plain.float() + extra.view(B, L, H, D).transpose(1, 2).float()
-        assert rel(got, want) < 2e-3, f"{backend} [seed {seed}]"
+        assert rel(got, want) < 2e-3, f"{backend} compensate={comp} [seed {seed}]"
         with pytest.raises(ValueError, match="accumulate_into"):
             K.block_sparse_attention_rowmap(q, k, v, idx, cnt, rm, accumulate_into=buf.view(B, L, H, D), **kw)
 
@@ -287,3 +288,23 @@ def test_fp8_proj_falls_back_with_one_warning(seed, caplog):
             assert torch.equal(outs["bf16"], outs["fp8_proj"])
     warned = [r.getMessage() for r in caplog.records if "falls back to bf16 (Proj GEMM)" in r.getMessage()]
     assert len(warned) == 2 and any("low-rank" in w for w in warned), warned
+
+
+@pytest.mark.skipif(INTERP or not F8.fp8_support(DEV)[0], reason="needs a GPU with FP8 tensor cores")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_fp8_vs_16bit_linear(seed, dtype):
+    """linear_fp8 (both operands e4m3, per-row scales, torch._scaled_mm) is x @ w^T within e4m3's rounding, for a
+    ragged row count, into a fresh result and into a given buffer; the support probe says yes on this card."""
+    M, K_, N = 1000, 512, 384
+    x = torch.randn(M, K_, device=DEV, dtype=dtype)
+    w = (torch.randn(N, K_, device=DEV) * 0.05).to(dtype)
+    assert F8.proj_fp8_support(x, w) is None
+    want = torch.nn.functional.linear(x.float(), w.float())
+    got = F8.linear_fp8(x, w)
+    assert got.dtype == dtype and got.shape == (M, N)
+    r = rel(got, want)
+    print(f"linear_fp8 vs fp32 linear ({dtype}): rel {r:.3e}")
+    assert 0 < r < 0.06, f"rel {r} [seed {seed}]"
+    buf = torch.empty(M, N, device=DEV, dtype=dtype)
+    assert F8.linear_fp8(x, w, out=buf).data_ptr() == buf.data_ptr() and torch.equal(buf, got)
+    assert "divisible by 16" in F8.proj_fp8_support(x, w[:, :500])
