@@ -258,3 +258,21 @@ def test_triton_backend_on_cpu_is_a_clear_node_error(comfy_server):
     assert err["node_type"] == "SALADApplyAttention"
     assert "backend 'triton'" in err["exception_message"] and "'auto'" in err["exception_message"]
     _run_ok(comfy_server, t2v_prompt(T2V, steps=1, salad={"backend": "torch"}, prefix=_uniq("torch")))
+
+
+def test_fp8_precisions_fall_back_on_a_cpu_server(comfy_server):
+    """The node's precision input through a real server: on a machine without FP8 tensor cores fp8 and fp8_proj
+    run the bf16 path (same latent as bf16, with SALAD weights so the Proj GEMM runs) and the log says why,
+    once, instead of failing the graph."""
+    name = "random_prec_tiny.safetensors"
+    save_salad_weights(random_weights(7), comfy_server.salad_dir / name)
+    outs = {}
+    for prec in ("bf16", "fp8_proj", "fp8"):
+        p = t2v_prompt(T2V, steps=STEPS, salad={"sparsity": 0.9, "precision": prec}, weights_name=name,
+                       prefix=_uniq(f"prec_{prec}"))
+        outs[prec] = _latent(comfy_server, _run_ok(comfy_server, p))
+    assert outs["bf16"].isfinite().all()
+    assert torch.equal(outs["bf16"], outs["fp8_proj"]) and torch.equal(outs["bf16"], outs["fp8"])
+    log = comfy_server.log()
+    assert "precision 'fp8_proj' falls back to bf16 (Proj GEMM)" in log, log[-2000:]
+    assert "precision 'fp8' falls back to bf16 (attention)" in log, log[-2000:]
