@@ -99,7 +99,7 @@ class SALADApplyAttention:
                                                       "in FP8 (~2% error on that correction term only, no "
                                                       "measurable change on our testbed); pays off on big "
                                                       "models: Wan 14B 720p 2.56x -> 2.60x on an H200. "
-                                                      "Cards without FP8, centroid "
+                                                      "Cards without FP8, backend torch, centroid "
                                                       "compensation (fp8) and low-rank Proj weights (fp8_proj) "
                                                       "fall back to bf16 (logged)."}),
             },

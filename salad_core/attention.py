@@ -66,8 +66,8 @@ class SaladConfig:
         tensor cores; elsewhere, with centroid compensation and under autograd it runs in bf16 (a warning says
         why, once).  "fp8_proj": attention stays bf16 and the full d x d Proj GEMM runs in e4m3 (per-row scales,
         kernels.fp8.linear_fp8) before the sparse kernel, which adds attention to it in its epilogue; a low-rank
-        Proj and cards or torch builds without the FP8 GEMM keep the 16-bit GEMM (warned once); training
-        (autograd) always uses the 16-bit GEMM.
+        Proj, the torch backend and cards or torch builds without the FP8 GEMM keep the 16-bit GEMM (warned
+        once); training (autograd) always uses the 16-bit GEMM.
     """
 
     sparsity: float = DEFAULT_SPARSITY
@@ -372,7 +372,7 @@ def _infer(q: Tensor, k: Tensor, v: Tensor, B: int, L: int, H: int, D: int, layo
     mats, bias = proj_factors(proj, q, f"SALAD Proj weights{where}") if linear else ((), None)
     bias_gate = gl if bias is not None else None       # the kernels add sigmoid(gl) * bias
     acc = None
-    if linear and config.precision == "fp8_proj" and _fp8_proj_usable(q, mats):
+    if linear and config.precision == "fp8_proj" and _fp8_proj_usable(q, mats, config):
         # the Proj term first, in FP8, into the output buffer; the sparse kernel adds attention to it
         try:
             acc = K.fp8.linear_fp8(o_lin.transpose(1, 2).reshape(B * L, H * D), mats[0]).view(B, L, H, D)
@@ -434,10 +434,12 @@ def _fp8_usable(q: Tensor, config: SaladConfig) -> bool:
     return _fallback_ok("fp8", why)
 
 
-def _fp8_proj_usable(q: Tensor, mats) -> bool:
+def _fp8_proj_usable(q: Tensor, mats, config: SaladConfig) -> bool:
     """precision="fp8_proj" runs the Proj GEMM in FP8 for a full (d x d) Proj on a card with FP8 tensor cores;
     otherwise the 16-bit GEMM, with one warning per reason."""
-    if len(mats) != 1:
+    if config.backend == "torch":
+        why = "the torch backend runs no Triton kernels (the FP8 GEMM quantises with one)"
+    elif len(mats) != 1:
         why = "the Proj is low-rank (its two small GEMMs stay 16-bit)"
     else:
         why = K.fp8.proj_fp8_support(q, mats[0])

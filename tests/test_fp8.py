@@ -267,8 +267,8 @@ def test_sparse_kernel_accumulates_into_a_given_output(seed):
 
 
 def test_fp8_proj_falls_back_with_one_warning(seed, caplog):
-    """precision="fp8_proj" without FP8 tensor cores (here the CPU), or with a low-rank Proj, runs the 16-bit
-    Proj GEMM (same output as bf16) and says why once per reason."""
+    """precision="fp8_proj" without FP8 tensor cores (here the CPU), with a low-rank Proj or with the torch backend
+    runs the 16-bit Proj GEMM (same output as bf16) and says why once per reason."""
     import logging
     from salad_pack.salad_core import attention as A
     from salad_pack.salad_core.proj import LowRankProj
@@ -283,11 +283,14 @@ def test_fp8_proj_falls_back_with_one_warning(seed, caplog):
         for p in (proj, LowRankProj(H * D, 8).to(DEV)):
             outs = {}
             for prec in ("bf16", "fp8_proj", "fp8_proj"):
-                cfg = A.SaladConfig(sparsity=0.5, block=32, tile=(2, 4, 4), backend="torch", precision=prec)
+                cfg = A.SaladConfig(sparsity=0.5, block=32, tile=(2, 4, 4), backend="auto", precision=prec)
                 outs[prec] = A.salad_self_attention(q, k, v, H, grid=grid, x=x, proj=p, gate=gate, config=cfg)
             assert torch.equal(outs["bf16"], outs["fp8_proj"])
+        cfg = A.SaladConfig(sparsity=0.5, block=32, tile=(2, 4, 4), backend="torch", precision="fp8_proj")
+        A.salad_self_attention(q, k, v, H, grid=grid, x=x, proj=proj, gate=gate, config=cfg)
     warned = [r.getMessage() for r in caplog.records if "falls back to bf16 (Proj GEMM)" in r.getMessage()]
-    assert len(warned) == 2 and any("low-rank" in w for w in warned), warned
+    assert len(warned) == 3, warned
+    assert any("low-rank" in w for w in warned) and any("torch backend" in w for w in warned), warned
 
 
 @pytest.mark.skipif(INTERP or not F8.fp8_support(DEV)[0], reason="needs a GPU with FP8 tensor cores")
