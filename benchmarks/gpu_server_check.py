@@ -5,7 +5,8 @@ full-size random-weight Wan 2.1 T2V checkpoint (built here with ComfyUI's own Wa
 UNETLoader, and samples 480p x 81 frames with KSampler (euler/simple, CFG: cond and uncond run as one
 batch).  Runs per mode: dense; SALAD at sparsity 0 (must equal dense); SALAD 90% top-k without weights;
 90% top-k / window with a weight file (random gate + Proj on every block, saved in bf16, loaded by
-SALAD Weights Loader); 90% top-k with weights and start_percent 0.2.  Checked: every run succeeds,
+SALAD Weights Loader); 90% top-k with weights and start_percent 0.2; 90% top-k with weights and precision
+fp8_proj (FP8 Proj GEMM; on a card without FP8 it falls back to bf16 with one log line).  Checked: every run succeeds,
 sparsity 0 equals dense; recorded: wall time of each prompt (ComfyUI's own execution timestamps),
 peak GPU memory during the prompt (NVML, device-wide), and how ComfyUI loaded the model (its log).
 
@@ -117,6 +118,8 @@ def runs_for(weights):
         ("salad_topk90_weights", {"sparsity": 0.9, "pattern": "topk"}, weights),
         ("salad_window90_weights", {"sparsity": 0.9, "pattern": "window"}, weights),
         ("salad_topk90_weights_start0.2", {"sparsity": 0.9, "pattern": "topk", "start_percent": 0.2}, weights),
+        # the FP8 Proj GEMM with the Proj weights wherever ComfyUI put them (offloaded in the partial modes)
+        ("salad_topk90_weights_fp8proj", {"sparsity": 0.9, "pattern": "topk", "precision": "fp8_proj"}, weights),
     ]
 
 

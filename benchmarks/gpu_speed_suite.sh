@@ -19,6 +19,9 @@
 #                                                1.3B 480p batch 1/2, Wan 14B 480p and 720p; the row-quantiser test)
 #   PART=p12 bash benchmarks/gpu_speed_suite.sh  (wave 6, final tree: the GPU test suite, kernel table, per-layer
 #                                                profile with parts at 1.3B/14B 480p and 21x30x30)
+#   PART=p13 bash benchmarks/gpu_speed_suite.sh  (prepared for the next session, not run yet: what wave 6 added after
+#                                                its last GPU call -- linear_fp8 and the _scaled_mm probe on the GPU,
+#                                                fp8_proj through a real server with partial loading, GPU suite)
 #   PART=p8 bash benchmarks/gpu_speed_suite.sh   (wave 5: the rows wave 4 left open with the kept loop: Wan 14B 720p
 #                                                at 90/95% with 2 timed forwards, 14B 720p with a rank-256 Proj,
 #                                                1.3B 720p batch 2, FP8 vs bf16)
@@ -36,6 +39,11 @@ step() { local t=$1 name=$2; shift 2; echo "== $name ($(date +%T))"; timeout "$t
          echo "   rc=$? $(tail -1 "$W/$name.log")"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$W/card.txt"
 case "${PART:-s1}" in
+p13)
+  step 120 gpu-tests python3 -m pytest -q -s tests/test_fp8.py tests/test_salad_core_gpu.py -k "fp8 or accumulates or rows"
+  step 300 server python3 benchmarks/gpu_server_check.py --model 1.3b --modes full,partial --out "$W/server" \
+       --budget-s 270
+  step 150 gpu-tests-rest python3 -m pytest -q tests/test_passes.py tests/test_kernels.py -k "pass or rowmap or accum" ;;
 p12)
   step 260 gpu-tests python3 -m pytest -q tests/test_kernels.py tests/test_passes.py tests/test_compensation.py \
        tests/test_salad_core_gpu.py tests/test_fp8.py tests/test_proj.py
