@@ -49,7 +49,7 @@ class SALADApplyAttention:
                                        "tooltip": "Share of key blocks each query block skips. 0.9 = 90% skipped. "
                                                   "Measured at 0.9 per model call that runs sparse (H200): Wan2.1-1.3B "
                                                   "2.12x at 832x480x81, 2.53x at 121 frames, 3.20x at 720p, "
-                                                  "1.39x at 33 frames; Wan 14B 1.72x at 480p, 2.57x at 720p. "
+                                                  "1.41x at 33 frames; Wan 14B 1.71x at 480p, 2.56x at 720p. "
                                                   "The gain depends on model and video size. 0 = exact dense "
                                                   "attention."}),
                 "pattern": (list(PATTERNS), {"default": DEFAULT_PATTERN,
