@@ -141,20 +141,27 @@ def _split_tile(r0, end, ROWS: tl.constexpr):
 
 
 @triton.jit
-def _phi_q(q, sh, slo, z, eps, LP: tl.constexpr):
+def _phi_q(q, sh, slo, z, eps, LP: tl.constexpr, S_PARTS: tl.constexpr = 2, DEN_DOT: tl.constexpr = False):
     """The linear branch's ReLU dot for one tile: num = relu(q) S, den = relu(q).z + eps.
-    LP: S given as hi + lo parts in q's 16-bit dtype (two tensor-core dots, ~fp32 accuracy);
-    else S (sh) is fp32 (fp32 dot).  Returns (num, den, relu(q) as the dot operand, relu(q) fp32)."""
+    LP: S given as 16-bit dot operands in q's dtype, hi + lo (S_PARTS 2: two tensor-core dots, ~fp32
+    accuracy) or hi alone (S_PARTS 1); else S (sh) is fp32 (fp32 dot).  DEN_DOT (LP only): z is given as a
+    D x 16 operand with z in column 0 and the denominator is a tensor-core dot too.  Returns (num, den,
+    relu(q) as the dot operand, relu(q) fp32)."""
     if LP:
         pq = tl.maximum(q, 0.0).to(q.dtype)
         num = tl.dot(pq, sh)
-        num = tl.dot(pq, slo, num)
+        if S_PARTS == 2:
+            num = tl.dot(pq, slo, num)
         pqf = pq.to(tl.float32)
+        if DEN_DOT:
+            den = tl.sum(tl.where(tl.arange(0, 16)[None, :] == 0, tl.dot(pq, z), 0.0), 1) + eps
+        else:
+            den = tl.sum(pqf * z[None, :], 1) + eps
     else:
         pqf = tl.maximum(q.to(tl.float32), 0.0)
         num = tl.dot(pqf, sh)
         pq = pqf
-    den = tl.sum(pqf * z[None, :], 1) + eps
+        den = tl.sum(pqf * z[None, :], 1) + eps
     return num, den, pq, pqf
 
 
@@ -581,8 +588,8 @@ def _q_pass_kernel(Q, QM, OL, ST, GL, ROWMAP, q_str, o_str, H, L, NB, BPS, eps,
         st = ST + pid_bh.to(tl.int64) * (D * D + D)
         sh, slo = _split_state(tl.load(st + offs_d[:, None] * D + offs_d[None, :]), Q.dtype.element_ty, LP)
         z = tl.load(st + D * D + offs_d)
-        if DEN_DOT:   # (D, 16): z in column 0, zeros elsewhere, in the dot operands' dtype
-            zc = tl.where(tl.arange(0, 16)[None, :] == 0, z[:, None], 0.0).to(sh.dtype)
+        if LP and DEN_DOT:   # (D, 16): z in column 0, zeros elsewhere, in the dot operands' dtype
+            z = tl.where(tl.arange(0, 16)[None, :] == 0, z[:, None], 0.0).to(sh.dtype)
         g = 1.0
         if HAS_GATE:
             g = _sigmoid(tl.load(GL + b))
@@ -595,18 +602,7 @@ def _q_pass_kernel(Q, QM, OL, ST, GL, ROWMAP, q_str, o_str, H, L, NB, BPS, eps,
             if POOL:
                 q_sum += tl.sum(q.to(tl.float32), 0)
             if LINEAR:
-                if LP and (S_PARTS == 1 or DEN_DOT):
-                    pq = tl.maximum(q, 0.0).to(q.dtype)
-                    num = tl.dot(pq, sh)
-                    if S_PARTS == 2:
-                        num = tl.dot(pq, slo, num)
-                    if DEN_DOT:
-                        dz = tl.dot(pq, zc)
-                        den = tl.sum(tl.where(tl.arange(0, 16)[None, :] == 0, dz, 0.0), 1) + eps
-                    else:
-                        den = tl.sum(pq.to(tl.float32) * z[None, :], 1) + eps
-                else:
-                    num, den, _, _ = _phi_q(q, sh, slo, z, eps, LP)
+                num, den, _, _ = _phi_q(q, sh, slo, z, eps, LP, S_PARTS, DEN_DOT)
                 ol = num * (g / den)[:, None]
                 tl.store(o_base + rows[:, None].to(tl.int64) * o_str[2] + offs_d[None, :],
                          ol.to(OL.dtype.element_ty), mask=ok[:, None])

@@ -422,13 +422,14 @@ def quantize_rows_fp8(x: Tensor) -> Tuple[Tensor, Tensor]:
     _check_rows(x, "quantize_rows_fp8: x")
     _require(x.device, "quantize_rows_fp8")
     from . import _triton_fp8 as tf
+    from ._triton_ops import triton_cdiv
     M, K = x.shape
     x8 = torch.empty(M, K, device=x.device, dtype=FP8_DTYPE)
     s = torch.empty(M, 1, device=x.device, dtype=torch.float32)
     c = ROWS_CONFIG
-    tf._quant_rows_kernel[(max(1, -(-M // c["BLOCK_R"])),)](x, x8, s, M, K, x.stride(0), BLOCK_R=c["BLOCK_R"],
-                                                           BLOCK_K=c["BLOCK_K"], EXACT_CAST=_interpreting(),
-                                                           num_warps=c["num_warps"])
+    tf._quant_rows_kernel[(max(1, triton_cdiv(M, c["BLOCK_R"])),)](x, x8, s, M, K, x.stride(0), BLOCK_R=c["BLOCK_R"],
+                                                                  BLOCK_K=c["BLOCK_K"], EXACT_CAST=_interpreting(),
+                                                                  num_warps=c["num_warps"])
     return x8, s
 
 

@@ -375,14 +375,13 @@ def _infer(q: Tensor, k: Tensor, v: Tensor, B: int, L: int, H: int, D: int, layo
     if linear and config.precision == "fp8_proj" and _fp8_proj_usable(q, mats, config):
         # the Proj term first, in FP8, into the output buffer; the sparse kernel adds attention to it
         try:
-            acc = K.fp8.linear_fp8(o_lin.transpose(1, 2).reshape(B * L, H * D), mats[0]).view(B, L, H, D)
-            acc = acc.transpose(1, 2)
-            linear = False
+            acc = K.fp8.linear_fp8(o_lin.transpose(1, 2).reshape(B * L, H * D), mats[0])
+            acc = acc.view(B, L, H, D).transpose(1, 2)
+            linear, o_lin = False, None          # the Proj term is in acc; free the 16-bit branch output
         except RuntimeError as e:   # a GEMM the support probe did not foresee: the 16-bit GEMM, logged once
             if "out of memory" in str(e).lower():
                 raise
             _fallback_ok("fp8_proj", f"the FP8 GEMM failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
-    o_lin = o_lin if linear else None
     if config.precision == "fp8" and _fp8_usable(q, config):
         kv8 = K.fp8.quantize_kv_fp8(kt, vt, config.block)
         o = K.fp8.block_sparse_attention_rowmap_fp8(q4, kv8, idx, cnt, rowmap, block=config.block,

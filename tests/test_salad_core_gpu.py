@@ -62,11 +62,10 @@ def test_triton_matches_torch_backend_small():
         assert outs["triton"].dtype == torch.bfloat16 and r < 2e-2
 
 
-def test_fp8_precision_runs_fp8_and_stays_close():
-    """precision="fp8" on an FP8 card runs the FP8 kernel (output differs from bf16) within a few percent of
-    the bf16 output, with gate + full and low-rank Proj, extra tokens and a ragged grid."""
+def _fp8_case(proj_std, bias_std=None):
+    """Inputs of the FP8 precision tests (skipped without FP8 tensor cores): H, grid, extra tokens nf, q, k, v, x
+    (B2, a ragged grid, bf16) and one block of SALAD weights with random Proj (and bias) and gate."""
     import salad_pack.kernels as K
-    from salad_pack.salad_core.proj import LowRankProj
     ok, why = K.fp8.fp8_support(torch.device("cuda"))
     if not ok:
         pytest.skip(why)
@@ -74,10 +73,19 @@ def test_fp8_precision_runs_fp8_and_stays_close():
     q, k, v, x = _inputs(2, grid, H, D, nf)
     w = SaladWeights.new(H * D, H, 1)
     with torch.no_grad():
-        w.proj_for(0).weight.normal_(std=0.02)
+        w.proj_for(0).weight.normal_(std=proj_std)
+        if bias_std is not None:
+            w.proj_for(0).bias.normal_(std=bias_std)
         w.gate_for(0).weight.normal_(std=0.02)
-    w = w.cuda().bfloat16()
-    low = LowRankProj(H * D, 16).cuda().bfloat16()
+    return H, grid, nf, q, k, v, x, w.cuda().bfloat16()
+
+
+def test_fp8_precision_runs_fp8_and_stays_close():
+    """precision="fp8" on an FP8 card runs the FP8 kernel (output differs from bf16) within a few percent of
+    the bf16 output, with gate + full and low-rank Proj, extra tokens and a ragged grid."""
+    from salad_pack.salad_core.proj import LowRankProj
+    H, grid, nf, q, k, v, x, w = _fp8_case(0.02)
+    low = LowRankProj(q.shape[-1], 16).cuda().bfloat16()
     for proj in (w.proj_for(0), low):
         outs = {}
         for prec in ("bf16", "fp8"):
@@ -93,18 +101,7 @@ def test_fp8_precision_runs_fp8_and_stays_close():
 def test_fp8_proj_runs_fp8_and_stays_close():
     """precision="fp8_proj" on an FP8 card: the Proj GEMM runs in e4m3 (output differs from bf16), its term is
     within a few percent of the 16-bit one, and the attention part is the bf16 kernel's (same selection)."""
-    import salad_pack.kernels as K
-    ok, why = K.fp8.fp8_support(torch.device("cuda"))
-    if not ok:
-        pytest.skip(why)
-    H, D, grid, nf = 4, 128, (5, 12, 20), 40
-    q, k, v, x = _inputs(2, grid, H, D, nf)
-    w = SaladWeights.new(H * D, H, 1)
-    with torch.no_grad():
-        w.proj_for(0).weight.normal_(std=0.05)
-        w.proj_for(0).bias.normal_(std=0.05)
-        w.gate_for(0).weight.normal_(std=0.02)
-    w = w.cuda().bfloat16()
+    H, grid, nf, q, k, v, x, w = _fp8_case(0.05, 0.05)
     outs = {}
     for prec in ("bf16", "fp8_proj"):
         cfg = SaladConfig(sparsity=0.8, pattern="topk", precision=prec)
