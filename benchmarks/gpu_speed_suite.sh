@@ -22,6 +22,9 @@
 #   PART=p13 bash benchmarks/gpu_speed_suite.sh  (prepared for the next session, not run yet: what wave 6 added after
 #                                                its last GPU call -- linear_fp8 and the _scaled_mm probe on the GPU,
 #                                                fp8_proj through a real server with partial loading, GPU suite)
+#   PART=p14 bash benchmarks/gpu_speed_suite.sh  (wave 7: GPU tests of the token-mean kernel, the state-apart K/V
+#                                                pass and p13's FP8 tests; sweep of the gather-only K/V pass, the
+#                                                separate state kernel and the token mean, 1.3B/14B 480p)
 #   PART=p8 bash benchmarks/gpu_speed_suite.sh   (wave 5: the rows wave 4 left open with the kept loop: Wan 14B 720p
 #                                                at 90/95% with 2 timed forwards, 14B 720p with a rank-256 Proj,
 #                                                1.3B 720p batch 2, FP8 vs bf16)
@@ -39,6 +42,11 @@ step() { local t=$1 name=$2; shift 2; echo "== $name ($(date +%T))"; timeout "$t
          echo "   rc=$? $(tail -1 "$W/$name.log")"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$W/card.txt"
 case "${PART:-s1}" in
+p14)
+  step 150 gpu-tests python3 -m pytest -q -s tests/test_passes.py tests/test_fp8.py tests/test_salad_core_gpu.py \
+       -k "token_mean or apart or kv_pass or fp8 or accumulates or rows"
+  step 330 sweep python3 benchmarks/sweep_passes.py --out "$W/sweep" --shapes 1.3b-480p,14b-480p \
+       --kinds token_mean,kv_gather,lin_state --budget-s 300 ;;
 p13)
   step 120 gpu-tests python3 -m pytest -q -s tests/test_fp8.py tests/test_salad_core_gpu.py -k "fp8 or accumulates or rows"
   step 300 server python3 benchmarks/gpu_server_check.py --model 1.3b --modes full,partial --out "$W/server" \

@@ -30,21 +30,43 @@ from profile_layer import median_ms, run_header, shape, sweep_parser, write_resu
 SMOKE = (2, (2, 8, 8))          # heads, grid of --smoke
 
 
+KINDS = ("kv_pass", "q_pass", "kv_gather", "lin_state", "token_mean")
+
+
 def parse(argv=None):
     ap = sweep_parser(__doc__, rep_ms=60, budget_s=240, smoke_help="CPU interpreter, tiny shape, two candidates")
     ap.add_argument("--host-profile", action="store_true")
+    ap.add_argument("--kinds", default="kv_pass,q_pass",
+                    help="what to sweep, comma separated: kv_pass, q_pass; kv_gather (kv_pass without the state) and "
+                         "lin_state (the state from a second read of k, v), then both together as kv_pass's "
+                         "STATE_APART; token_mean (the gate's mean of the block input, against torch.mean)")
     return ap.parse_args(argv)
 
 
 def candidates(kind: str, smoke: bool):
     import triton
+    rows = {"kv_pass": "BLOCK_N", "kv_gather": "BLOCK_N", "lin_state": "BLOCK_N", "q_pass": "BLOCK_M",
+            "token_mean": "BLOCK_L"}[kind]
     if smoke:
-        return [triton.Config({"BLOCK_N" if kind == "kv_pass" else "BLOCK_M": 32, "PROGRAMS": p}, num_warps=4,
+        extra = {"BLOCK_C": 32} if kind == "token_mean" else {}
+        return [triton.Config({rows: 32 if kind != "token_mean" else 4, "PROGRAMS": p, **extra}, num_warps=4,
                               num_stages=1) for p in (4, 8)]
     out = []
     if kind == "kv_pass":
         for r, w, s, p in itertools.product((64, 128), (4, 8), (2, 3), (528, 1056)):
             out.append(triton.Config({"BLOCK_N": r, "PROGRAMS": p}, num_warps=w, num_stages=s))
+        return out
+    if kind == "kv_gather":      # no D x D accumulator: deeper pipelines and more programs become possible
+        for r, w, s, p in itertools.product((64, 128), (4, 8), (2, 3), (528, 1056, 2112)):
+            out.append(triton.Config({"BLOCK_N": r, "PROGRAMS": p}, num_warps=w, num_stages=s))
+        return out
+    if kind == "lin_state":
+        for r, w, s, p in itertools.product((64, 128), (4, 8), (2, 3), (264, 528, 1056)):
+            out.append(triton.Config({"BLOCK_N": r, "PROGRAMS": p}, num_warps=w, num_stages=s))
+        return out
+    if kind == "token_mean":
+        for r, c, w, p in itertools.product((16, 32), (256, 512), (4, 8), (528, 1056, 2112)):
+            out.append(triton.Config({"BLOCK_L": r, "BLOCK_C": c, "PROGRAMS": p}, num_warps=w, num_stages=3))
         return out
     # q_pass: also the state as one 16-bit operand (S_PARTS 1) and the denominator on the tensor cores
     for r, w, s, p, parts, dd in itertools.product((64, 128), (4, 8), (1, 2), (528, 2112), (1, 2), (False, True)):
@@ -81,22 +103,38 @@ def main(argv=None):
         lay = TileLayout.get(grid, 0, 0, (2, 8, 8), dev)
         rm = lay.perm32
         q, k, v = (torch.randn(1, L, H, D, device=dev, dtype=dtype).transpose(1, 2) for _ in range(3))
+        # the block input x (B, L, dim) of the gate's token mean: dim = H * D, as in the model
+        x = torch.randn(1, L, H * D, device=dev, dtype=dtype) if "token_mean" in a.kinds else None
         with torch.inference_mode():
             st = K.kv_pass(k, v, rm)[-1]
             gl = torch.zeros(1, device=dev)
             copy_ms = bench(lambda: (k.transpose(1, 2).index_select(1, lay.perm), v.transpose(1, 2).index_select(
                 1, lay.perm)))
             entry = {"H": H, "L": L, "copy_ms": copy_ms, "kv_bytes": 4 * k.numel() * k.element_size(),
-                     "q_bytes": 2 * q.numel() * q.element_size(), "kv_pass": [], "q_pass": []}
-            for kind in ("kv_pass", "q_pass"):
+                     "q_bytes": 2 * q.numel() * q.element_size()}
+            if x is not None:
+                entry["x_bytes"] = x.numel() * x.element_size()
+                entry["torch_mean_ms"] = bench(lambda: torch.mean(x, dim=1, dtype=torch.float32))
+            bests = {}
+            for kind in a.kinds.split(","):
+                entry[kind] = []
                 tried = []                  # (config, its row in entry[kind]) of each candidate
                 for c in candidates(kind, a.smoke):
                     if time.time() - t_start > a.budget_s:
                         break
-                    opts = K.TritonOptions(configs={kind: c})
+                    opts = K.TritonOptions(configs={"kv_pass" if kind == "kv_gather" else kind: c})
                     if kind == "kv_pass":
                         def fn():
                             return K.kv_pass(k, v, rm, pool_k=True, linear_state=True, triton_options=opts)
+                    elif kind == "kv_gather":
+                        def fn():
+                            return K.kv_pass(k, v, rm, pool_k=True, linear_state=False, triton_options=opts)
+                    elif kind == "lin_state":
+                        def fn():
+                            return K._ops().linear_state(k, v, opts)
+                    elif kind == "token_mean":
+                        def fn():
+                            return K.token_mean(x, triton_options=opts)
                     else:
                         def fn():
                             return K.q_pass(q, rm, state=st, gate_logit=gl, triton_options=opts)
@@ -109,7 +147,12 @@ def main(argv=None):
                                             ms=ms))
                     tried.append((c, entry[kind][-1]))
                 ok = [t for t in tried if t[1]["ms"] is not None]
-                if ok:
+                if ok and kind in ("kv_gather", "lin_state", "token_mean"):
+                    best_c, best = min(ok, key=lambda t: t[1]["ms"])
+                    bests[kind] = best_c
+                    entry[f"{kind}_best"] = best
+                    print(f"[sweep] {res['card']} {name} {kind}: best {best['ms']:.3f} ms {best['config']}", flush=True)
+                elif ok:
                     best_c, best = min(ok, key=lambda t: t[1]["ms"])
                     default = bench(lambda: (K.kv_pass(k, v, rm) if kind == "kv_pass"
                                              else K.q_pass(q, rm, state=st, gate_logit=gl)))
@@ -128,8 +171,28 @@ def main(argv=None):
                     print(f"[sweep] {res['card']} {name} {kind}: default {default:.3f} ms, best {best['ms']:.3f} ms "
                           f"{best['config']} ({nbytes / best['ms'] / 1e9:.2f} TB/s; K/V index_select copy "
                           f"{copy_ms:.3f} ms)", flush=True)
+            if "kv_gather" in bests and "lin_state" in bests:   # both together, as kv_pass runs them
+                import triton
+                g = bests["kv_gather"]
+                apart = K.TritonOptions(configs={
+                    "kv_pass": triton.Config(dict(g.kwargs, STATE_APART=True), num_warps=g.num_warps,
+                                             num_stages=g.num_stages), "lin_state": bests["lin_state"]})
+                entry["kv_apart_ms"] = bench(lambda: K.kv_pass(k, v, rm, pool_k=True, linear_state=True,
+                                                               triton_options=apart))
+                entry["kv_fused_default_ms"] = bench(lambda: K.kv_pass(k, v, rm, pool_k=True, linear_state=True))
+                err = (K.kv_pass(k, v, rm, triton_options=apart)[-1] - st).abs().max().item()
+                entry["kv_apart_state_maxdiff"] = err
+                print(f"[sweep] {res['card']} {name} kv_pass, state apart: {entry['kv_apart_ms']:.3f} ms vs fused "
+                      f"(table) {entry['kv_fused_default_ms']:.3f} ms; state max |diff| {err:.2e}", flush=True)
+            if "token_mean" in bests:
+                entry["token_mean_default_ms"] = bench(lambda: K.token_mean(x))
+                err = (K.token_mean(x) - torch.mean(x, dim=1, dtype=torch.float32)).abs().max().item()
+                print(f"[sweep] {res['card']} {name} token mean: torch.mean {entry['torch_mean_ms']:.3f} ms, kernel "
+                      f"(table) {entry['token_mean_default_ms']:.3f} ms, best {entry['token_mean_best']['ms']:.3f} ms "
+                      f"({entry['x_bytes'] / entry['token_mean_best']['ms'] / 1e9:.2f} TB/s); max |diff| {err:.2e}",
+                      flush=True)
         res["shapes"][name] = entry
-        del q, k, v
+        del q, k, v, x
 
     if a.host_profile:
         H, grid = SMOKE if a.smoke else shape("1.3b-480p17")

@@ -43,7 +43,7 @@ Tensor = torch.Tensor
 __all__ = [
     "DEFAULT_BLOCK", "PAD_IDX", "num_blocks", "keep_count", "pool_blocks", "select_topk",
     "select_window", "block_sparse_attention", "block_sparse_attention_rowmap", "linear_attention",
-    "sparse_linear_attention", "kv_pass", "q_pass", "topk_from_pooled",
+    "sparse_linear_attention", "kv_pass", "q_pass", "token_mean", "topk_from_pooled",
     "triton_available", "attention_ref", "masked_attention_ref", "block_mask_dense",
     "compensated_attention_ref", "TritonOptions",
 ]
@@ -269,6 +269,17 @@ def sparse_linear_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: T
     o_s, _ = block_sparse_attention(q, k, v, idx, cnt, block, scale, backend, out_layout,
                                     triton_options=triton_options)
     return o_s, linear_attention(q, k, v, eps, backend, out_layout, triton_options)
+
+
+def token_mean(x: Tensor, backend: str = "auto", triton_options: TritonOptions = DEFAULT_OPTIONS) -> Tensor:
+    """(B, L, C) -> (B, C) fp32 mean over the L tokens, accumulated in fp32 (the gate's input: the mean of a
+    block's input).  Any strides for B and L; a last dim without unit stride is copied first.  No autograd."""
+    if x.dim() != 3:
+        raise ValueError(f"token_mean: x must be (B, L, C), got shape {tuple(x.shape)}")
+    with torch.no_grad():
+        if _use_triton(x, backend) and x.shape[1] > 0 and x.is_floating_point():
+            return _ops().token_mean(x if x.stride(-1) == 1 else x.contiguous(), triton_options)
+        return _ref.token_mean_ref(x)
 
 
 def kv_pass(k: Tensor, v: Tensor, rowmap: Tensor, block: int = DEFAULT_BLOCK, pool_k: bool = True,

@@ -317,6 +317,25 @@ def _pool_kernel(X, OUT, ROWMAP, x_str, H, L, NB,
 
 
 @triton.jit
+def _token_sum_kernel(X, OUT, sb, sl, L, C, CHUNK, NSPLIT, SCALE, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+    """fp32 sums of X (B, L, C) (strides sb, sl; unit stride on C) over the rows [s*CHUNK, (s+1)*CHUNK) of
+    split s = program_id(1), for column block program_id(0) of batch program_id(2), times SCALE: OUT
+    (B, NSPLIT, C)."""
+    pid_c, s, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cok = offs_c < C
+    base = X + b.to(tl.int64) * sb
+    start = s * CHUNK
+    end = tl.minimum(start + CHUNK, L)
+    acc = tl.zeros([BLOCK_L, BLOCK_C], tl.float32)
+    for l0 in tl.range(start, end, BLOCK_L):
+        offs_l = l0 + tl.arange(0, BLOCK_L)
+        ok = (offs_l < end)[:, None] & cok[None, :]
+        acc += tl.load(base + offs_l[:, None].to(tl.int64) * sl + offs_c[None, :], mask=ok, other=0.0).to(tl.float32)
+    tl.store(OUT + (b.to(tl.int64) * NSPLIT + s) * C + offs_c, tl.sum(acc, 0) * SCALE, mask=cok)
+
+
+@triton.jit
 def _topk_lut_kernel(SC, AK, IDX, CNT, NQ, NK, K, KMAX, N_AK,
                      NKP: tl.constexpr, KMAXP: tl.constexpr, SHIFT: tl.constexpr):
     """One program per (b*h, q-block) row of scores SC (B*H, NQ, NK) fp32 contiguous.

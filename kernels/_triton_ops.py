@@ -52,6 +52,8 @@ _TUNED_16BIT: Dict[Tuple[str, int], triton.Config] = {
     **{("kv_pass", d): _cfg(4, 3, BLOCK_N=64, PROGRAMS=528) for d in (64, 128)},
     ("q_pass", 64): _cfg(4, 1, BLOCK_M=64, PROGRAMS=528),
     ("q_pass", 128): _cfg(4, 1, BLOCK_M=128, PROGRAMS=528, S_PARTS=1, DEN_DOT=True),
+    # the gate's mean over the tokens of the block input (B, L, dim): not a head-dim kernel, one entry
+    **{("token_mean", d): _cfg(4, 3, BLOCK_L=32, BLOCK_C=256, PROGRAMS=1056) for d in (64, 128)},
 }
 TUNED_D = (64, 128)          # other head dims (16, 32) use the D=128 entries
 LONG_L = 65536               # length bucket "long": L >= LONG_L (no long-specific tuning yet)
@@ -232,6 +234,20 @@ def topk_lut(scores: Tensor, k: int, always_kept: Optional[Tensor] = None) -> Tu
     return idx, cnt
 
 
+def token_mean(x: Tensor, opts: TritonOptions = DEFAULT_OPTIONS) -> Tensor:
+    """(B, L, C) -> (B, C) fp32 mean over L (unit stride on C): split-L partial sums, already divided by L,
+    then one torch sum over the splits."""
+    B, L, C = x.shape
+    c = config_for("token_mean", 128, x.dtype, L, opts)
+    bl, bc = c.kwargs["BLOCK_L"], c.kwargs["BLOCK_C"]
+    ncol = triton_cdiv(C, bc)
+    nsplit, chunk = _splits(L, bl, B * ncol, c.kwargs["PROGRAMS"])
+    part = _empty(B, nsplit, C, device=x.device, dtype=torch.float32, poison=opts.poison)
+    tk._token_sum_kernel[(ncol, nsplit, B)](x, part, x.stride(0), x.stride(1), L, C, chunk, nsplit, 1.0 / max(1, L),
+                                            BLOCK_L=bl, BLOCK_C=bc, **_launch(c))
+    return part[:, 0] if nsplit == 1 else part.sum(1)
+
+
 # ----------------------------------------------------------------------------------------------
 # linear attention
 # ----------------------------------------------------------------------------------------------
@@ -255,7 +271,7 @@ def linear_state(k: Tensor, v: Tensor, opts: TritonOptions = DEFAULT_OPTIONS) ->
     sp = _empty(B * H, nsplit, D, D, device=k.device, dtype=torch.float32, poison=opts.poison)
     zp = _empty(B * H, nsplit, D, device=k.device, dtype=torch.float32, poison=opts.poison)
     tk._linear_state_kernel[(nsplit, B * H)](k, v, sp, zp, _bhl(k), _bhl(v), H, LK, chunk, nsplit,
-                                             1.0 / max(1, LK), BLOCK_N=bn, D=D, num_warps=c.num_warps)
+                                             1.0 / max(1, LK), BLOCK_N=bn, D=D, **_launch(c))
     if nsplit == 1:
         return sp[:, 0], zp[:, 0]
     return sp.sum(1), zp.sum(1)
@@ -328,14 +344,23 @@ def kv_pass(k: Tensor, v: Tensor, rowmap: Tensor, block: int, pool_k: bool, pool
     vt = _out(B, H, L, D, v.device, v.dtype, "blhd", opts.poison)
     km = _empty(B, H, nb, D, device=k.device, dtype=torch.float32, poison=opts.poison) if pool_k else None
     vm = _empty(B, H, nb, D, device=k.device, dtype=torch.float32, poison=opts.poison) if pool_v else None
+    # STATE_APART: the state from a second read of k and v in their own row order (the order does not
+    # matter to a sum) by the linear_state kernel, so the gathering kernel carries no D x D accumulator
+    apart = state and bool(c.kwargs.get("STATE_APART", False))
+    in_kernel = state and not apart
     sp = (_empty(B * H, nsplit, D * D + D, device=k.device, dtype=torch.float32, poison=opts.poison)
-          if state else None)
+          if in_kernel else None)
     rm = _rowmap(rowmap, L, k.device)
     tk._kv_pass_kernel[(nsplit, B * H)](
-        k, v, kt, vt, km if pool_k else rm, vm if pool_v else rm, sp if state else rm, rm, _bhl(k), _bhl(v),
+        k, v, kt, vt, km if pool_k else rm, vm if pool_v else rm, sp if in_kernel else rm, rm, _bhl(k), _bhl(v),
         _bhl(kt), _bhl(vt), H, L, nb, bps, nsplit, 1.0 / max(1, L), BLOCK=block, BLOCK_N=bn, D=D,
-        POOL_K=pool_k, POOL_V=pool_v, STATE=state, **_launch(c))
-    st = (sp[:, 0] if nsplit == 1 else sp.sum(1)) if state else None
+        POOL_K=pool_k, POOL_V=pool_v, STATE=in_kernel, **_launch(c))
+    st = None
+    if in_kernel:
+        st = sp[:, 0] if nsplit == 1 else sp.sum(1)
+    elif apart:
+        s_, z_ = linear_state(k, v, opts)
+        st = torch.cat((s_.reshape(B * H, D * D), z_), 1)
     return kt, vt, km, vm, st
 
 
@@ -607,7 +632,8 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float, layout: str = 
 
 
 __all__: Sequence[str] = (
-    "CONFIGS", "LONG_L", "TUNED_D", "config_for", "pool_blocks", "topk_lut", "linear_state", "kv_pass", "q_pass",
+    "CONFIGS", "LONG_L", "TUNED_D", "config_for", "pool_blocks", "token_mean", "topk_lut", "linear_state", "kv_pass",
+    "q_pass",
     "transpose_lut", "block_sparse_attention", "block_sparse_attention_rowmap", "block_sparse_attention_fwd",
     "linear_attention",
 )

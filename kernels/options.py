@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 # names of the tuned-config entries a TritonOptions may override (see _triton_ops.CONFIGS)
-CONFIG_NAMES = ("fwd", "bwd_dq", "bwd_dkdv", "lin_state", "lin_apply", "lin_bwd", "kv_pass", "q_pass")
+CONFIG_NAMES = ("fwd", "bwd_dq", "bwd_dkdv", "lin_state", "lin_apply", "lin_bwd", "kv_pass", "q_pass", "token_mean")
 
 
 @dataclass(frozen=True)

@@ -271,6 +271,11 @@ def pack_state(S: Tensor, z: Tensor, n_keys: int) -> Tensor:
     return torch.cat([S.reshape(B * H, D * D), z.reshape(B * H, D)], 1).float() / max(1, n_keys)
 
 
+def token_mean_ref(x: Tensor) -> Tensor:
+    """(B, L, C) -> (B, C) fp32 mean over the tokens, accumulated in fp32 (no fp32 copy of x)."""
+    return torch.mean(x, dim=1, dtype=torch.float32)
+
+
 def kv_pass_ref(k: Tensor, v: Tensor, rowmap: Tensor, block: int = DEFAULT_BLOCK, pool_k: bool = True,
                 pool_v: bool = False, state: bool = True):
     """(kt, vt, k means, v means, packed linear state) as kernels.kv_pass returns them."""

@@ -232,20 +232,22 @@ def salad_branches(q: Tensor, k: Tensor, v: Tensor, heads: int, *, grid: Sequenc
     return o_s, (_linear_branch(q, k, v, B, L, H, D, config) if linear else None)
 
 
-def _token_mean(x: Tensor, batch: int) -> Tensor:
+def _token_mean(x: Tensor, batch: int, backend: str = "torch") -> Tensor:
     """(B, dim) fp32 mean over the tokens of the block input x (B, L, dim), accumulated in fp32 (no fp32
-    copy of x)."""
+    copy of x); backend "auto" / "triton": one split-L Triton kernel on CUDA (no autograd)."""
     if x.dim() != 3 or x.shape[0] != batch:
         raise ValueError(f"x must be (B={batch}, L, dim), got {tuple(x.shape)}")
-    return torch.mean(x, dim=1, dtype=torch.float32)
+    if backend == "torch" or x.requires_grad:
+        return torch.mean(x, dim=1, dtype=torch.float32)
+    return K.token_mean(x, backend=backend)
 
 
 def gate_logit(x: Optional[Tensor], gate: Optional[torch.nn.Module], batch: int,
-               what: str = "SALAD gate weights") -> Optional[Tensor]:
+               what: str = "SALAD gate weights", backend: str = "torch") -> Optional[Tensor]:
     """(B,) fp32 logits of G (inference: the kernels apply the sigmoid); None means G = 1."""
     if gate is None or x is None:
         return None
-    xm = _token_mean(x, batch)
+    xm = _token_mean(x, batch, backend)
     w, b = linear_params(gate, xm, what)
     return F.linear(xm, w, b).reshape(batch)
 
@@ -363,7 +365,7 @@ def _infer(q: Tensor, k: Tensor, v: Tensor, B: int, L: int, H: int, D: int, layo
     q4, k4, v4 = (_heads_view(t, B, L, H, D) for t in (q, k, v))
     kt, vt, k_mean, v_mean, state = K.kv_pass(k4, v4, rowmap, config.block, pool_k=topk or comp, pool_v=comp,
                                               linear_state=linear, backend=config.backend)
-    gl = gate_logit(x, gate, B, f"SALAD gate weights{where}") if linear else None
+    gl = gate_logit(x, gate, B, f"SALAD gate weights{where}", config.backend) if linear else None
     q_mean = o_lin = None
     if topk or linear:
         q_mean, o_lin = K.q_pass(q4, rowmap, config.block, state=state, eps=config.eps, gate_logit=gl, pool=topk,

@@ -62,6 +62,43 @@ def test_kv_pass_matches_reference(seed, poison, L, D, block, dtype):
     assert km is None and vm is None and st is None and torch.equal(kt, want[0]) and torch.equal(vt, want[1])
 
 
+def test_kv_pass_state_apart_matches_reference(seed, poison):
+    """kv_pass with STATE_APART (the state from a second, ungathered read of k and v by the linear_state kernel):
+    the same copies, means and packed state as the reference."""
+    import triton
+    from salad_pack.kernels.options import TritonOptions
+    B, H, L, D, block = 2, 2, 300, 32, 64
+    for dtype in (torch.float32, torch.float16):
+        k, v = _blhd(B, H, L, D, dtype), _blhd(B, H, L, D, dtype)
+        perm = torch.randperm(L, device=DEV)
+        opts = TritonOptions(poison=True, configs={
+            "kv_pass": triton.Config({"BLOCK_N": 32, "PROGRAMS": 8, "STATE_APART": True}, num_warps=4, num_stages=1),
+            "lin_state": triton.Config({"BLOCK_N": 32, "PROGRAMS": 6}, num_warps=4, num_stages=1)})
+        got = K.kv_pass(k, v, perm, block, pool_k=True, pool_v=True, backend="triton", triton_options=opts)
+        want = R.kv_pass_ref(k, v, perm, block, True, True, True)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"copies differ [seed {seed}]"
+        for name, a, b in zip(("k_mean", "v_mean", "state"), got[2:], want[2:]):
+            assert a.shape == b.shape and a.is_contiguous(), (name, a.shape, b.shape)
+            _close(a, b, TOL32 if dtype == torch.float32 else 2e-3, f"{name} {dtype}", seed)
+
+
+@pytest.mark.parametrize("B,L,C,strided", [(1, 300, 96, False), (2, 1000, 320, True), (3, 7, 40, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_token_mean_matches_reference(seed, B, L, C, strided, dtype):
+    """The gate's mean over the tokens of a block input (B, L, C): the split-L kernel (columns not a multiple
+    of its block, rows not a multiple of a split, a strided token axis) against torch.mean in fp32."""
+    x = torch.randn(B, L, 2 * C if strided else C, device=DEV).to(dtype) + 0.5
+    if strided:
+        x = x[:, :, :C]        # row stride 2C: not contiguous
+    got = K.token_mean(x, backend="triton")
+    want = R.token_mean_ref(x)
+    assert got.shape == (B, C) and got.dtype == torch.float32
+    _close(got, want, 1e-5, "token mean", seed)
+    assert torch.equal(K.token_mean(x, backend="torch"), want)
+    with pytest.raises(ValueError, match="token_mean"):
+        K.token_mean(x[0], backend="triton")
+
+
 @pytest.mark.parametrize("L,D,block", [(300, 32, 64), (200, 64, 128)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])   # (the interpreter's bf16 tl.dot is wrong)
 @pytest.mark.parametrize("gated", [False, True])
