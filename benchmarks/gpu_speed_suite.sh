@@ -24,7 +24,8 @@
 #                                                fp8_proj through a real server with partial loading, GPU suite)
 #   PART=p14 bash benchmarks/gpu_speed_suite.sh  (wave 7: GPU tests of the token-mean kernel, the state-apart K/V
 #                                                pass and p13's FP8 tests; sweep of the gather-only K/V pass, the
-#                                                separate state kernel and the token mean, 1.3B/14B 480p)
+#                                                separate state kernel and the token mean, 1.3B/14B 480p;
+#                                                per-layer parts with the gate's kernel mean beside torch.mean)
 #   PART=p8 bash benchmarks/gpu_speed_suite.sh   (wave 5: the rows wave 4 left open with the kept loop: Wan 14B 720p
 #                                                at 90/95% with 2 timed forwards, 14B 720p with a rank-256 Proj,
 #                                                1.3B 720p batch 2, FP8 vs bf16)
@@ -45,8 +46,10 @@ case "${PART:-s1}" in
 p14)
   step 150 gpu-tests python3 -m pytest -q -s tests/test_passes.py tests/test_fp8.py tests/test_salad_core_gpu.py \
        -k "token_mean or apart or kv_pass or fp8 or accumulates or rows"
-  step 330 sweep python3 benchmarks/sweep_passes.py --out "$W/sweep" --shapes 1.3b-480p,14b-480p \
-       --kinds token_mean,kv_gather,lin_state --budget-s 300 ;;
+  step 280 sweep python3 benchmarks/sweep_passes.py --out "$W/sweep" --shapes 1.3b-480p,14b-480p \
+       --kinds token_mean,kv_gather,lin_state --budget-s 250
+  step 110 profile python3 benchmarks/profile_layer.py --out "$W/profile" --models 1.3b,14b --grids 480p \
+       --sparsities 0.9 --budget-s 90 ;;
 p13)
   step 120 gpu-tests python3 -m pytest -q -s tests/test_fp8.py tests/test_salad_core_gpu.py -k "fp8 or accumulates or rows"
   step 300 server python3 benchmarks/gpu_server_check.py --model 1.3b --modes full,partial --out "$W/server" \

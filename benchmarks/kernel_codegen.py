@@ -120,11 +120,19 @@ def _cases(compiled: list) -> dict:
         st = ops.kv_pass(k, v, rm, blk, full, full, full)[-1]
         ops.q_pass(q, rm, blk, st, 1e-5, torch.randn(1) if full else None, True)
 
+    def passes_state_apart():     # kv_pass's STATE_APART: the gathering kernel without the state, then linear_state
+        import triton
+        q, k, v = qkv()
+        c = ops.config_for("kv_pass", 128, dt, L)
+        apart = triton.Config(dict(c.kwargs, STATE_APART=True), num_warps=c.num_warps, num_stages=c.num_stages)
+        ops.kv_pass(k, v, torch.randperm(L), blk, True, False, True, TritonOptions(configs={"kv_pass": apart}))
+
     def select():
         q = qkv()[0]
         ops.pool_blocks(q, blk)
         ops.pool_blocks(q, blk, torch.randperm(L))
         ops.topk_lut(torch.randn(1, 2, 8, 8), 3)
+        ops.token_mean(torch.randn(1, L, 1536, dtype=dt))
 
     cases = {
         "fwd_tma": lambda: fwd(), "fwd_ptr": lambda: fwd(tma=False), "fwd_d64": lambda: fwd(D=64),
@@ -133,7 +141,7 @@ def _cases(compiled: list) -> dict:
         "fwd_rowmap_bias_comp": lambda: fwd(rowmap=torch.randperm(L), bias=torch.randn(1, 256), comp=True),
         "fwd_rowmap_gated_bias": lambda: fwd(rowmap=torch.randperm(L), bias=torch.randn(256, dtype=dt),
                                              gate_logit=torch.randn(1)),
-        "passes": passes, "passes_gather_pool": lambda: passes(False),
+        "passes": passes, "passes_gather_pool": lambda: passes(False), "passes_state_apart": passes_state_apart,
         "linear": linear, "bwd_tma": lambda: bwd(), "bwd_ptr": lambda: bwd(tma=False),
         "bwd_comp_tma": lambda: bwd(comp=True), "bwd_comp_ptr": lambda: bwd(tma=False, comp=True),
         "select": select,

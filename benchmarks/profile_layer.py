@@ -226,6 +226,8 @@ def parts(A, K, q, k, v, x, proj, gate, H, D, grid, conf, clock):
         ol2 = n.ol.transpose(1, 2).reshape(B * L, H * D)
         out["kv_pass_ms"] = clock.gpu_ms(lambda: K.kv_pass(k4, v4, rm, conf.block, pool_k=True, linear_state=True))
         out["gate_ms"] = clock.gpu_ms(lambda: A.gate_logit(x, gate, B, backend=conf.backend))
+        if q.is_cuda:   # the token mean as the split-L Triton kernel (kernels.token_mean), not yet the default
+            out["gate_triton_ms"] = clock.gpu_ms(lambda: A.gate_logit(x, gate, B, backend="triton"))
         out["q_pass_ms"] = clock.gpu_ms(lambda: K.q_pass(q4, rm, conf.block, state=st, eps=conf.eps, gate_logit=gl))
         out["topk_ms"] = clock.gpu_ms(lambda: K.topk_from_pooled(qm, km, conf.sparsity))
         out["sparse_ms"] = clock.gpu_ms(n.sparse)

@@ -134,7 +134,7 @@ def main(argv=None):
                             return K._ops().linear_state(k, v, opts)
                     elif kind == "token_mean":
                         def fn():
-                            return K.token_mean(x, triton_options=opts)
+                            return K.token_mean(x, backend="triton", triton_options=opts)
                     else:
                         def fn():
                             return K.q_pass(q, rm, state=st, gate_logit=gl, triton_options=opts)
@@ -185,8 +185,8 @@ def main(argv=None):
                 print(f"[sweep] {res['card']} {name} kv_pass, state apart: {entry['kv_apart_ms']:.3f} ms vs fused "
                       f"(table) {entry['kv_fused_default_ms']:.3f} ms; state max |diff| {err:.2e}", flush=True)
             if "token_mean" in bests:
-                entry["token_mean_default_ms"] = bench(lambda: K.token_mean(x))
-                err = (K.token_mean(x) - torch.mean(x, dim=1, dtype=torch.float32)).abs().max().item()
+                entry["token_mean_default_ms"] = bench(lambda: K.token_mean(x, backend="triton"))
+                err = (K.token_mean(x, backend="triton") - torch.mean(x, dim=1, dtype=torch.float32)).abs().max().item()
                 print(f"[sweep] {res['card']} {name} token mean: torch.mean {entry['torch_mean_ms']:.3f} ms, kernel "
                       f"(table) {entry['token_mean_default_ms']:.3f} ms, best {entry['token_mean_best']['ms']:.3f} ms "
                       f"({entry['x_bytes'] / entry['token_mean_best']['ms'] / 1e9:.2f} TB/s); max |diff| {err:.2e}",

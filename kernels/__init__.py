@@ -273,11 +273,14 @@ def sparse_linear_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: T
 
 def token_mean(x: Tensor, backend: str = "auto", triton_options: TritonOptions = DEFAULT_OPTIONS) -> Tensor:
     """(B, L, C) -> (B, C) fp32 mean over the L tokens, accumulated in fp32 (the gate's input: the mean of a
-    block's input).  Any strides for B and L; a last dim without unit stride is copied first.  No autograd."""
+    block's input).  Any strides for B and L; a last dim without unit stride is copied first.  No autograd.
+
+    backend "triton" runs one split-L Triton kernel; "auto" keeps ``torch.mean`` (the measured path) until that
+    kernel has been timed on a GPU (``benchmarks/sweep_passes.py --kinds token_mean``, suite part p14)."""
     if x.dim() != 3:
         raise ValueError(f"token_mean: x must be (B, L, C), got shape {tuple(x.shape)}")
     with torch.no_grad():
-        if _use_triton(x, backend) and x.shape[1] > 0 and x.is_floating_point():
+        if backend == "triton" and _use_triton(x, backend) and x.shape[1] > 0 and x.is_floating_point():
             return _ops().token_mean(x if x.stride(-1) == 1 else x.contiguous(), triton_options)
         return _ref.token_mean_ref(x)
 
