@@ -542,7 +542,7 @@ def test_kernels_compile_for_sm90(tmp_path):
     assert names == {"_pool_kernel", "_topk_lut_kernel", "_sparse_fwd_kernel", "_linear_state_kernel",
                      "_linear_apply_kernel", "_linear_bwd_q_kernel", "_linear_bwd_kv_kernel", "_bwd_preprocess_kernel",
                      "_sparse_bwd_dq_kernel", "_sparse_bwd_dkdv_kernel", "_centroid_bwd_kernel", "_kv_pass_kernel",
-                     "_q_pass_kernel"}, names
+                     "_q_pass_kernel", "_token_sum_kernel"}, names
     assert all(k["shared"] <= 227 * 1024 for k in ks.values()), {n: k["shared"] for n, k in ks.items()}
     fwd = ks["fwd_tma:_sparse_fwd_kernel"]
     assert (fwd["num_warps"], fwd["num_stages"]) == (4, 2)          # the D=128 16-bit entry of the table
@@ -552,6 +552,9 @@ def test_kernels_compile_for_sm90(tmp_path):
     for key in ("fwd_tma:_sparse_fwd_kernel", "fwd_rowmap_gated_bias:_sparse_fwd_kernel"):
         assert isinstance(ks[key]["registers"], int), ks[key]
         assert ks[key]["ptxas_warnings"] == [], (key, ks[key]["ptxas_warnings"])
+    # kv_pass's STATE_APART exists to drop the D x D accumulator: its gathering kernel must not spill
+    apart = ks["passes_state_apart:_kv_pass_kernel"]
+    assert apart["spill_store_bytes"] == 0 and apart["ptxas_warnings"] == [], apart
 
 
 # ----------------------------------------------------------------------------------------------
