@@ -26,6 +26,9 @@
 #                                                pass and p13's FP8 tests; sweep of the gather-only K/V pass, the
 #                                                separate state kernel and the token mean, 1.3B/14B 480p;
 #                                                per-layer parts with the gate's kernel mean beside torch.mean)
+#   PART=p15 bash benchmarks/gpu_speed_suite.sh  (wave 7, after adopting what p14 shows in the config table: the
+#                                                pass/gate GPU tests, 1.3B 480p forwards batch 1/2 bf16 vs fp8_proj,
+#                                                fp8_proj through a real server (full and partial load), kernels)
 #   PART=p8 bash benchmarks/gpu_speed_suite.sh   (wave 5: the rows wave 4 left open with the kept loop: Wan 14B 720p
 #                                                at 90/95% with 2 timed forwards, 14B 720p with a rank-256 Proj,
 #                                                1.3B 720p batch 2, FP8 vs bf16)
@@ -43,6 +46,13 @@ step() { local t=$1 name=$2; shift 2; echo "== $name ($(date +%T))"; timeout "$t
          echo "   rc=$? $(tail -1 "$W/$name.log")"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$W/card.txt"
 case "${PART:-s1}" in
+p15)
+  step 100 gpu-tests python3 -m pytest -q tests/test_passes.py tests/test_salad_core_gpu.py -k "pass or inference or gate"
+  step 150 e2e-1.3b python3 benchmarks/bench_e2e.py --model 1.3b --sizes 480p --batches 1,2 --no-layers \
+       --rep-ms 800 --sparsities 0.9 --precisions bf16,fp8_proj --out "$W/e2e13"
+  step 200 server python3 benchmarks/gpu_server_check.py --model 1.3b --modes full,partial --out "$W/server" \
+       --budget-s 180
+  step 100 kernels python3 benchmarks/bench_kernels.py --quick --budget-s 85 --out "$W/kernels" ;;
 p14)
   step 150 gpu-tests python3 -m pytest -q -s tests/test_passes.py tests/test_fp8.py tests/test_salad_core_gpu.py \
        -k "token_mean or apart or kv_pass or fp8 or accumulates or rows"

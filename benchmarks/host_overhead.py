@@ -41,7 +41,22 @@ def parse(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--arch", type=int, default=90)
-    return ap.parse_args(argv)
+    ap.add_argument("--smoke", action="store_true", help="5 calls, one round (CI: the script still runs)")
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.calls, a.repeats = 5, 1
+    return a
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown"
 
 
 def main(argv=None) -> dict:
@@ -85,7 +100,7 @@ def main(argv=None) -> dict:
 
     res = {"what": "host time of one SALAD inference call without a GPU (compile-only launches)",
            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "triton": triton.__version__, "torch": torch.__version__,
-           "cpu": os.cpu_count(), "shape": {"B": 1, "H": H, "D": D, "grid": grid, "L": L}}
+           "cpu": _cpu_model(), "cpus": os.cpu_count(), "shape": {"B": 1, "H": H, "D": D, "grid": grid, "L": L}}
     with torch.inference_mode():
         t0 = time.perf_counter()
         call()
@@ -125,6 +140,10 @@ def main(argv=None) -> dict:
             pr.disable()
             s = io.StringIO()
             pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(35)
+            s2 = io.StringIO()
+            pstats.Stats(pr, stream=s2).sort_stats("cumulative").print_stats(45)
+            res["profile_cumulative"] = s2.getvalue()
+            print(s2.getvalue(), flush=True)
             res["profile_tottime"] = s.getvalue()
             print(s.getvalue(), flush=True)
     out = Path(a.out)

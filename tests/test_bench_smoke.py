@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))
+from triton_env import ptxas_bundled  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -45,6 +48,20 @@ def test_benchmark_smoke(tmp_path, comfyui_dir, script, extra, produces):
         assert list(tmp_path.glob(produces)), f"{script} --smoke wrote no {produces} in {tmp_path}: " \
                                               f"{sorted(p.name for p in tmp_path.iterdir())}"
     assert _results_listing() == before, f"{script} --smoke wrote into benchmarks/results/"
+
+
+@pytest.mark.skipif(not ptxas_bundled(), reason="triton without its NVIDIA backend / ptxas")
+def test_host_overhead_runs(tmp_path):
+    """host_overhead.py compiles the inference call's kernels for sm90 (nothing launched) and times the host
+    path; its JSON names the Triton launches and torch operator calls of one call."""
+    import json
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_overhead.py"), "--smoke", "--out",
+                           str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    res = json.loads(next(tmp_path.glob("host-overhead-*-cpu.json")).read_text())
+    assert res["salad_call"]["triton_launches"] == 5 and res["salad_call"]["us_median"] > 0, res["salad_call"]
 
 
 def test_ncu_summary_reduces_the_raw_page(tmp_path):
