@@ -26,6 +26,10 @@
 #                                                pass and p13's FP8 tests; sweep of the gather-only K/V pass, the
 #                                                separate state kernel and the token mean, 1.3B/14B 480p;
 #                                                per-layer parts with the gate's kernel mean beside torch.mean)
+#   PART=p16 bash benchmarks/gpu_speed_suite.sh  (wave 7: the forward with Triton's Hopper warp specialisation -- config
+#                                                key WS, q read from a tile-ordered copy -- GPU tests against the
+#                                                torch reference, then sweep_fwd's WS / Q_TILED variants beside the
+#                                                table's config at 1.3B/14B 480p and 21x30x30, 90/95%)
 #   PART=p15 bash benchmarks/gpu_speed_suite.sh  (wave 7, after adopting what p14 shows in the config table: the
 #                                                pass/gate GPU tests, 1.3B 480p forwards batch 1/2 bf16 vs fp8_proj,
 #                                                fp8_proj through a real server (full and partial load), kernels)
@@ -46,6 +50,11 @@ step() { local t=$1 name=$2; shift 2; echo "== $name ($(date +%T))"; timeout "$t
          echo "   rc=$? $(tail -1 "$W/$name.log")"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$W/card.txt"
 case "${PART:-s1}" in
+p16)
+  step 200 gpu-tests python3 -m pytest -q -s tests/test_kernels.py tests/test_passes.py \
+       -k "tiled_q or rowmap or inference_path"
+  step 330 sweep-fwd python3 benchmarks/sweep_fwd.py --out "$W/sweep-fwd" --shapes 1.3b-480p,14b-480p,1.3b-sq480 \
+       --sparsities 0.9,0.95 --budget-s 300 ;;
 p15)
   step 100 gpu-tests python3 -m pytest -q tests/test_passes.py tests/test_salad_core_gpu.py -k "pass or inference or gate"
   step 150 e2e-1.3b python3 benchmarks/bench_e2e.py --model 1.3b --sizes 480p --batches 1,2 --no-layers \

@@ -95,9 +95,17 @@ def _cases(compiled: list) -> dict:
         return (torch.arange(width, dtype=torch.int32).expand(1, 2, nq, width),
                 torch.full((1, 2, nq), width, dtype=torch.int32))
 
-    def fwd(tma=True, D=128, **kw):
+    def fwd(tma=True, D=128, ws=False, **kw):
+        import triton
         q, k, v = qkv(D)
-        ops._sparse_fwd(q, k, v, *lut(nq), blk, 0.1, layout="blhd", opts=TritonOptions(tma=tma), **kw)
+        configs = {}
+        if ws:      # the table's D entry with Triton's Hopper warp specialisation (config key WS)
+            c = ops.config_for("fwd", D, dt, L)
+            configs["fwd"] = triton.Config(dict(c.kwargs, WS=True), num_warps=c.num_warps, num_stages=c.num_stages)
+        if kw.pop("tiled", False):
+            kw["q_tiled"] = q.transpose(1, 2).contiguous().transpose(1, 2)
+        ops._sparse_fwd(q, k, v, *lut(nq), blk, 0.1, layout="blhd", opts=TritonOptions(tma=tma, configs=configs),
+                        **kw)
 
     def bwd(tma=True, comp=False):
         q, k, v = qkv()
@@ -141,6 +149,9 @@ def _cases(compiled: list) -> dict:
         "fwd_rowmap_bias_comp": lambda: fwd(rowmap=torch.randperm(L), bias=torch.randn(1, 256), comp=True),
         "fwd_rowmap_gated_bias": lambda: fwd(rowmap=torch.randperm(L), bias=torch.randn(256, dtype=dt),
                                              gate_logit=torch.randn(1)),
+        "fwd_ws": lambda: fwd(ws=True),
+        "fwd_rowmap_tiled_gated_bias_ws": lambda: fwd(ws=True, tiled=True, rowmap=torch.randperm(L),
+                                                      bias=torch.randn(256, dtype=dt), gate_logit=torch.randn(1)),
         "passes": passes, "passes_gather_pool": lambda: passes(False), "passes_state_apart": passes_state_apart,
         "linear": linear, "bwd_tma": lambda: bwd(), "bwd_ptr": lambda: bwd(tma=False),
         "bwd_comp_tma": lambda: bwd(comp=True), "bwd_comp_ptr": lambda: bwd(tma=False, comp=True),

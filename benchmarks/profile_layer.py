@@ -197,8 +197,9 @@ def make_inputs(H, D, grid, B, dev, dtype, seed=1):
 def infer_parts(A, K, q, k, v, x, proj, gate, H, D, grid, conf):
     """What one inference call computes on its way (salad_core.attention._infer taken apart, top-k pattern), as
     a namespace: rm, q4/k4/v4, kt/vt, km (k means), st (linear state), gl (gate logit), qm (q means), ol (linear
-    branch), idx/cnt, mats/bias (Proj factors), and ``sparse(**kw)``, the sparse kernel on these inputs (kw:
-    backend, triton_options).  Call under torch.inference_mode()."""
+    branch), idx/cnt, mats/bias (Proj factors), and ``sparse(tiled=False, **kw)``, the sparse kernel on these
+    inputs (kw: backend, triton_options; tiled: reading a tile-ordered copy of q, as the WS configs need).
+    Call under torch.inference_mode()."""
     from types import SimpleNamespace
     from salad_pack.salad_core.tiling import TileLayout
     B, L = q.shape[:2]
@@ -209,8 +210,15 @@ def infer_parts(A, K, q, k, v, x, proj, gate, H, D, grid, conf):
     n.qm, n.ol = K.q_pass(n.q4, n.rm, conf.block, state=n.st, eps=conf.eps, gate_logit=n.gl)
     n.idx, n.cnt = K.topk_from_pooled(n.qm, n.km, conf.sparsity)
     n.mats, n.bias = A.proj_factors(proj, q, "proj")
-    n.sparse = lambda **kw: K.block_sparse_attention_rowmap(n.q4, n.kt, n.vt, n.idx, n.cnt, n.rm, block=conf.block,
-                                                            scale=1 / math.sqrt(D), bias=n.bias, gate_logit=n.gl, **kw)
+    n.qt = None     # q in tile order (q_pass's tile_q), made on the first sparse(tiled=True)
+
+    def sparse(tiled=False, **kw):
+        if tiled and n.qt is None:
+            n.qt = K.q_pass(n.q4, n.rm, conf.block, pool=False, tile_q=True)[-1]
+        return K.block_sparse_attention_rowmap(n.q4, n.kt, n.vt, n.idx, n.cnt, n.rm, block=conf.block,
+                                               scale=1 / math.sqrt(D), bias=n.bias, gate_logit=n.gl,
+                                               q_tiled=n.qt if tiled else None, **kw)
+    n.sparse = sparse
     return n
 
 

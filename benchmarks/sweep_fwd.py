@@ -34,8 +34,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 from profile_layer import (infer_parts, make_inputs, median_ms, run_header, shape, sweep_parser,  # noqa: E402
                            write_result)
 
-# (num_warps, num_stages, BLOCK_N); the first is the table's entry for D=128
-VARIANTS = [(4, 2, 64), (4, 3, 64), (8, 2, 64), (8, 2, 128), (8, 3, 128), (4, 2, 128)]
+# (num_warps, num_stages, BLOCK_N, extra config keys); the first is the table's entry for D=128.  Q_TILED: q read
+# with TMA from a tile-ordered copy (q_pass's tile_q) instead of gathered through the row map; WS: Triton's Hopper
+# warp specialisation (needs Q_TILED on this path; 3 x num_warps warps: a TMA producer and two consumer warpgroups)
+WS = {"WS": True}
+VARIANTS = [(4, 2, 64, {}), (4, 3, 64, {}), (8, 2, 64, {}), (8, 2, 128, {}), (8, 3, 128, {}), (4, 2, 128, {}),
+            (4, 2, 64, {"Q_TILED": True}), (4, 1, 64, WS), (4, 2, 64, WS), (4, 3, 64, WS), (4, 1, 128, WS),
+            (4, 2, 128, WS)]
 
 
 def parse(argv=None):
@@ -60,7 +65,7 @@ def main(argv=None):
     shapes = {k: shape(k) for k in a.shapes.split(",")}
     variants = VARIANTS
     if a.smoke:
-        shapes, variants, a.rep_ms = {"smoke": (2, (3, 10, 12))}, VARIANTS[:2], 1
+        shapes, variants, a.rep_ms = {"smoke": (2, (3, 10, 12))}, VARIANTS[:2] + VARIANTS[6:8], 1
     res = run_header(dev, torch=torch.__version__, triton=triton.__version__, rows=[])
     t0 = time.time()
     for name, (H, grid) in shapes.items():
@@ -72,21 +77,29 @@ def main(argv=None):
             with torch.inference_mode():
                 n = infer_parts(A, K, q, k, v, x, proj, gate, H, D, grid, conf)
 
-                def run(opts):
-                    return n.sparse(backend="triton", triton_options=opts)
+                def run(opts, tiled=False):
+                    return n.sparse(backend="triton", triton_options=opts, tiled=tiled)
                 ref = run(K.TritonOptions()).float()
+                if s == float(a.sparsities.split(",")[0]):   # what the tile-ordered q copy adds to the Q pass
+                    def qp(tile):
+                        return K.q_pass(n.q4, n.rm, conf.block, state=n.st, eps=conf.eps, gate_logit=n.gl,
+                                        tile_q=tile)
+                    res.setdefault("q_pass_tile_q", {})[name] = {
+                        "plain_ms": median_ms(lambda: qp(False), dev, a.rep_ms, 10),
+                        "tile_q_ms": median_ms(lambda: qp(True), dev, a.rep_ms, 10)}
                 base_ms = None
-                for nw, ns, bn in variants:
+                for nw, ns, bn, extra in variants:
                     if time.time() - t0 > a.budget_s:
                         print(f"[sweep_fwd] budget spent, skipping the rest of {name} {s}", flush=True)
                         break
-                    c = triton.Config(dict(BLOCK_N=bn, USE_TMA=not a.smoke), num_warps=nw, num_stages=ns)
+                    c = triton.Config(dict(BLOCK_N=bn, USE_TMA=not a.smoke, **extra), num_warps=nw, num_stages=ns)
                     opts = K.TritonOptions(configs={"fwd": c})
-                    row = dict(shape=name, H=H, L=L, sparsity=s, num_warps=nw, num_stages=ns, BLOCK_N=bn)
+                    tiled = bool(extra)
+                    row = dict(shape=name, H=H, L=L, sparsity=s, num_warps=nw, num_stages=ns, BLOCK_N=bn, **extra)
                     try:
-                        o = run(opts).float()
+                        o = run(opts, tiled).float()
                         row["max_diff_vs_table"] = float((o - ref).abs().max())
-                        row["ms"] = median_ms(lambda: run(opts), dev, a.rep_ms, max(10, a.rep_ms // 4))
+                        row["ms"] = median_ms(lambda: run(opts, tiled), dev, a.rep_ms, max(10, a.rep_ms // 4))
                     except Exception as e:  # a config that does not compile (shared memory, registers)
                         row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
                     if base_ms is None and "ms" in row:

@@ -43,7 +43,7 @@ Tensor = torch.Tensor
 __all__ = [
     "DEFAULT_BLOCK", "PAD_IDX", "num_blocks", "keep_count", "pool_blocks", "select_topk",
     "select_window", "block_sparse_attention", "block_sparse_attention_rowmap", "linear_attention",
-    "sparse_linear_attention", "kv_pass", "q_pass", "token_mean", "topk_from_pooled",
+    "sparse_linear_attention", "kv_pass", "q_pass", "wants_tiled_q", "token_mean", "topk_from_pooled",
     "triton_available", "attention_ref", "masked_attention_ref", "block_mask_dense",
     "compensated_attention_ref", "TritonOptions",
 ]
@@ -212,7 +212,8 @@ def block_sparse_attention_rowmap(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, 
                                   k_mean: Optional[Tensor] = None, v_mean: Optional[Tensor] = None,
                                   gate_logit: Optional[Tensor] = None,
                                   triton_options: TritonOptions = DEFAULT_OPTIONS,
-                                  accumulate_into: Optional[Tensor] = None) -> Tensor:
+                                  accumulate_into: Optional[Tensor] = None, q_tiled: Optional[Tensor] = None
+                                  ) -> Tensor:
     """Inference form of block_sparse_attention (no autograd) for callers whose tokens are not in
     tile order: k and v are in tile order, q is in the caller's order, and tile position r is
     caller row rowmap[r] (L,) for both the q read and the output write.  bias ((H*D,) or (B, H*D)),
@@ -222,9 +223,15 @@ def block_sparse_attention_rowmap(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, 
     compensate / k_mean / v_mean: centroid compensation as in block_sparse_attention (means of the
     tile-ordered k, v blocks).  accumulate_into: a (B,H,L,D) tensor of q's dtype (unit last stride, e.g. a view
     of a (B,L,H*D) buffer) holding another term of the output; the attention is added to it in place and it
-    is returned (the Triton kernel reads it in its epilogue: no separate add)."""
+    is returned (the Triton kernel reads it in its epilogue: no separate add).  q_tiled: q already in tile order
+    (q_pass's tile_q output, (B,H,L,D)): the Triton kernel then reads q with TMA (and may run warp-specialised,
+    see wants_tiled_q) instead of gathering it through the row map; same result."""
     _check_qkv(q, k, v)
     B, H, L, D = q.shape
+    if q_tiled is not None and (tuple(q_tiled.shape) != (B, H, L, D) or q_tiled.dtype != q.dtype
+                                or q_tiled.device != q.device):
+        raise ValueError(f"q_tiled must be a (B,H,L,D) = {(B, H, L, D)} {q.dtype} tensor on {q.device} (q in tile "
+                         f"order), got {tuple(q_tiled.shape)} {q_tiled.dtype} on {q_tiled.device}")
     if accumulate_into is not None and (tuple(accumulate_into.shape) != (B, H, L, D) or accumulate_into.dtype !=
                                         q.dtype or accumulate_into.device != q.device):
         raise ValueError(f"accumulate_into must be a (B,H,L,D) = {(B, H, L, D)} {q.dtype} tensor on {q.device}, "
@@ -232,9 +239,11 @@ def block_sparse_attention_rowmap(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, 
     if _pick(q, backend, block):
         return _ops().block_sparse_attention_rowmap(q, k, v, idx, cnt, block, scale, rowmap, bias, gate_logit,
                                                     comp=(k_mean, v_mean) if compensate else None,
-                                                    opts=triton_options, accumulate_into=accumulate_into)
+                                                    opts=triton_options, accumulate_into=accumulate_into,
+                                                    q_tiled=q_tiled)
     rm = rowmap.to(device=q.device, dtype=torch.long)
-    o_t, _ = _ref.block_sparse_attention_ref(q.index_select(2, rm), k, v, idx, cnt, block, scale,
+    q_t = q_tiled if q_tiled is not None else q.index_select(2, rm)
+    o_t, _ = _ref.block_sparse_attention_ref(q_t, k, v, idx, cnt, block, scale,
                                              compensate=compensate, k_mean=k_mean, v_mean=v_mean)
     o = torch.empty(B, L, H, D, device=q.device, dtype=q.dtype)
     o[:, rm] = o_t.transpose(1, 2)
@@ -305,15 +314,24 @@ def kv_pass(k: Tensor, v: Tensor, rowmap: Tensor, block: int = DEFAULT_BLOCK, po
 
 def q_pass(q: Tensor, rowmap: Tensor, block: int = DEFAULT_BLOCK, state: Optional[Tensor] = None,
            eps: float = 1e-5, gate_logit: Optional[Tensor] = None, pool: bool = True, backend: str = "auto",
-           triton_options: TritonOptions = DEFAULT_OPTIONS) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+           triton_options: TritonOptions = DEFAULT_OPTIONS, tile_q: bool = False) -> Tuple[Optional[Tensor], ...]:
     """Inference: everything SALAD needs from Q in one read (one kernel on the Triton path).
 
     q: (B,H,L,D) in the caller's row order; rowmap as in kv_pass.  Returns ``(q_mean, o_linear)``: q_mean
     fp32 block means of the tile-ordered q (B,H,nb,D) when pool, else None; o_linear (when ``state`` from
     kv_pass is given) the linear branch relu(q) S / (relu(q).z + eps), times sigmoid(gate_logit[b]) when
     gate_logit (B,) is given, in q's dtype and row order as a (B,H,L,D) view of a contiguous (B,L,H,D)
-    buffer; else None.  No autograd."""
+    buffer; else None.  tile_q: a third output, q in tile order (the same kind of view), for
+    block_sparse_attention_rowmap's q_tiled.  No autograd."""
     with torch.no_grad():
         if _pick(q, backend, block):
-            return _ops().q_pass(q, rowmap, block, state, eps, gate_logit, pool, triton_options)
-        return _ref.q_pass_ref(q, rowmap, block, state, eps, gate_logit, pool)
+            return _ops().q_pass(q, rowmap, block, state, eps, gate_logit, pool, triton_options, tile_q)
+        return _ref.q_pass_ref(q, rowmap, block, state, eps, gate_logit, pool, tile_q)
+
+
+def wants_tiled_q(q: Tensor, block: int = DEFAULT_BLOCK, backend: str = "auto",
+                  triton_options: TritonOptions = DEFAULT_OPTIONS) -> bool:
+    """Whether block_sparse_attention_rowmap would read a tile-ordered copy of q (q_tiled) on this call's path:
+    only the Triton path, and only where its forward config asks for one (Q_TILED, or WS: warp specialisation
+    needs every operand as a TMA load).  The caller then asks q_pass for the copy (tile_q)."""
+    return _pick(q, backend, block) and _ops().wants_tiled_q(q, block, triton_options)

@@ -62,6 +62,12 @@ def _rows(base, rows, sl, offs_d, mask):
 
 
 @triton.jit
+def _store_rows(base, rows, sl, offs_d, x, mask):
+    """Store the (len(rows), D) tile x at rows `rows` of one head, where mask."""
+    tl.store(base + rows[:, None].to(tl.int64) * sl + offs_d[None, :], x, mask=mask[:, None])
+
+
+@triton.jit
 def _tile(X, strides, b, h, start, offs, mask, offs_d, ROWS: tl.constexpr, D: tl.constexpr,
           USE_TMA: tl.constexpr):
     """ROWS rows of head (b, h) from row `start` (= offs[0]): a TMA descriptor load, or masked
@@ -242,6 +248,26 @@ def _softmax_p(qk, m_i, l_i):
 
 
 @triton.jit
+def _fwd_step(q, K, V, k_str, v_str, b, h, idx_base, sik, t, offs_n0, offs_d, LK, qk_scale, m_i, l_i, acc,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, USE_TMA: tl.constexpr,
+              MASK: tl.constexpr):
+    """Step t of the forward's walk over its key list: scores of one BLOCK_N-key tile, one online-softmax
+    update, P.V into acc.  MASK 1: keys past LK at -inf on the step that reaches past LK (a branch); 2: the same
+    select on every step (no branch)."""
+    start, offs_n, kmask = _lut_step(idx_base, sik, t, offs_n0, LK, BLOCK_M, BLOCK_N)
+    k = _tile(K, k_str, b, h, start, offs_n, kmask, offs_d, BLOCK_N, D, USE_TMA)
+    qk = tl.dot(q, tl.trans(k))
+    if MASK == 1:
+        qk = _mask_tail(qk, start, kmask, LK, BLOCK_N)
+    elif MASK == 2:
+        qk = tl.where(kmask[None, :], qk, -float("inf"))
+    # every listed block (0 <= kb < nk) has >= 1 valid key, so m_i is finite after the first step
+    m_i, l_i, acc, p = _softmax_raw(qk, qk_scale, m_i, l_i, acc)
+    v = _tile(V, v_str, b, h, start, offs_n, kmask, offs_d, BLOCK_N, D, USE_TMA)
+    return m_i, l_i, tl.dot(p.to(v.dtype), v, acc)
+
+
+@triton.jit
 def _lse_delta(LSE, DELTA, pid_bh, L, offs_m, mask):
     """exp2-domain LSE (+inf for rows with no key, so their p is 0) and delta = rowsum(o*do)."""
     row = pid_bh.to(tl.int64) * L + offs_m
@@ -388,7 +414,8 @@ def _sparse_fwd_kernel(Q, K, V, O, LSE, IDX, CNT, ROWMAP, BIAS, GL, KM, VM,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, NUM_STAGES: tl.constexpr,
                        USE_TMA: tl.constexpr, ROWMAP_IO: tl.constexpr, HAS_BIAS: tl.constexpr,
                        HAS_GATE: tl.constexpr, COMPENSATE: tl.constexpr, BLOCK_C: tl.constexpr,
-                       KMAXP: tl.constexpr, ACCUM: tl.constexpr = False):
+                       KMAXP: tl.constexpr, ACCUM: tl.constexpr = False, WS: tl.constexpr = False,
+                       Q_TILED: tl.constexpr = False):
     """Online-softmax attention of one query block (BLOCK_M rows = one key block) over its listed
     key blocks, walked in BLOCK_N-key tiles.  ROWMAP_IO: tile row r reads q row ROWMAP[r] and
     stores its output at row ROWMAP[r] (the caller's token order; plain loads for q, TMA has no row
@@ -396,25 +423,32 @@ def _sparse_fwd_kernel(Q, K, V, O, LSE, IDX, CNT, ROWMAP, BIAS, GL, KM, VM,
     bias shared by the batch) to O, times sigmoid(GL[b]) (fp32 gate logits, (B,)) when HAS_GATE.
     COMPENSATE: after the listed blocks, the centroids of all NK key blocks are walked in tiles of
     BLOCK_C, the listed ones masked out by comparing with the list (KMAXP >= kmax entries).
-    ACCUM: O already holds a term to keep (e.g. the Proj output): the epilogue adds it (read, add, store)."""
+    ACCUM: O already holds a term to keep (e.g. the Proj output): the epilogue adds it (read, add, store).
+    Q_TILED (with ROWMAP_IO): Q is already in tile order (a TMA descriptor when USE_TMA); only the output goes
+    through ROWMAP.  WS: Triton's automatic warp specialisation of the key loop (Hopper: one TMA producer
+    warpgroup and two consumer warpgroups of BLOCK_M/2 rows: 3x num_warps warps); needs TMA loads of q, k, v."""
     pid_m, offs_m, row_ok = _query_rows(L, BLOCK_M)
     pid_bh, b, h = _program_head(H)
     offs_d = tl.arange(0, D)
     offs_n0 = tl.arange(0, BLOCK_N)
-    if ROWMAP_IO:
+    if ROWMAP_IO and not Q_TILED:
         q = _rows(_head(Q, q_str, b, h), _io_rows(ROWMAP, offs_m, row_ok, True), q_str[2], offs_d, row_ok)
     else:
         q = _tile(Q, q_str, b, h, pid_m * BLOCK_M, offs_m, row_ok, offs_d, BLOCK_M, D, USE_TMA)
     idx_base, sik, n = _lut_row(IDX, CNT, lut_str, b, h, pid_m)
     m_i, l_i, acc = _online_softmax_init(BLOCK_M, D)
-    for t in tl.range(0, n * (BLOCK_M // BLOCK_N), num_stages=NUM_STAGES):
-        start, offs_n, kmask = _lut_step(idx_base, sik, t, offs_n0, LK, BLOCK_M, BLOCK_N)
-        k = _tile(K, k_str, b, h, start, offs_n, kmask, offs_d, BLOCK_N, D, USE_TMA)
-        qk = _mask_tail(tl.dot(q, tl.trans(k)), start, kmask, LK, BLOCK_N)
-        # every listed block (0 <= kb < nk) has >= 1 valid key, so m_i is finite after the first step
-        m_i, l_i, acc, p = _softmax_raw(qk, qk_scale, m_i, l_i, acc)
-        v = _tile(V, v_str, b, h, start, offs_n, kmask, offs_d, BLOCK_N, D, USE_TMA)
-        acc = tl.dot(p.to(v.dtype), v, acc)
+    n_steps = n * (BLOCK_M // BLOCK_N)
+    if WS:
+        # Triton's Hopper warp specialisation (a TMA producer warpgroup, two consumer warpgroups of BLOCK_M/2
+        # rows each) takes one loop without branches and no second loop (Triton 3.6 fails on either), so
+        # the keys past LK are masked on every step
+        for t in tl.range(0, n_steps, num_stages=NUM_STAGES, warp_specialize=True):
+            m_i, l_i, acc = _fwd_step(q, K, V, k_str, v_str, b, h, idx_base, sik, t, offs_n0, offs_d, LK, qk_scale,
+                                      m_i, l_i, acc, BLOCK_M, BLOCK_N, D, USE_TMA, 2)
+    else:
+        for t in tl.range(0, n_steps, num_stages=NUM_STAGES):
+            m_i, l_i, acc = _fwd_step(q, K, V, k_str, v_str, b, h, idx_base, sik, t, offs_n0, offs_d, LK, qk_scale,
+                                      m_i, l_i, acc, BLOCK_M, BLOCK_N, D, USE_TMA, 1)
     if COMPENSATE:
         # m_i is finite here (cnt >= 1 listed block with >= 1 valid key)
         lut = _lut_entries(idx_base, sik, n, KMAXP)
@@ -564,9 +598,8 @@ def _kv_pass_kernel(K, V, KT, VT, KM, VM, SP, ROWMAP, k_str, v_str, kt_str, vt_s
             offs, ok, rows = _gathered_rows(ROWMAP, j * BLOCK + r0, L, BLOCK_N)
             k = _rows(k_base, rows, k_str[2], offs_d, ok)
             v = _rows(v_base, rows, v_str[2], offs_d, ok)
-            out = offs[:, None].to(tl.int64)
-            tl.store(kt_base + out * kt_str[2] + offs_d[None, :], k, mask=ok[:, None])
-            tl.store(vt_base + out * vt_str[2] + offs_d[None, :], v, mask=ok[:, None])
+            _store_rows(kt_base, offs, kt_str[2], offs_d, k, ok)
+            _store_rows(vt_base, offs, vt_str[2], offs_d, v, ok)
             if POOL_K:
                 k_sum += tl.sum(k.to(tl.float32), 0)
             if POOL_V:
@@ -588,10 +621,10 @@ def _kv_pass_kernel(K, V, KT, VT, KM, VM, SP, ROWMAP, k_str, v_str, kt_str, vt_s
 
 
 @triton.jit
-def _q_pass_kernel(Q, QM, OL, ST, GL, ROWMAP, q_str, o_str, H, L, NB, BPS, eps,
+def _q_pass_kernel(Q, QM, OL, ST, GL, ROWMAP, QT, q_str, o_str, qt_str, H, L, NB, BPS, eps,
                    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, POOL: tl.constexpr,
                    LINEAR: tl.constexpr, LP: tl.constexpr, HAS_GATE: tl.constexpr, S_PARTS: tl.constexpr = 2,
-                   DEN_DOT: tl.constexpr = False):
+                   DEN_DOT: tl.constexpr = False, TILE_Q: tl.constexpr = False):
     """Blocks [s*BPS, (s+1)*BPS) of the tile order for split s = program_id(0), read once through ROWMAP (tile
     position -> row of Q): POOL: each block's mean of q to QM ((B*H, NB, D) fp32); LINEAR: the linear
     branch's rows relu(q) S / (relu(q).z + eps), times G = sigmoid(GL[b]) when HAS_GATE, stored at the
@@ -599,9 +632,11 @@ def _q_pass_kernel(Q, QM, OL, ST, GL, ROWMAP, q_str, o_str, H, L, NB, BPS, eps,
     then z), loaded once; LP (16-bit q): S as the dot operand in q's dtype, split into hi + lo parts
     (S_PARTS 2, ~fp32 accuracy, two dots) or rounded once (S_PARTS 1: one dot, S to 16 bits);
     DEN_DOT: the denominator relu(q).z on the tensor cores too (z, rounded to q's 16-bit dtype, as the first
-    column of a D x 16 operand) instead of an fp32 multiply-and-sum in registers."""
+    column of a D x 16 operand) instead of an fp32 multiply-and-sum in registers.  TILE_Q: row r of QT gets q
+    row ROWMAP[r] (a tile-ordered copy, for a sparse kernel that reads q with TMA)."""
     pid_bh, b, h = _program_head(H)
     q_base, o_base = _head(Q, q_str, b, h), _head(OL, o_str, b, h)
+    qt_base = _head(QT, qt_str, b, h)
     offs_d = tl.arange(0, D)
     if LINEAR:
         st = ST + pid_bh.to(tl.int64) * (D * D + D)
@@ -618,6 +653,8 @@ def _q_pass_kernel(Q, QM, OL, ST, GL, ROWMAP, q_str, o_str, H, L, NB, BPS, eps,
         for r0 in tl.static_range(0, BLOCK, BLOCK_M):
             offs, ok, rows = _gathered_rows(ROWMAP, j * BLOCK + r0, L, BLOCK_M)
             q = _rows(q_base, rows, q_str[2], offs_d, ok)
+            if TILE_Q:
+                _store_rows(qt_base, offs, qt_str[2], offs_d, q, ok)
             if POOL:
                 q_sum += tl.sum(q.to(tl.float32), 0)
             if LINEAR:

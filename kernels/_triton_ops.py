@@ -1,7 +1,9 @@
 """Host wrappers + autograd Functions for the Triton kernels (imports triton on first use)."""
 from __future__ import annotations
 
+import logging
 import math
+import os
 from types import MappingProxyType
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
@@ -365,13 +367,14 @@ def kv_pass(k: Tensor, v: Tensor, rowmap: Tensor, block: int, pool_k: bool, pool
 
 
 def q_pass(q: Tensor, rowmap: Tensor, block: int, state: Optional[Tensor], eps: float,
-           gate_logit: Optional[Tensor], pool: bool, opts: TritonOptions = DEFAULT_OPTIONS
-           ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+           gate_logit: Optional[Tensor], pool: bool, opts: TritonOptions = DEFAULT_OPTIONS, tile_q: bool = False
+           ) -> Tuple[Optional[Tensor], ...]:
     """One read of q (B,H,L,D, the caller's row order) in tile order (tile position r = row rowmap[r]):
     (q block means (B,H,nb,D) fp32 when `pool`, the linear branch's output when `state` (from kv_pass) is
     given, times sigmoid(gate_logit[b]) when gate_logit (B,) is given, in q's dtype and row order as a
-    (B,H,L,D) view of a contiguous (B,L,H,D) buffer).  eps: the branch's denominator epsilon (for the
-    unscaled state; divided by L here as the state is)."""
+    (B,H,L,D) view of a contiguous (B,L,H,D) buffer), plus with tile_q a third output: the tile-ordered copy
+    of q (the same kind of view).  eps: the branch's denominator epsilon (for the unscaled state; divided by
+    L here as the state is)."""
     _grid_ok(block)
     B, H, L, D = q.shape
     _check_d(D)
@@ -387,14 +390,23 @@ def q_pass(q: Tensor, rowmap: Tensor, block: int, state: Optional[Tensor], eps: 
     gl = None
     if linear and gate_logit is not None:
         gl = gate_logit.to(device=q.device, dtype=torch.float32).reshape(B).contiguous()
+    qt = _out(B, H, L, D, q.device, q.dtype, "blhd", opts.poison) if tile_q else None
     rm = _rowmap(rowmap, L, q.device)
     st = state.contiguous() if linear else rm
     tk._q_pass_kernel[(nsplit, B * H)](
-        q, qm if pool else rm, ol if linear else q, st, gl if gl is not None else rm, rm, _bhl(q),
-        _bhl(ol if linear else q), H, L, nb, bps, float(eps) / max(1, L), BLOCK=block, BLOCK_M=bm, D=D,
-        POOL=pool, LINEAR=linear, LP=_low_precision(q.dtype), HAS_GATE=gl is not None,
-        S_PARTS=c.kwargs.get("S_PARTS", 2), DEN_DOT=c.kwargs.get("DEN_DOT", False), **_launch(c))
-    return qm, ol
+        q, qm if pool else rm, ol if linear else q, st, gl if gl is not None else rm, rm, qt if tile_q else q,
+        _bhl(q), _bhl(ol if linear else q), _bhl(qt if tile_q else q), H, L, nb, bps, float(eps) / max(1, L),
+        BLOCK=block, BLOCK_M=bm, D=D, POOL=pool, LINEAR=linear, LP=_low_precision(q.dtype), HAS_GATE=gl is not None,
+        S_PARTS=c.kwargs.get("S_PARTS", 2), DEN_DOT=c.kwargs.get("DEN_DOT", False), TILE_Q=tile_q, **_launch(c))
+    return (qm, ol, qt) if tile_q else (qm, ol)
+
+
+def wants_tiled_q(q: Tensor, block: int, opts: TritonOptions = DEFAULT_OPTIONS) -> bool:
+    """Whether the forward's config for q (B,H,L,D) reads a tile-ordered copy of q on the row-map path
+    (config key Q_TILED, implied by WS, with TMA usable): then the caller should have q_pass write one."""
+    c = config_for("fwd", q.shape[-1], q.dtype, q.shape[2], opts)
+    want = bool(c.kwargs.get("Q_TILED", False) or c.kwargs.get("WS", False))
+    return want and (opts.tma is not False) and (opts.tma is True or bool(c.kwargs.get("USE_TMA", False)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,7 +437,8 @@ def _centroid_tiles(nk: int, kmax: int, widest: int = 64) -> Dict[str, int]:
 def _sparse_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block: int, scale: float, *,
                 layout: str = "bhld", rowmap: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                 gate_logit: Optional[Tensor] = None, comp: Comp = None, opts: TritonOptions = DEFAULT_OPTIONS,
-                accumulate_into: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Optional[Means]]:
+                accumulate_into: Optional[Tensor] = None, q_tiled: Optional[Tensor] = None
+                ) -> Tuple[Tensor, Tensor, Optional[Means]]:
     """Returns (o, lse, means).  rowmap (L,): q is in the caller's row order; tile position r reads
     q row rowmap[r] and its output is stored at row rowmap[r] (k, v are in tile order).  bias
     ((H*D,) or (B, H*D)) is added to o, times sigmoid(gate_logit[b]) when gate_logit (B,) is given.
@@ -433,7 +446,10 @@ def _sparse_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block
     the key blocks each query block skips (see reference.block_sparse_attention_ref); means: the
     fp32 block means it used (for the backward), None without compensation.  accumulate_into: a (B,H,L,D)
     tensor of q's dtype (unit last stride) that already holds a term of the output: the kernel adds its
-    result to it in place (one read in the epilogue instead of a separate add) and returns it as o."""
+    result to it in place (one read in the epilogue instead of a separate add) and returns it as o.
+    q_tiled (with rowmap): q already in tile order (q_pass's tile_q copy), read with TMA where possible
+    instead of gathering q through the row map; the output still goes to the caller's rows.  The config's WS
+    (warp specialisation) runs where every operand is a TMA load (no row map, or q_tiled given)."""
     B, H, L, D = q.shape
     LK = k.shape[2]
     nq = num_blocks(L, block)
@@ -451,21 +467,51 @@ def _sparse_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block
     lse = _empty(B, H, L, device=q.device, dtype=torch.float32, poison=opts.poison)
     rm = _rowmap(rowmap, L, q.device)
     bias, bias_sb, gl = bias_args(bias, gate_logit, B, H * D, q.device)
-    # with a row map q is read with plain loads, so only k and v must meet TMA's rules
-    use_tma = _use_tma(c, opts, k, v) if rm is not None else _use_tma(c, opts, q, k, v)
+    q_src = q_tiled if (rm is not None and q_tiled is not None) else q
+    # with a row map (and no tile-ordered q) q is read with plain loads, so only k and v must meet TMA's rules
+    gather_q = rm is not None and q_tiled is None
+    use_tma = _use_tma(c, opts, k, v) if gather_q else _use_tma(c, opts, q_src, k, v)
     kd, vd = _descs(use_tma, (k, bn), (v, bn))
     # with a row map q rows are gathered with plain loads: no descriptor for q (host work per call)
-    qd = q if rm is not None else _descs(use_tma, (q, block))[0]
+    qd = q if gather_q else _descs(use_tma, (q_src, block))[0]
     km, vm = means if means is not None else (lse, lse)
-    tk._sparse_fwd_kernel[(nq, B * H)](
-        qd, kd, vd, o, lse, idx, cnt, rm if rm is not None else lse, bias if bias is not None else lse,
-        gl if gl is not None else lse, km, vm,
-        _bhl(q), _bhl(k), _bhl(v), _bhl(o), lut_str, H, L, LK, scale * tk.LOG2E, bias_sb,
-        BLOCK_M=block, BLOCK_N=bn, D=D, NUM_STAGES=c.num_stages, USE_TMA=use_tma, ROWMAP_IO=rm is not None,
-        HAS_BIAS=bias is not None, HAS_GATE=gl is not None, COMPENSATE=means is not None,
-        ACCUM=accumulate_into is not None, **_centroid_tiles(nk, idx.shape[-1]),
-        **_launch(c))
+
+    def launch(ws: bool):
+        tk._sparse_fwd_kernel[(nq, B * H)](
+            qd, kd, vd, o, lse, idx, cnt, rm if rm is not None else lse, bias if bias is not None else lse,
+            gl if gl is not None else lse, km, vm,
+            _bhl(q_src), _bhl(k), _bhl(v), _bhl(o), lut_str, H, L, LK, scale * tk.LOG2E, bias_sb,
+            BLOCK_M=block, BLOCK_N=bn, D=D, NUM_STAGES=c.num_stages, USE_TMA=use_tma, ROWMAP_IO=rm is not None,
+            HAS_BIAS=bias is not None, HAS_GATE=gl is not None, COMPENSATE=means is not None,
+            ACCUM=accumulate_into is not None, WS=ws, Q_TILED=rm is not None and q_tiled is not None,
+            **_centroid_tiles(nk, idx.shape[-1]), **_launch(c))
+
+    ws = bool(c.kwargs.get("WS", False)) and use_tma and not gather_q and _ws_usable()
+    try:
+        launch(ws)
+    except (RuntimeError, triton.CompilationError) as e:
+        if not ws or "out of memory" in str(e).lower():
+            raise
+        _WS_FAILED.append(f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}")
+        _log.warning("SALAD: the warp-specialised sparse forward did not compile with Triton %s (%s); using the "
+                     "plain kernel from now on", triton.__version__, _WS_FAILED[-1])
+        launch(False)
     return o, lse, means
+
+
+# Triton's automatic Hopper warp specialisation (fwd config key WS) compiled our forward with Triton 3.6; Triton
+# 3.8's pass rejects it.  Other versions are not asked (a failing pass can also abort instead of raising), and
+# after one failure in this process the plain kernel is used.
+WS_TRITON = ("3.6.",)
+_WS_FAILED: list = []
+_log = logging.getLogger("SALAD")
+
+
+def _ws_usable() -> bool:
+    """WS is asked of Triton versions it compiled with; the CPU interpreter runs the WS loop as written."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return True
+    return not _WS_FAILED and triton.__version__.startswith(WS_TRITON)
 
 
 def transpose_lut(idx: Tensor, cnt: Tensor, B: int, H: int, nq: int, nk: int) -> Tuple[Tensor, Tensor]:
@@ -604,14 +650,18 @@ def block_sparse_attention_rowmap(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, 
                                   scale: Optional[float], rowmap: Tensor, bias: Optional[Tensor] = None,
                                   gate_logit: Optional[Tensor] = None, layout: str = "blhd", comp: Comp = None,
                                   opts: TritonOptions = DEFAULT_OPTIONS,
-                                  accumulate_into: Optional[Tensor] = None) -> Tensor:
+                                  accumulate_into: Optional[Tensor] = None, q_tiled: Optional[Tensor] = None
+                                  ) -> Tensor:
     """Inference only (no autograd; its caller kernels.block_sparse_attention_rowmap runs under
     no_grad, so it is not entered twice): q and the output in the caller's row order, k/v in tile order.
-    comp: None | True | (k_mean, v_mean): centroid compensation (see _sparse_fwd); accumulate_into: see
-    _sparse_fwd."""
+    comp: None | True | (k_mean, v_mean): centroid compensation (see _sparse_fwd); accumulate_into, q_tiled:
+    see _sparse_fwd."""
     q, k, v, scale = _prep(q, k, v, block, scale)
+    if q_tiled is not None:
+        q_tiled = _lastdim_contig(q_tiled)
     o, _, _ = _sparse_fwd(q, k, v, idx, cnt, block, scale, layout=layout, rowmap=rowmap, bias=bias,
-                          gate_logit=gate_logit, comp=comp, opts=opts, accumulate_into=accumulate_into)
+                          gate_logit=gate_logit, comp=comp, opts=opts, accumulate_into=accumulate_into,
+                          q_tiled=q_tiled)
     return o
 
 
@@ -633,7 +683,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float, layout: str = 
 
 __all__: Sequence[str] = (
     "CONFIGS", "LONG_L", "TUNED_D", "config_for", "pool_blocks", "token_mean", "topk_lut", "linear_state", "kv_pass",
-    "q_pass",
+    "q_pass", "wants_tiled_q",
     "transpose_lut", "block_sparse_attention", "block_sparse_attention_rowmap", "block_sparse_attention_fwd",
     "linear_attention",
 )

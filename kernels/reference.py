@@ -286,8 +286,11 @@ def kv_pass_ref(k: Tensor, v: Tensor, rowmap: Tensor, block: int = DEFAULT_BLOCK
 
 
 def q_pass_ref(q: Tensor, rowmap: Tensor, block: int = DEFAULT_BLOCK, state: Optional[Tensor] = None,
-               eps: float = 1e-5, gate_logit: Optional[Tensor] = None, pool: bool = True):
-    """(q block means in tile order, G * linear branch in q's order) as kernels.q_pass returns them."""
+               eps: float = 1e-5, gate_logit: Optional[Tensor] = None, pool: bool = True, tile_q: bool = False):
+    """(q block means in tile order, G * linear branch in q's order[, q in tile order when tile_q]) as
+    kernels.q_pass returns them."""
+    if tile_q:
+        return (*q_pass_ref(q, rowmap, block, state, eps, gate_logit, pool), _gather_blhd(q, rowmap))
     B, H, L, D = q.shape
     qm = pool_blocks_ref(_gather_blhd(q, rowmap), block) if pool else None
     if state is None:

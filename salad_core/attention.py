@@ -367,10 +367,13 @@ def _infer(q: Tensor, k: Tensor, v: Tensor, B: int, L: int, H: int, D: int, layo
     kt, vt, k_mean, v_mean, state = K.kv_pass(k4, v4, rowmap, config.block, pool_k=topk or comp, pool_v=comp,
                                               linear_state=linear, backend=config.backend)
     gl = gate_logit(x, gate, B, f"SALAD gate weights{where}", config.backend) if linear else None
-    q_mean = o_lin = None
-    if topk or linear:
-        q_mean, o_lin = K.q_pass(q4, rowmap, config.block, state=state, eps=config.eps, gate_logit=gl, pool=topk,
-                                 backend=config.backend)
+    q_mean = o_lin = q_tiled = None
+    # a tile-ordered copy of q, written by the Q pass, where the sparse kernel's config reads q with TMA (WS)
+    tile_q = config.precision != "fp8" and K.wants_tiled_q(q4, config.block, config.backend)
+    if topk or linear or tile_q:
+        q_mean, o_lin, *rest = K.q_pass(q4, rowmap, config.block, state=state, eps=config.eps, gate_logit=gl,
+                                        pool=topk, backend=config.backend, tile_q=tile_q)
+        q_tiled = rest[0] if rest else None
     idx, cnt = select_blocks(q4, kt, layout, config, q_rowmap=rowmap, k_pooled=k_mean, q_pooled=q_mean)
     mats, bias = proj_factors(proj, q, f"SALAD Proj weights{where}") if linear else ((), None)
     bias_gate = gl if bias is not None else None       # the kernels add sigmoid(gl) * bias
@@ -394,8 +397,8 @@ def _infer(q: Tensor, k: Tensor, v: Tensor, B: int, L: int, H: int, D: int, layo
         o = K.block_sparse_attention_rowmap(q4, kt, vt, idx, cnt, rowmap, block=config.block,
                                             scale=1.0 / math.sqrt(D), bias=bias, gate_logit=bias_gate,
                                             backend=config.backend, compensate=comp, k_mean=k_mean, v_mean=v_mean,
-                                            accumulate_into=acc)
-    del kt, vt
+                                            accumulate_into=acc, q_tiled=q_tiled)
+    del kt, vt, q_tiled
     out = o.transpose(1, 2).reshape(B, L, H * D)
     if linear:
         add_factors_(out.view(B * L, H * D), o_lin.transpose(1, 2).reshape(B * L, H * D), mats)

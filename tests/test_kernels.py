@@ -525,6 +525,53 @@ def test_rowmap_forward_gathers_q_and_scatters_o(seed, fwd_path, backend):
     assert torch.equal(c1, c2) and torch.equal(i1, i2)
 
 
+@pytest.mark.parametrize("config", [None, dict(WS=True), dict(Q_TILED=True, BLOCK_N=32)],
+                         ids=["table", "ws", "q_tiled"])
+@pytest.mark.parametrize("tma", [False, True])
+def test_rowmap_forward_with_tiled_q(seed, config, tma):
+    """q_tiled (q already in tile order, as q_pass's tile_q writes it): the row-map forward reads it instead of
+    gathering q and gives the same output; with the config's WS (Hopper warp specialisation: one loop, the keys
+    past L masked on every step) and Q_TILED, on the TMA and pointer paths, with a partial last key block, bias,
+    gate and accumulate_into.  (The interpreter runs WS's loop as written; its warp-specialised code is the GPU
+    tests'.)"""
+    import triton
+    from salad_pack.kernels.options import TritonOptions
+    B, H, L, D, block = 2, 2, 150, 64, 64
+    dtype = torch.float16
+    q, k, v = qkv(B, H, L, D, dtype, "blhd")
+    perm = torch.randperm(L, device=DEV)
+    nq = K.num_blocks(L, block)
+    idx, cnt = random_lut(B, H, nq, nq)
+    idx[:, :, 0] = torch.arange(nq, device=DEV, dtype=idx.dtype)     # one row lists every block, the partial
+    cnt[:, :, 0] = nq                                                  # last one too: keys past L masked
+    bias, gl = torch.randn(H * D, device=DEV), torch.randn(B, device=DEV)
+    base = dict(BLOCK_N=64, USE_TMA=tma)
+    configs = {} if config is None else {"fwd": triton.Config({**base, **config}, num_warps=4, num_stages=2)}
+    opts = TritonOptions(poison=True, tma=tma, configs=configs)
+    qt = R.q_pass_ref(q, perm, block, pool=False, tile_q=True)[-1]
+    want = K.block_sparse_attention_rowmap(q, k, v, idx, cnt, perm, block=block, bias=bias, gate_logit=gl,
+                                           backend="torch")
+    got = K.block_sparse_attention_rowmap(q, k, v, idx, cnt, perm, block=block, bias=bias, gate_logit=gl,
+                                          backend="triton", triton_options=opts, q_tiled=qt)
+    assert got.shape == (B, H, L, D) and got.transpose(1, 2).is_contiguous()
+    assert_close(got, want, *TOL[dtype], f"rowmap o with q_tiled {config}", seed)
+    acc = torch.randn(B, L, H, D, device=DEV).to(dtype).transpose(1, 2)
+    want2 = acc.float() + want.float()
+    got2 = K.block_sparse_attention_rowmap(q, k, v, idx, cnt, perm, block=block, bias=bias, gate_logit=gl,
+                                           backend="triton", triton_options=opts, q_tiled=qt,
+                                           accumulate_into=acc.clone())
+    assert_close(got2, want2, *TOL[dtype], f"accumulated with q_tiled {config}", seed)
+    # the plain (training-path) forward with the same config: q read with TMA too, so WS applies there as well
+    o3, lse3 = K.block_sparse_attention(qt, k, v, idx, cnt, block=block, backend="triton", triton_options=opts)
+    ro, rlse = K.masked_attention_ref(qt, k, v, idx, cnt, block=block)
+    assert_close(o3, ro, *TOL[dtype], f"plain forward {config}", seed)
+    assert_close(lse3, rlse, 1e-3, 1e-3, f"plain forward lse {config}", seed)
+    assert K.wants_tiled_q(q, block, "torch") is False
+    assert K.wants_tiled_q(q, block, "triton", opts) is (config is not None and tma)
+    with pytest.raises(ValueError, match="q_tiled"):
+        K.block_sparse_attention_rowmap(q, k, v, idx, cnt, perm, block=block, backend="triton", q_tiled=qt[:, :1])
+
+
 @pytest.mark.skipif(not ptxas_bundled(), reason="triton without its NVIDIA backend / ptxas")
 def test_kernels_compile_for_sm90(tmp_path):
     """The interpreter checks results, not compilation: every kernel path is compiled for sm90 by the
@@ -552,6 +599,20 @@ def test_kernels_compile_for_sm90(tmp_path):
     for key in ("fwd_tma:_sparse_fwd_kernel", "fwd_rowmap_gated_bias:_sparse_fwd_kernel"):
         assert isinstance(ks[key]["registers"], int), ks[key]
         assert ks[key]["ptxas_warnings"] == [], (key, ks[key]["ptxas_warnings"])
+    # WS (Triton's Hopper warp specialisation, config key): a producer warpgroup and two consumer warpgroups
+    # (3 x 4 warps, setmaxnreg), no spills, wgmmas left asynchronous, on the TMA path and on the inference path
+    # with a tile-ordered q
+    # with the Triton versions WS is asked of (the GPU's 3.6); others get the plain kernel (WS not attempted)
+    import triton
+    from salad_pack.kernels import _triton_ops as ops
+    for key in ("fwd_ws:_sparse_fwd_kernel", "fwd_rowmap_tiled_gated_bias_ws:_sparse_fwd_kernel"):
+        w = ks[key]
+        if not triton.__version__.startswith(ops.WS_TRITON):
+            assert w["num_warps"] == 4, (key, w["num_warps"])
+            continue
+        assert w["num_warps"] == 12 and any(op.startswith("setmaxnreg") for op in w["hist"]), (key, w["num_warps"])
+        assert w["spill_store_bytes"] == 0 and w["ptxas_warnings"] == [], (key, w["spill_store_bytes"],
+                                                                          w["ptxas_warnings"])
     # kv_pass's STATE_APART exists to drop the D x D accumulator: its gathering kernel must not spill
     apart = ks["passes_state_apart:_kv_pass_kernel"]
     assert apart["spill_store_bytes"] == 0 and apart["ptxas_warnings"] == [], apart
