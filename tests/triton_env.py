@@ -38,8 +38,11 @@ def kernel_device():
 
 
 def ptxas_bundled() -> bool:
-    """Triton ships its NVIDIA backend with ptxas, so kernels can be compiled for sm90 without a GPU."""
-    if not have_triton():
+    """Triton ships its NVIDIA backend with ptxas, so kernels can be compiled for sm90 without a GPU.  Found
+    without importing triton: an import before use_interpreter_without_cuda() (e.g. a skipif evaluated while
+    an earlier test file is collected) would fix Triton's mode before the interpreter is chosen."""
+    import importlib.util
+    spec = importlib.util.find_spec("triton")
+    if spec is None or not spec.submodule_search_locations:
         return False
-    import triton
-    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
+    return any((Path(loc) / "backends" / "nvidia" / "bin" / "ptxas").exists() for loc in spec.submodule_search_locations)
