@@ -45,4 +45,5 @@ def ptxas_bundled() -> bool:
     spec = importlib.util.find_spec("triton")
     if spec is None or not spec.submodule_search_locations:
         return False
-    return any((Path(loc) / "backends" / "nvidia" / "bin" / "ptxas").exists() for loc in spec.submodule_search_locations)
+    locations = spec.submodule_search_locations
+    return any((Path(loc) / "backends" / "nvidia" / "bin" / "ptxas").exists() for loc in locations)
