@@ -33,9 +33,12 @@ SHAPES = {"wan1.3b_480p": (1, 12, 32760, 128), "ragged_21x30x30": (1, 12, 18900,
           "wan14b_480p": (1, 40, 32760, 128)}
 SMOKE_SHAPES = {"smoke_d64": (1, 2, 300, 64), "smoke_d128": (1, 2, 300, 128)}
 # (BLOCK_N, num_warps, num_stages, USE_TMA, PV_PRECISE) for --sweep
-FWD_CANDIDATES = [(128, 8, 2, True, False), (128, 8, 3, True, False), (64, 4, 2, True, False),
-                  (64, 4, 3, True, False), (128, 8, 2, False, False), (64, 8, 2, True, False),
-                  (128, 4, 2, True, False), (128, 8, 2, True, True)]
+# (BLOCK_N, num_warps, num_stages, USE_TMA, PV_PRECISE, WS); WS: Triton's Hopper warp specialisation with q
+# quantised beforehand in tile order (3 x num_warps warps; Triton 3.6 only)
+FWD_CANDIDATES = [(128, 8, 2, True, False, False), (128, 8, 3, True, False, False), (64, 4, 2, True, False, False),
+                  (64, 4, 3, True, False, False), (128, 8, 2, False, False, False), (64, 8, 2, True, False, False),
+                  (128, 4, 2, True, False, False), (128, 8, 2, True, True, False), (128, 4, 2, True, False, True),
+                  (128, 4, 3, True, False, True), (64, 4, 2, True, False, True), (128, 4, 1, True, False, True)]
 
 
 def _parse() -> argparse.Namespace:
@@ -162,11 +165,11 @@ def sweep(dev) -> dict:
     idx, cnt = K.select_topk(q, k, 0.9, q_rowmap=rm)
     kv8 = F8.quantize_kv_fp8(k, v)
     out = {"table": dict(F8.fp8_config("fwd", D)), "candidates": []}
-    for bn, nw, ns, tma, precise in FWD_CANDIDATES:
+    for bn, nw, ns, tma, precise, ws in FWD_CANDIDATES:
         if over_budget():
             log("budget reached, sweep stopped")
             break
-        cfg = dict(BLOCK_N=bn, num_warps=nw, num_stages=ns, USE_TMA=tma, PV_PRECISE=precise)
+        cfg = dict(BLOCK_N=bn, num_warps=nw, num_stages=ns, USE_TMA=tma, PV_PRECISE=precise, WS=ws)
         try:
             ms = bench(lambda: F8.block_sparse_attention_rowmap_fp8(q, kv8, idx, cnt, rm, config=cfg))
         except Exception as e:  # e.g. out of shared memory: record and go on
@@ -237,7 +240,7 @@ def main_codegen() -> int:
         F8.quantize_kv_fp8(k, v)
         kv8 = F8.quantize_kv_fp8_ref(k, v)
         cands = [dict(F8.fp8_config("fwd", D))] + [dict(BLOCK_N=bn, num_warps=nw, num_stages=ns, USE_TMA=t,
-                                                        PV_PRECISE=p) for bn, nw, ns, t, p in FWD_CANDIDATES]
+                                                        PV_PRECISE=p, WS=ws) for bn, nw, ns, t, p, ws in FWD_CANDIDATES]
         tags = iter(["fwd " + ",".join(f"{a}={b}" for a, b in c.items()) for c in cands])
         for c in cands:
             F8.block_sparse_attention_rowmap_fp8(q, kv8, idx, cnt, torch.randperm(L), bias=torch.randn(2 * D),

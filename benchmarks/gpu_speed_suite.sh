@@ -30,6 +30,9 @@
 #                                                key WS, q read from a tile-ordered copy -- GPU tests against the
 #                                                torch reference, then sweep_fwd's WS / Q_TILED variants beside the
 #                                                table's config at 1.3B/14B 480p and 21x30x30, 90/95%)
+#   PART=p17 bash benchmarks/gpu_speed_suite.sh  (wave 7: the FP8 forward with WS -- q quantised beforehand in tile
+#                                                order, scales by TMA -- GPU tests vs the FP8 reference, then
+#                                                bench_fp8's sweep with the WS candidates beside bf16)
 #   PART=p15 bash benchmarks/gpu_speed_suite.sh  (wave 7, after adopting what p14 shows in the config table: the
 #                                                pass/gate GPU tests, 1.3B 480p forwards batch 1/2 bf16 vs fp8_proj,
 #                                                fp8_proj through a real server (full and partial load), kernels)
@@ -50,6 +53,10 @@ step() { local t=$1 name=$2; shift 2; echo "== $name ($(date +%T))"; timeout "$t
          echo "   rc=$? $(tail -1 "$W/$name.log")"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$W/card.txt"
 case "${PART:-s1}" in
+p17)
+  step 150 gpu-tests python3 -m pytest -q -s tests/test_fp8.py -k "kernel_vs or accumulates or quantize"
+  step 300 fp8-sweep python3 benchmarks/bench_fp8.py --shapes wan1.3b_480p --sweep --budget-s 270 \
+       --out "$W/fp8.json" ;;
 p16)
   step 200 gpu-tests python3 -m pytest -q -s tests/test_kernels.py tests/test_passes.py \
        -k "tiled_q or rowmap or inference_path"

@@ -186,33 +186,49 @@ def _quant_kv_kernel(K, V, K8, KS, VT8, KM, VM, VS, k_str, v_str, H, L, NK, LP,
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _sparse_fwd_fp8_kernel(Q, K8, VT8, KS, VS, VM, O, IDX, CNT, ROWMAP, BIAS, GL,
+def _sparse_fwd_fp8_kernel(Q, K8, VT8, KS, VS, VM, O, IDX, CNT, ROWMAP, BIAS, GL, QS,
                            q_str, k_str, vt_str, o_str, lut_str, H, L, LK, NK, qk_scale, bias_sb,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                            NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr, ROWMAP_IO: tl.constexpr,
                            HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, EXACT_CAST: tl.constexpr,
-                           PV_PRECISE: tl.constexpr):
+                           PV_PRECISE: tl.constexpr, Q8_TILED: tl.constexpr = False, WS: tl.constexpr = False):
     """Online-softmax attention of one query block (BLOCK_M rows = one key block) over its listed key
     blocks, walked in BLOCK_N-key tiles, with e4m3 operands and fp32 accumulation.  Q: 16-bit, read
     through ROWMAP (ROWMAP_IO) and quantised per row in registers.  K8 (B,H,LP,D) / VT8 (B,H,D,LP): from
     _quant_kv_kernel (TMA descriptors when USE_TMA), KS (B*H, NK) key-block scales, VS / VM (B*H, D)
     V's channel scales and means.  O = P.V * VS + VM (+ BIAS[b * bias_sb + h*D + d], times
     sigmoid(GL[b]) when HAS_GATE), stored at the rows ROWMAP gives.  PV_PRECISE: the P.V products of
-    each tile are summed in fp32 registers (Hopper's fp8 wgmma accumulates with fewer mantissa bits)."""
+    each tile are summed in fp32 registers (Hopper's fp8 wgmma accumulates with fewer mantissa bits).
+    Q8_TILED (needs USE_TMA): Q is already e4m3 in tile order with one scale per row in QS, both TMA descriptors
+    (QS over (B, H, L) fp32, blocks of BLOCK_M: a pointer load before the loop would stop the warp
+    specialisation), quantised the same way; ROWMAP then only places the output; KS then holds each
+    query block's key-block scales in list order ((B*H, nq, NK), NK = the lists' width).  WS: Triton's Hopper
+    warp specialisation of the key loop (needs every operand as a TMA load: Q8_TILED and USE_TMA)."""
     pid_m, offs_m, row_ok = _query_rows(L, BLOCK_M)
     pid_bh, b, h = _program_head(H)
     offs_d = tl.arange(0, D)
     offs_n0 = tl.arange(0, BLOCK_N)
     rows = _io_rows(ROWMAP, offs_m, row_ok, ROWMAP_IO)
-    q8, q_s = _quant_rows(_rows(_head(Q, q_str, b, h), rows, q_str[2], offs_d, row_ok).to(tl.float32), EXACT_CAST)
+    if Q8_TILED:
+        q8 = _tile(Q, q_str, b, h, pid_m * BLOCK_M, offs_m, row_ok, offs_d, BLOCK_M, D, USE_TMA)
+        q_s = QS.load([b, h, pid_m * BLOCK_M]).reshape(BLOCK_M)
+    else:
+        q8, q_s = _quant_rows(_rows(_head(Q, q_str, b, h), rows, q_str[2], offs_d, row_ok).to(tl.float32),
+                              EXACT_CAST)
     q_s = q_s * qk_scale
     idx_base, sik, n = _lut_row(IDX, CNT, lut_str, b, h, pid_m)
-    ks_base = KS + pid_bh.to(tl.int64) * NK
+    if Q8_TILED:    # KS: the key-block scales in list order ((B*H, nq, NK) contiguous: no load that waits on IDX)
+        ks_base = KS + (pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m) * NK
+    else:
+        ks_base = KS + pid_bh.to(tl.int64) * NK
     m_i, l_i, acc = _online_softmax_init(BLOCK_M, D)
-    for t in tl.range(0, n * (BLOCK_M // BLOCK_N), num_stages=NUM_STAGES):
+    for t in tl.range(0, n * (BLOCK_M // BLOCK_N), num_stages=NUM_STAGES, warp_specialize=WS):
         start, offs_n, kmask = _lut_step(idx_base, sik, t, offs_n0, LK, BLOCK_M, BLOCK_N)
         k8 = _tile(K8, k_str, b, h, start, offs_n, kmask, offs_d, BLOCK_N, D, USE_TMA)
-        rs = q_s * tl.load(ks_base + start // BLOCK_M)
+        if Q8_TILED:
+            rs = q_s * tl.load(ks_base + t // (BLOCK_M // BLOCK_N))
+        else:
+            rs = q_s * tl.load(ks_base + start // BLOCK_M)
         # scales and tail mask in one FMA: bias 0 for valid keys, -inf past LK
         qk = tl.dot(q8, tl.trans(k8)) * rs[:, None] + tl.where(kmask, 0.0, -float("inf"))[None, :]
         m_new, alpha, p, l_i = _softmax_p8(qk, m_i, l_i)

@@ -486,7 +486,14 @@ def _sparse_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block
             ACCUM=accumulate_into is not None, WS=ws, Q_TILED=rm is not None and q_tiled is not None,
             **_centroid_tiles(nk, idx.shape[-1]), **_launch(c))
 
-    ws = bool(c.kwargs.get("WS", False)) and use_tma and not gather_q and _ws_usable()
+    launch_ws(launch, bool(c.kwargs.get("WS", False)) and use_tma and not gather_q)
+    return o, lse, means
+
+
+def launch_ws(launch: Any, want: bool) -> None:
+    """launch(ws) with ws = want where Triton is asked for warp specialisation (_ws_usable); if that does not
+    compile, one log line and launch(False), and the plain kernels from then on."""
+    ws = want and _ws_usable()
     try:
         launch(ws)
     except (RuntimeError, triton.CompilationError) as e:
@@ -496,7 +503,6 @@ def _sparse_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block
         _log.warning("SALAD: the warp-specialised sparse forward did not compile with Triton %s (%s); using the "
                      "plain kernel from now on", triton.__version__, _WS_FAILED[-1])
         launch(False)
-    return o, lse, means
 
 
 # Triton's automatic Hopper warp specialisation (fwd config key WS) compiled our forward with Triton 3.6; Triton
@@ -683,7 +689,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float, layout: str = 
 
 __all__: Sequence[str] = (
     "CONFIGS", "LONG_L", "TUNED_D", "config_for", "pool_blocks", "token_mean", "topk_lut", "linear_state", "kv_pass",
-    "q_pass", "wants_tiled_q",
+    "q_pass", "wants_tiled_q", "launch_ws",
     "transpose_lut", "block_sparse_attention", "block_sparse_attention_rowmap", "block_sparse_attention_fwd",
     "linear_attention",
 )
