@@ -61,6 +61,10 @@ def parse(argv=None):
     ap.add_argument("--no-weights", action="store_true", help="sparse-only (no gate/Proj)")
     ap.add_argument("--precisions", default="bf16", help="comma list of PRECISIONS: bf16 (default), fp8, fp8_proj")
     ap.add_argument("--proj-rank", type=int, default=0, help="rank of the random Proj weights (0 = full)")
+    ap.add_argument("--fwd-configs", default="table",
+                    help="comma list of sparse-forward configs to time the SALAD forwards with: 'table' (the "
+                         "checked-in entry) or KEY=VALUE settings joined by '+' on top of it, e.g. "
+                         "'table,WS=1+num_stages=2' (kernels.config_overrides; rows carry fwd_config)")
     ap.add_argument("--append", action="store_true", help="merge into --out/latest-e2e.json")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -168,6 +172,24 @@ def layer_parts(cfg, grid, dev, dtype, sparsities, patterns, sw, rep_ms):
     return out
 
 
+def fwd_override(spec: str, dtype) -> dict:
+    """--fwd-configs entry -> config_overrides mapping: {} for 'table', else the D=128 table entry of the sparse
+    forward with KEY=VALUE settings ('+'-joined; num_warps / num_stages are launch settings, the rest config
+    keys; values are ints, 1/0 for booleans the kernels read as such)."""
+    if spec == "table":
+        return {}
+    import triton
+    from salad_pack.kernels import _triton_ops as ops
+    base = ops.config_for("fwd", 128, dtype, 32760)
+    kw, launch = dict(base.kwargs), dict(num_warps=base.num_warps, num_stages=base.num_stages)
+    for item in spec.split("+"):
+        key, _, val = item.partition("=")
+        if not val:
+            raise ValueError(f"--fwd-configs: {item!r} is not KEY=VALUE")
+        (launch if key in launch else kw)[key] = int(val)
+    return {"fwd": triton.Config(kw, **launch)}
+
+
 def main(argv=None):
     a = parse(argv)
     from comfy_harness import find_comfyui
@@ -191,6 +213,8 @@ def main(argv=None):
     sparsities = [float(s) for s in a.sparsities.split(",")]
     patterns = a.patterns.split(",")
     precisions = a.precisions.split(",")
+    fwd_configs = [c for c in a.fwd_configs.split(",") if c]
+    import salad_pack.kernels as K
     model, cfg = build_model(a, dev, dtype)
     inst = Installer(model)
     timeit = Timer(dev, a.rep_ms, a.iters)
@@ -239,18 +263,21 @@ def main(argv=None):
             dense_ms = timeit(forward)
             print(f"[e2e] {card} {a.model} {W}x{Hh}x{Fr} (grid {grid}) batch {batch}: dense {dense_ms:.1f} ms",
                   flush=True)
-            for pattern, s, prec in itertools.product(patterns, sparsities, precisions):
+            for pattern, s, prec, fwdc in itertools.product(patterns, sparsities, precisions, fwd_configs):
                 state = inst.install(s, pattern, weights, prec)
-                out = forward().float()
-                calls = int(sum(state.stats.sparse_calls.values()))
-                ms = timeit(forward)
+                with K.config_overrides(fwd_override(fwdc, dtype)):
+                    out = forward().float()
+                    calls = int(sum(state.stats.sparse_calls.values()))
+                    ms = timeit(forward)
                 row = dict(model=res["model"], height=Hh, width=W, frames=Fr, batch=batch,
                            tokens=grid[0] * grid[1] * grid[2], sparsity=s, pattern=pattern, precision=prec,
                            proj_rank=a.proj_rank if weights else None, dense_ms=dense_ms, ms=ms,
                            speedup=dense_ms / ms, rel_diff_vs_dense=float((out - ref).norm() / ref.norm()))
+                if fwdc != "table":
+                    row["fwd_config"] = fwdc
                 assert calls == cfg["num_layers"], f"SALAD ran on {calls} of {cfg['num_layers']} blocks"
                 res["rows"].append(row)
-                print(f"[e2e]   SALAD {pattern} {s:.2f} {prec}: {ms:.1f} ms -> {dense_ms / ms:.2f}x "
+                print(f"[e2e]   SALAD {pattern} {s:.2f} {prec} {fwdc}: {ms:.1f} ms -> {dense_ms / ms:.2f}x "
                       f"(rel. diff vs dense {row['rel_diff_vs_dense']:.3f})", flush=True)
             inst.uninstall()
         if not a.no_layers:

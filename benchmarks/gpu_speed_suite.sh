@@ -33,6 +33,10 @@
 #   PART=p17 bash benchmarks/gpu_speed_suite.sh  (wave 7: the FP8 forward with WS -- q quantised beforehand in tile
 #                                                order, scales by TMA -- GPU tests vs the FP8 reference, then
 #                                                bench_fp8's sweep with the WS candidates beside bf16)
+#   PART=p18 bash benchmarks/gpu_speed_suite.sh  (wave 7: forwards with the sparse forward's WS through
+#                                                kernels.config_overrides, beside the table's config, before adopting
+#                                                it: 1.3B 480p batch 1/2 and Wan 14B 480p, bf16 and fp8_proj;
+#                                                FWD_CONFIGS=... picks the variants, e.g. p16's best)
 #   PART=p15 bash benchmarks/gpu_speed_suite.sh  (wave 7, after adopting what p14 shows in the config table: the
 #                                                pass/gate GPU tests, 1.3B 480p forwards batch 1/2 bf16 vs fp8_proj,
 #                                                fp8_proj through a real server (full and partial load), kernels)
@@ -53,6 +57,12 @@ step() { local t=$1 name=$2; shift 2; echo "== $name ($(date +%T))"; timeout "$t
          echo "   rc=$? $(tail -1 "$W/$name.log")"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$W/card.txt"
 case "${PART:-s1}" in
+p18)
+  FC="${FWD_CONFIGS:-table,WS=1+num_stages=2}"
+  step 200 e2e-1.3b python3 benchmarks/bench_e2e.py --model 1.3b --sizes 480p --batches 1,2 --no-layers \
+       --rep-ms 800 --sparsities 0.9 --precisions bf16,fp8_proj --fwd-configs "$FC" --out "$W/e2e13"
+  step 330 e2e-14b python3 benchmarks/bench_e2e.py --model 14b --sizes 480p --no-layers --iters 2 \
+       --sparsities 0.9 --precisions bf16,fp8_proj --fwd-configs "$FC" --out "$W/e2e14" ;;
 p17)
   step 150 gpu-tests python3 -m pytest -q -s tests/test_fp8.py -k "kernel_vs or accumulates or quantize"
   step 300 fp8-sweep python3 benchmarks/bench_fp8.py --shapes wan1.3b_480p --sweep --budget-s 270 \

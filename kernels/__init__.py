@@ -24,7 +24,7 @@ import torch
 
 from . import fp8  # noqa: F401  (kernels.fp8: the opt-in FP8 sparse forward; imports without triton)
 from . import reference as _ref
-from .options import DEFAULT_OPTIONS, TritonOptions
+from .options import DEFAULT_OPTIONS, TritonOptions, config_overrides  # noqa: F401  (re-exported)
 from .reference import (  # noqa: F401  (re-exported)
     DEFAULT_BLOCK,
     PAD_IDX,
@@ -45,7 +45,7 @@ __all__ = [
     "select_window", "block_sparse_attention", "block_sparse_attention_rowmap", "linear_attention",
     "sparse_linear_attention", "kv_pass", "q_pass", "wants_tiled_q", "token_mean", "topk_from_pooled",
     "triton_available", "attention_ref", "masked_attention_ref", "block_mask_dense",
-    "compensated_attention_ref", "TritonOptions",
+    "compensated_attention_ref", "TritonOptions", "config_overrides",
 ]
 
 _TRITON_OK: Optional[bool] = None

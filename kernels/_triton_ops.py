@@ -11,7 +11,7 @@ import torch
 import triton
 
 from . import _triton_kernels as tk
-from .options import DEFAULT_OPTIONS, TritonOptions
+from .options import DEFAULT_OPTIONS, TritonOptions, overridden
 from .reference import bias_args, num_blocks
 
 Tensor = torch.Tensor
@@ -93,9 +93,13 @@ CONFIGS = _build_table()
 
 def config_for(kernel: str, D: int, dtype: torch.dtype, L: int,
                opts: TritonOptions = DEFAULT_OPTIONS) -> triton.Config:
-    """The config a call uses: opts.configs[kernel] if given, else the table's entry."""
+    """The config a call uses: opts.configs[kernel] if given, else a surrounding options.config_overrides
+    block's, else the table's entry."""
     if kernel in opts.configs:
         return opts.configs[kernel]
+    scoped = overridden(kernel)
+    if scoped is not None:
+        return scoped
     dt = "16bit" if dtype in (torch.float16, torch.bfloat16) else "fp32"
     return CONFIGS[(kernel, D if D in TUNED_D else 128, dt, "long" if L >= LONG_L else "short")]
 

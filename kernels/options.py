@@ -1,8 +1,10 @@
 """Per-call settings of the Triton kernels (importable without triton)."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 # names of the tuned-config entries a TritonOptions may override (see _triton_ops.CONFIGS)
 CONFIG_NAMES = ("fwd", "bwd_dq", "bwd_dkdv", "lin_state", "lin_apply", "lin_bwd", "kv_pass", "q_pass", "token_mean")
@@ -32,3 +34,31 @@ class TritonOptions:
 
 
 DEFAULT_OPTIONS = TritonOptions()
+
+
+# Scoped replacements of table entries for every call inside a ``with config_overrides(...)`` block (this thread
+# or task only), below a call's own TritonOptions.configs: how a benchmark times a whole model forward with a
+# candidate config (e.g. the forward's WS) without a parameter on every layer in between.  The table itself is
+# never changed.
+_OVERRIDES: "contextvars.ContextVar[Optional[Mapping[str, Any]]]" = contextvars.ContextVar(
+    "salad_config_overrides", default=None)
+
+
+@contextlib.contextmanager
+def config_overrides(configs: Mapping[str, Any]) -> Iterator[None]:
+    """Use ``configs`` (name -> triton.Config, names as in TritonOptions.configs) instead of the table's entries
+    for the kernels called inside the block."""
+    bad = sorted(set(configs) - set(CONFIG_NAMES))
+    if bad:
+        raise ValueError(f"config_overrides: unknown kernel config name(s) {bad}; expected some of "
+                         f"{list(CONFIG_NAMES)}")
+    token = _OVERRIDES.set({**(_OVERRIDES.get() or {}), **configs})
+    try:
+        yield
+    finally:
+        _OVERRIDES.reset(token)
+
+
+def overridden(name: str) -> Optional[Any]:
+    """The config a surrounding config_overrides block gives for ``name`` (None: the table's)."""
+    return (_OVERRIDES.get() or {}).get(name)

@@ -623,6 +623,32 @@ def test_kernels_compile_for_sm90(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 @needs_triton
+def test_config_overrides_are_scoped():
+    """kernels.config_overrides: inside the block the kernels use the given entries (below a call's own
+    TritonOptions.configs), nested blocks stack, and on leaving it the table's entries are back."""
+    import triton
+    from salad_pack.kernels import _triton_ops as ops
+    from salad_pack.kernels.options import TritonOptions
+    table = ops.config_for("fwd", 128, torch.bfloat16, 32760)
+    ws = triton.Config(dict(table.kwargs, WS=True), num_warps=4, num_stages=1)
+    own = triton.Config(dict(table.kwargs), num_warps=8, num_stages=2)
+    q = torch.zeros(1, 1, 256, 128, dtype=torch.float16, device=DEV)
+    assert not K.wants_tiled_q(q, 128, "triton")
+    with K.config_overrides({"fwd": ws}):
+        assert ops.config_for("fwd", 128, torch.bfloat16, 32760) is ws
+        assert K.wants_tiled_q(q, 128, "triton") and not K.wants_tiled_q(q, 128, "torch")
+        assert ops.config_for("fwd", 128, torch.bfloat16, 32760, TritonOptions(configs={"fwd": own})) is own
+        with K.config_overrides({"q_pass": own}):
+            assert ops.config_for("q_pass", 128, torch.bfloat16, 32760) is own
+            assert ops.config_for("fwd", 128, torch.bfloat16, 32760) is ws
+        assert ops.config_for("q_pass", 128, torch.bfloat16, 32760) is not own
+    assert ops.config_for("fwd", 128, torch.bfloat16, 32760) is table
+    with pytest.raises(ValueError, match="unknown kernel config"):
+        with K.config_overrides({"fwd2": ws}):
+            pass
+
+
+@needs_triton
 def test_config_table_is_read_only_and_keyed():
     from salad_pack.kernels import _triton_ops as ops
     cfg = ops.config_for("fwd", 128, torch.bfloat16, 32760)
