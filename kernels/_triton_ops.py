@@ -453,7 +453,8 @@ def _sparse_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block
     result to it in place (one read in the epilogue instead of a separate add) and returns it as o.
     q_tiled (with rowmap): q already in tile order (q_pass's tile_q copy), read with TMA where possible
     instead of gathering q through the row map; the output still goes to the caller's rows.  The config's WS
-    (warp specialisation) runs where every operand is a TMA load (no row map, or q_tiled given)."""
+    (warp specialisation) runs where every operand is a TMA load (no row map, or q_tiled given) and without
+    centroid compensation."""
     B, H, L, D = q.shape
     LK = k.shape[2]
     nq = num_blocks(L, block)
@@ -490,7 +491,8 @@ def _sparse_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block
             ACCUM=accumulate_into is not None, WS=ws, Q_TILED=rm is not None and q_tiled is not None,
             **_centroid_tiles(nk, idx.shape[-1]), **_launch(c))
 
-    launch_ws(launch, bool(c.kwargs.get("WS", False)) and use_tma and not gather_q)
+    # (the centroid walk after the key loop is a second loop, which Triton 3.6's pass cannot take)
+    launch_ws(launch, bool(c.kwargs.get("WS", False)) and use_tma and not gather_q and means is None)
     return o, lse, means
 
 
