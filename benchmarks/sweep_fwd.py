@@ -102,6 +102,9 @@ def main(argv=None):
                         row["ms"] = median_ms(lambda: run(opts, tiled), dev, a.rep_ms, max(10, a.rep_ms // 4))
                     except Exception as e:  # a config that does not compile (shared memory, registers)
                         row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                    if extra.get("WS"):       # whether it ran warp-specialised (this Triton, no earlier failure)
+                        from salad_pack.kernels import _triton_ops as ops
+                        row["ws_ran"] = ops._ws_usable()
                     if base_ms is None and "ms" in row:
                         base_ms = row["ms"]
                     if "ms" in row:

@@ -330,8 +330,9 @@ def q_pass(q: Tensor, rowmap: Tensor, block: int = DEFAULT_BLOCK, state: Optiona
 
 
 def wants_tiled_q(q: Tensor, block: int = DEFAULT_BLOCK, backend: str = "auto",
-                  triton_options: TritonOptions = DEFAULT_OPTIONS) -> bool:
+                  triton_options: TritonOptions = DEFAULT_OPTIONS, compensate: bool = False) -> bool:
     """Whether block_sparse_attention_rowmap would read a tile-ordered copy of q (q_tiled) on this call's path:
     only the Triton path, and only where its forward config asks for one (Q_TILED, or WS: warp specialisation
-    needs every operand as a TMA load).  The caller then asks q_pass for the copy (tile_q)."""
-    return _pick(q, backend, block) and _ops().wants_tiled_q(q, block, triton_options)
+    needs every operand as a TMA load; not where WS will not run: another Triton, or with centroid compensation).
+    The caller then asks q_pass for the copy (tile_q)."""
+    return _pick(q, backend, block) and _ops().wants_tiled_q(q, triton_options, compensate)

@@ -186,6 +186,30 @@ def _quant_kv_kernel(K, V, K8, KS, VT8, KM, VM, VS, k_str, v_str, H, L, NK, LP,
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
+def _fp8_step(q8, q_s, K8, VT8, k_str, vt_str, b, h, idx_base, sik, ks_base, t, offs_n0, offs_d, LK, m_i, l_i, acc,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, USE_TMA: tl.constexpr,
+              EXACT_CAST: tl.constexpr, PV_PRECISE: tl.constexpr, KS_LISTED: tl.constexpr):
+    """Step t of the FP8 forward's key walk: e4m3 scores of one BLOCK_N-key tile with the row and key-block scales
+    and the tail mask in one FMA, one online-softmax update, P.V (e4m3) into acc.  KS_LISTED: the key-block
+    scales are in list order (indexed by the step) instead of by block."""
+    start, offs_n, kmask = _lut_step(idx_base, sik, t, offs_n0, LK, BLOCK_M, BLOCK_N)
+    k8 = _tile(K8, k_str, b, h, start, offs_n, kmask, offs_d, BLOCK_N, D, USE_TMA)
+    if KS_LISTED:
+        rs = q_s * tl.load(ks_base + t // (BLOCK_M // BLOCK_N))
+    else:
+        rs = q_s * tl.load(ks_base + start // BLOCK_M)
+    # scales and tail mask in one FMA: bias 0 for valid keys, -inf past LK
+    qk = tl.dot(q8, tl.trans(k8)) * rs[:, None] + tl.where(kmask, 0.0, -float("inf"))[None, :]
+    m_new, alpha, p, l_i = _softmax_p8(qk, m_i, l_i)
+    vt8 = _vt_tile(VT8, vt_str, b, h, start, offs_n, offs_d, BLOCK_N, D, USE_TMA)
+    if PV_PRECISE:
+        acc = acc * alpha[:, None] + tl.dot(_to_fp8(p, EXACT_CAST), tl.trans(vt8), max_num_imprecise_acc=BLOCK_N)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(_to_fp8(p, EXACT_CAST), tl.trans(vt8))
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _sparse_fwd_fp8_kernel(Q, K8, VT8, KS, VS, VM, O, IDX, CNT, ROWMAP, BIAS, GL, QS,
                            q_str, k_str, vt_str, o_str, lut_str, H, L, LK, NK, qk_scale, bias_sb,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
@@ -222,23 +246,17 @@ def _sparse_fwd_fp8_kernel(Q, K8, VT8, KS, VS, VM, O, IDX, CNT, ROWMAP, BIAS, GL
     else:
         ks_base = KS + pid_bh.to(tl.int64) * NK
     m_i, l_i, acc = _online_softmax_init(BLOCK_M, D)
-    for t in tl.range(0, n * (BLOCK_M // BLOCK_N), num_stages=NUM_STAGES, warp_specialize=WS):
-        start, offs_n, kmask = _lut_step(idx_base, sik, t, offs_n0, LK, BLOCK_M, BLOCK_N)
-        k8 = _tile(K8, k_str, b, h, start, offs_n, kmask, offs_d, BLOCK_N, D, USE_TMA)
-        if Q8_TILED:
-            rs = q_s * tl.load(ks_base + t // (BLOCK_M // BLOCK_N))
-        else:
-            rs = q_s * tl.load(ks_base + start // BLOCK_M)
-        # scales and tail mask in one FMA: bias 0 for valid keys, -inf past LK
-        qk = tl.dot(q8, tl.trans(k8)) * rs[:, None] + tl.where(kmask, 0.0, -float("inf"))[None, :]
-        m_new, alpha, p, l_i = _softmax_p8(qk, m_i, l_i)
-        vt8 = _vt_tile(VT8, vt_str, b, h, start, offs_n, offs_d, BLOCK_N, D, USE_TMA)
-        if PV_PRECISE:
-            acc = acc * alpha[:, None] + tl.dot(_to_fp8(p, EXACT_CAST), tl.trans(vt8),
-                                                max_num_imprecise_acc=BLOCK_N)
-        else:
-            acc = acc * alpha[:, None] + tl.dot(_to_fp8(p, EXACT_CAST), tl.trans(vt8))
-        m_i = m_new
+    n_steps = n * (BLOCK_M // BLOCK_N)
+    if WS:      # (the argument only where asked: older Triton versions do not know it)
+        for t in tl.range(0, n_steps, num_stages=NUM_STAGES, warp_specialize=True):
+            m_i, l_i, acc = _fp8_step(q8, q_s, K8, VT8, k_str, vt_str, b, h, idx_base, sik, ks_base, t, offs_n0,
+                                      offs_d, LK, m_i, l_i, acc, BLOCK_M, BLOCK_N, D, USE_TMA, EXACT_CAST,
+                                      PV_PRECISE, Q8_TILED)
+    else:
+        for t in tl.range(0, n_steps, num_stages=NUM_STAGES):
+            m_i, l_i, acc = _fp8_step(q8, q_s, K8, VT8, k_str, vt_str, b, h, idx_base, sik, ks_base, t, offs_n0,
+                                      offs_d, LK, m_i, l_i, acc, BLOCK_M, BLOCK_N, D, USE_TMA, EXACT_CAST,
+                                      PV_PRECISE, Q8_TILED)
     # epilogue: l_i >= 1 * 2^P_LOG2 (each listed block has a valid key, the max term is 2^P_LOG2)
     hd = pid_bh.to(tl.int64) * D + offs_d
     shift = _out_shift(VM, BIAS, GL, hd, b, h, bias_sb, offs_d, D, HAS_BIAS, HAS_GATE)

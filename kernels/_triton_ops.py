@@ -405,11 +405,13 @@ def q_pass(q: Tensor, rowmap: Tensor, block: int, state: Optional[Tensor], eps: 
     return (qm, ol, qt) if tile_q else (qm, ol)
 
 
-def wants_tiled_q(q: Tensor, block: int, opts: TritonOptions = DEFAULT_OPTIONS) -> bool:
+def wants_tiled_q(q: Tensor, opts: TritonOptions = DEFAULT_OPTIONS, compensate: bool = False) -> bool:
     """Whether the forward's config for q (B,H,L,D) reads a tile-ordered copy of q on the row-map path
-    (config key Q_TILED, implied by WS, with TMA usable): then the caller should have q_pass write one."""
+    (config key Q_TILED, or WS where it will run: this Triton, no compensation; with TMA usable): then the
+    caller should have q_pass write one."""
     c = config_for("fwd", q.shape[-1], q.dtype, q.shape[2], opts)
-    want = bool(c.kwargs.get("Q_TILED", False) or c.kwargs.get("WS", False))
+    want = bool(c.kwargs.get("Q_TILED", False)) or (bool(c.kwargs.get("WS", False)) and _ws_usable()
+                                                      and not compensate)
     return want and (opts.tma is not False) and (opts.tma is True or bool(c.kwargs.get("USE_TMA", False)))
 
 
@@ -502,7 +504,7 @@ def launch_ws(launch: Any, want: bool) -> None:
     ws = want and _ws_usable()
     try:
         launch(ws)
-    except (RuntimeError, triton.CompilationError) as e:
+    except (RuntimeError, triton.TritonError) as e:    # (CompilationError, OutOfResources, PTXASError: TritonError)
         if not ws or "out of memory" in str(e).lower():
             raise
         _WS_FAILED.append(f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}")

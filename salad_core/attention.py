@@ -369,7 +369,8 @@ def _infer(q: Tensor, k: Tensor, v: Tensor, B: int, L: int, H: int, D: int, layo
     gl = gate_logit(x, gate, B, f"SALAD gate weights{where}", config.backend) if linear else None
     q_mean = o_lin = q_tiled = None
     # a tile-ordered copy of q, written by the Q pass, where the sparse kernel's config reads q with TMA (WS)
-    tile_q = config.precision != "fp8" and K.wants_tiled_q(q4, config.block, config.backend)
+    fp8 = config.precision == "fp8" and _fp8_usable(q, config)
+    tile_q = not fp8 and K.wants_tiled_q(q4, config.block, config.backend, compensate=comp)
     if topk or linear or tile_q:
         q_mean, o_lin, *rest = K.q_pass(q4, rowmap, config.block, state=state, eps=config.eps, gate_logit=gl,
                                         pool=topk, backend=config.backend, tile_q=tile_q)
@@ -388,7 +389,7 @@ def _infer(q: Tensor, k: Tensor, v: Tensor, B: int, L: int, H: int, D: int, layo
             if "out of memory" in str(e).lower():
                 raise
             _fallback_ok("fp8_proj", f"the FP8 GEMM failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
-    if config.precision == "fp8" and _fp8_usable(q, config):
+    if fp8:
         kv8 = K.fp8.quantize_kv_fp8(kt, vt, config.block)
         o = K.fp8.block_sparse_attention_rowmap_fp8(q4, kv8, idx, cnt, rowmap, block=config.block,
                                                     scale=1.0 / math.sqrt(D), bias=bias, gate_logit=bias_gate)

@@ -163,14 +163,18 @@ def test_kernel_vs_fp8_reference(seed, D, tma, rowmap, bias):
     if bias:
         kw["bias"] = torch.randn((B if bias == "gated" else 1), H * D, device=DEV)
         kw["gate_logit"] = torch.randn(B, device=DEV) if bias == "gated" else None
-    for bn, ws in ((64, False), (128, False), (128, tma)):     # WS: q quantised beforehand in tile order
+    for bn, ws in ((64, False), (128, False)) + (((128, True),) if tma else ()):   # WS (TMA only): q quantised
+        # beforehand in tile order
         o = F8.block_sparse_attention_rowmap_fp8(q, kv8, idx, cnt, rm, config=dict(USE_TMA=tma, BLOCK_N=bn, WS=ws),
                                                  **kw)
         assert o.shape == (B, H, L, D) and o.transpose(1, 2).is_contiguous() and o.dtype == q.dtype
         ref = F8.block_sparse_attention_fp8_ref(q, kv8, idx, cnt, rm, block_n=bn, **kw)
         assert torch.isfinite(o).all(), f"non-finite output [seed {seed}]"
         e = rel(o, ref)
-        assert e < REF_TOL, f"D{D} BLOCK_N {bn} tma {tma}: relative L2 {e:.3g} vs the fp8 reference [seed {seed}]"
+        assert e < REF_TOL, f"D{D} BLOCK_N {bn} tma {tma} WS {ws}: relative L2 {e:.3g} vs the fp8 reference " \
+                            f"[seed {seed}]"
+    from salad_pack.kernels import _triton_ops as ops
+    assert not ops._WS_FAILED, ops._WS_FAILED            # the WS launch ran as WS (no fallback)
 
 
 @needs_fp8

@@ -531,9 +531,10 @@ def test_rowmap_forward_gathers_q_and_scatters_o(seed, fwd_path, backend):
 def test_rowmap_forward_with_tiled_q(seed, config, tma):
     """q_tiled (q already in tile order, as q_pass's tile_q writes it): the row-map forward reads it instead of
     gathering q and gives the same output; with the config's WS (Hopper warp specialisation: one loop, the keys
-    past L masked on every step) and Q_TILED, on the TMA and pointer paths, with a partial last key block, bias,
-    gate and accumulate_into.  (The interpreter runs WS's loop as written; its warp-specialised code is the GPU
-    tests'.)"""
+    past L masked on every step; only on the TMA path, the pointer path keeps the plain loop) and Q_TILED, with a
+    partial last key block, bias, gate and accumulate_into.  (The interpreter runs WS's loop as written; its
+    warp-specialised code is the GPU tests', where a WS that did not compile would fail here, not fall back.)"""
+    from salad_pack.kernels import _triton_ops as ops
     import triton
     from salad_pack.kernels.options import TritonOptions
     B, H, L, D, block = 2, 2, 150, 64, 64
@@ -566,8 +567,11 @@ def test_rowmap_forward_with_tiled_q(seed, config, tma):
     ro, rlse = K.masked_attention_ref(qt, k, v, idx, cnt, block=block)
     assert_close(o3, ro, *TOL[dtype], f"plain forward {config}", seed)
     assert_close(lse3, rlse, 1e-3, 1e-3, f"plain forward lse {config}", seed)
+    assert not ops._WS_FAILED, ops._WS_FAILED            # the WS launches ran as WS (no fallback)
     assert K.wants_tiled_q(q, block, "torch") is False
     assert K.wants_tiled_q(q, block, "triton", opts) is (config is not None and tma)
+    if config and config.get("WS"):
+        assert K.wants_tiled_q(q, block, "triton", opts, compensate=True) is False
     with pytest.raises(ValueError, match="q_tiled"):
         K.block_sparse_attention_rowmap(q, k, v, idx, cnt, perm, block=block, backend="triton", q_tiled=qt[:, :1])
 

@@ -42,7 +42,10 @@ def ptxas_bundled() -> bool:
     without importing triton: an import before use_interpreter_without_cuda() (e.g. a skipif evaluated while
     an earlier test file is collected) would fix Triton's mode before the interpreter is chosen."""
     import importlib.util
-    spec = importlib.util.find_spec("triton")
+    try:
+        spec = importlib.util.find_spec("triton")
+    except (ImportError, ValueError):   # a broken install, or a spec-less stand-in in sys.modules
+        return False
     if spec is None or not spec.submodule_search_locations:
         return False
     locations = spec.submodule_search_locations
