@@ -177,7 +177,7 @@ def sweep(dev) -> dict:
             cfg["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         if ws:    # whether it ran warp-specialised (this Triton, no earlier failure)
             from salad_pack.kernels import _triton_ops as ops
-            cfg["ws_ran"] = ops._ws_usable()
+            cfg["ws_ran"] = ops.ws_usable()
         out["candidates"].append(dict(cfg, ms=ms))
         log("sweep", cfg, ms)
     done = [c for c in out["candidates"] if c["ms"] is not None]

@@ -104,7 +104,7 @@ def main(argv=None):
                         row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
                     if extra.get("WS"):       # whether it ran warp-specialised (this Triton, no earlier failure)
                         from salad_pack.kernels import _triton_ops as ops
-                        row["ws_ran"] = ops._ws_usable()
+                        row["ws_ran"] = ops.ws_usable()
                     if base_ms is None and "ms" in row:
                         base_ms = row["ms"]
                     if "ms" in row:

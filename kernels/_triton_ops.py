@@ -410,7 +410,7 @@ def wants_tiled_q(q: Tensor, opts: TritonOptions = DEFAULT_OPTIONS, compensate: 
     (config key Q_TILED, or WS where it will run: this Triton, no compensation; with TMA usable): then the
     caller should have q_pass write one."""
     c = config_for("fwd", q.shape[-1], q.dtype, q.shape[2], opts)
-    want = bool(c.kwargs.get("Q_TILED", False)) or (bool(c.kwargs.get("WS", False)) and _ws_usable()
+    want = bool(c.kwargs.get("Q_TILED", False)) or (bool(c.kwargs.get("WS", False)) and ws_usable()
                                                       and not compensate)
     return want and (opts.tma is not False) and (opts.tma is True or bool(c.kwargs.get("USE_TMA", False)))
 
@@ -499,9 +499,9 @@ def _sparse_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block
 
 
 def launch_ws(launch: Any, want: bool) -> None:
-    """launch(ws) with ws = want where Triton is asked for warp specialisation (_ws_usable); if that does not
+    """launch(ws) with ws = want where Triton is asked for warp specialisation (ws_usable); if that does not
     compile, one log line and launch(False), and the plain kernels from then on."""
-    ws = want and _ws_usable()
+    ws = want and ws_usable()
     try:
         launch(ws)
     except (RuntimeError, triton.TritonError) as e:    # (CompilationError, OutOfResources, PTXASError: TritonError)
@@ -521,7 +521,7 @@ _WS_FAILED: list = []
 _log = logging.getLogger("SALAD")
 
 
-def _ws_usable() -> bool:
+def ws_usable() -> bool:
     """WS is asked of Triton versions it compiled with; the CPU interpreter runs the WS loop as written."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return True
@@ -697,7 +697,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float, layout: str = 
 
 __all__: Sequence[str] = (
     "CONFIGS", "LONG_L", "TUNED_D", "config_for", "pool_blocks", "token_mean", "topk_lut", "linear_state", "kv_pass",
-    "q_pass", "wants_tiled_q", "launch_ws",
+    "q_pass", "wants_tiled_q", "launch_ws", "ws_usable",
     "transpose_lut", "block_sparse_attention", "block_sparse_attention_rowmap", "block_sparse_attention_fwd",
     "linear_attention",
 )

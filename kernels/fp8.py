@@ -47,7 +47,7 @@ from typing import Any, Mapping, Optional, Tuple
 
 import torch
 
-from .reference import DEFAULT_BLOCK, bias_args, num_blocks
+from .reference import DEFAULT_BLOCK, _gather_blhd, bias_args, num_blocks
 
 Tensor = torch.Tensor
 
@@ -329,31 +329,33 @@ def block_sparse_attention_rowmap_fp8(q: Tensor, kv8: KV8, idx: Tensor, cnt: Ten
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     # WS: q quantised beforehand, in tile order, one scale per row (the kernel's own quantisation, as a pass),
     # so that every operand of the key loop is a TMA load
-    from ._triton_ops import _ws_usable, launch_ws
-    ws = bool(c["WS"]) and bool(c["USE_TMA"]) and _ws_usable()
-    qd, qs, q_str, ks_listed, kw_ = q, kv8.v_mean, q.stride()[:3], kv8.k_scale, nk
+    from ._triton_ops import launch_ws, ws_usable
+    # the arguments WS changes: q, the key-block scales (by block), the row scales, q's strides, their width
+    plain = (q, kv8.k_scale, kv8.v_mean, q.stride()[:3], nk)
+    ws_args = plain
+    ws = bool(c["WS"]) and bool(c["USE_TMA"]) and ws_usable()
     if ws:
+        from triton.tools.tensor_descriptor import TensorDescriptor
         # the key-block scales in each query block's list order, so the warp-specialised loop reads them by step
-        kw_ = idx.shape[-1]
+        kmax = idx.shape[-1]
         ks_listed = torch.gather(kv8.k_scale.reshape(B, H, 1, nk).expand(B, H, nq, nk), 3,
-                                 idx.long().clamp(0, nk - 1).expand(B, H, nq, kw_)).contiguous()
-        qt = q.transpose(1, 2) if rm is None else q.transpose(1, 2).index_select(1, rm.long())
-        q8, qs = quantize_rows_fp8(qt.reshape(B * L * H, D))
+                                 idx.long().clamp(0, nk - 1).expand(B, H, nq, kmax)).contiguous()
+        qt = q if rm is None else _gather_blhd(q, rm)
+        q8, qs = quantize_rows_fp8(qt.transpose(1, 2).reshape(B * L * H, D))
         q8 = q8.view(B, L, H, D).permute(0, 2, 1, 3)
-        qd, q_str = _descs(True, (q8, block))[0], q8.stride()[:3]
         # the row scales as (B, H, L) for a TMA descriptor: rows padded to 4 floats (TMA's 16-byte strides)
         qs_bhl = torch.empty(B, H, -(-L // 4) * 4, device=q.device, dtype=torch.float32)[:, :, :L]
         qs_bhl.copy_(qs.view(B, L, H).permute(0, 2, 1))
-        from triton.tools.tensor_descriptor import TensorDescriptor
-        qs = TensorDescriptor.from_tensor(qs_bhl, [1, 1, block])
+        ws_args = (_descs(True, (q8, block))[0], ks_listed, TensorDescriptor.from_tensor(qs_bhl, [1, 1, block]),
+                   q8.stride()[:3], kmax)
 
     def launch(use_ws: bool):
+        qa, ks, qs_, q_str, nks = ws_args if use_ws else plain
         tf._sparse_fwd_fp8_kernel[(nq, B * H)](
-            qd if use_ws else q, kd, vd, ks_listed if use_ws else kv8.k_scale, kv8.v_scale, kv8.v_mean, o, idx, cnt,
-            rm if rm is not None else cnt, bias if bias is not None else kv8.v_mean,
-            gl if gl is not None else kv8.v_mean, qs if use_ws else kv8.v_mean,
-            q_str if use_ws else q.stride()[:3], kv8.k8.stride()[:3], kv8.v8t.stride()[:3], o.stride()[:3], lut_str,
-            H, L, kv8.L, kw_ if use_ws else nk, scale * _LOG2E, bias_sb,
+            qa, kd, vd, ks, kv8.v_scale, kv8.v_mean, o, idx, cnt, rm if rm is not None else cnt,
+            bias if bias is not None else kv8.v_mean, gl if gl is not None else kv8.v_mean, qs_,
+            q_str, kv8.k8.stride()[:3], kv8.v8t.stride()[:3], o.stride()[:3], lut_str,
+            H, L, kv8.L, nks, scale * _LOG2E, bias_sb,
             BLOCK_M=block, BLOCK_N=bn, D=D, NUM_STAGES=c["num_stages"], USE_TMA=bool(c["USE_TMA"]),
             ROWMAP_IO=rm is not None, HAS_BIAS=bias is not None, HAS_GATE=gl is not None,
             EXACT_CAST=_interpreting(), PV_PRECISE=bool(c["PV_PRECISE"]), Q8_TILED=use_ws, WS=use_ws,

@@ -234,11 +234,10 @@ def salad_branches(q: Tensor, k: Tensor, v: Tensor, heads: int, *, grid: Sequenc
 
 def _token_mean(x: Tensor, batch: int, backend: str = "torch") -> Tensor:
     """(B, dim) fp32 mean over the tokens of the block input x (B, L, dim), accumulated in fp32 (no fp32
-    copy of x); other backends go through kernels.token_mean (no autograd): "triton" is its split-L Triton
-    kernel, "auto" still torch.mean (see there)."""
+    copy of x); kernels.token_mean without autograd ("triton": its split-L Triton kernel, else torch.mean)."""
     if x.dim() != 3 or x.shape[0] != batch:
         raise ValueError(f"x must be (B={batch}, L, dim), got {tuple(x.shape)}")
-    if backend == "torch" or x.requires_grad:
+    if x.requires_grad:
         return torch.mean(x, dim=1, dtype=torch.float32)
     return K.token_mean(x, backend=backend)
 
