@@ -32,9 +32,8 @@ GATE_TOL = 5e-3          # relative L2 of the GPU kernel vs the step-by-step fp8
 SHAPES = {"wan1.3b_480p": (1, 12, 32760, 128), "ragged_21x30x30": (1, 12, 18900, 128),
           "wan14b_480p": (1, 40, 32760, 128)}
 SMOKE_SHAPES = {"smoke_d64": (1, 2, 300, 64), "smoke_d128": (1, 2, 300, 128)}
-# (BLOCK_N, num_warps, num_stages, USE_TMA, PV_PRECISE) for --sweep
 # (BLOCK_N, num_warps, num_stages, USE_TMA, PV_PRECISE, WS); WS: Triton's Hopper warp specialisation with q
-# quantised beforehand in tile order (3 x num_warps warps; Triton 3.6 only)
+# quantised beforehand in tile order (3 x num_warps warps; Triton 3.6 only; one stage runs the plain kernel)
 FWD_CANDIDATES = [(128, 8, 2, True, False, False), (128, 8, 3, True, False, False), (64, 4, 2, True, False, False),
                   (64, 4, 3, True, False, False), (128, 8, 2, False, False, False), (64, 8, 2, True, False, False),
                   (128, 4, 2, True, False, False), (128, 8, 2, True, True, False), (128, 4, 2, True, False, True),

@@ -30,6 +30,15 @@
 #                                                key WS, q read from a tile-ordered copy -- GPU tests against the
 #                                                torch reference, then sweep_fwd's WS / Q_TILED variants beside the
 #                                                table's config at 1.3B/14B 480p and 21x30x30, 90/95%)
+#   PART=p19 bash benchmarks/gpu_speed_suite.sh  (wave 8: p16's sweep stalled at its first WS config (one stage): the
+#                                                WS configs with 2-3 stages at 1.3B/14B 480p, each row written at
+#                                                once; 1.3B 480p forwards with WS beside the table; p17 shortened)
+#   PART=p20 bash benchmarks/gpu_speed_suite.sh  (wave 8: where WS stalls -- ws_probe.py, one child process per
+#                                                case --; fp8_proj through a real server, full and partial load;
+#                                                the gather-only K/V pass, state kernel and token mean at 1.3B 480p)
+#   PART=p21 bash benchmarks/gpu_speed_suite.sh  (wave 8: WS on two 64-row programs per 128-row block (config keys
+#                                                WS + Q_SPLIT): GPU tests, sweep beside the table at 1.3B/14B 480p
+#                                                and the 480x480 square, 90/95%; 1.3B 480p forwards with it)
 #   PART=p17 bash benchmarks/gpu_speed_suite.sh  (wave 7: the FP8 forward with WS -- q quantised beforehand in tile
 #                                                order, scales by TMA -- GPU tests vs the FP8 reference, then
 #                                                bench_fp8's sweep with the WS candidates beside bf16)
@@ -66,6 +75,28 @@ p18)
 p17)
   step 150 gpu-tests python3 -m pytest -q -s tests/test_fp8.py -k "kernel_vs or accumulates or quantize"
   step 300 fp8-sweep python3 benchmarks/bench_fp8.py --shapes wan1.3b_480p --sweep --budget-s 270 \
+       --out "$W/fp8.json" ;;
+p21)
+  step 90 gpu-tests python3 -m pytest -q -s tests/test_kernels.py -k "tiled_q"
+  step 150 sweep-fwd python3 benchmarks/sweep_fwd.py --out "$W/sweep-fwd" --shapes 1.3b-480p,14b-480p,1.3b-sq480 \
+       --sparsities 0.9,0.95 --variants 0,6,7,8,9,10 --budget-s 130
+  step 200 e2e-1.3b python3 benchmarks/bench_e2e.py --model 1.3b --sizes 480p --batches 1 --no-layers \
+       --rep-ms 800 --sparsities 0.9 --precisions bf16 \
+       --fwd-configs "${FWD_CONFIGS:-table,Q_SPLIT=2+WS=1+num_stages=2}" --out "$W/e2e13" ;;
+p20)
+  step 230 ws-probe python3 benchmarks/ws_probe.py --out "$W/ws-probe.json" --timeout-s 35
+  step 190 server python3 benchmarks/gpu_server_check.py --model 1.3b --modes full,partial --out "$W/server" \
+       --budget-s 170
+  step 120 sweep-passes python3 benchmarks/sweep_passes.py --out "$W/sweep" --shapes 1.3b-480p \
+       --kinds token_mean,kv_gather,lin_state --budget-s 100 ;;
+p19)
+  step 170 sweep-fwd-ws python3 benchmarks/sweep_fwd.py --out "$W/sweep-fwd" --shapes 1.3b-480p,14b-480p \
+       --sparsities 0.9 --variants 0,6,7,8,9 --budget-s 150
+  step 190 e2e-1.3b python3 benchmarks/bench_e2e.py --model 1.3b --sizes 480p --batches 1 --no-layers \
+       --rep-ms 800 --sparsities 0.9 --precisions bf16,fp8_proj --fwd-configs "${FWD_CONFIGS:-table,WS=1+num_stages=2}" \
+       --out "$W/e2e13"
+  step 70 fp8-tests python3 -m pytest -q -s tests/test_fp8.py -k "kernel_vs or accumulates or quantize"
+  step 140 fp8-sweep python3 benchmarks/bench_fp8.py --shapes wan1.3b_480p --sweep --budget-s 110 \
        --out "$W/fp8.json" ;;
 p16)
   step 200 gpu-tests python3 -m pytest -q -s tests/test_kernels.py tests/test_passes.py \

@@ -99,9 +99,10 @@ def _cases(compiled: list) -> dict:
         import triton
         q, k, v = qkv(D)
         configs = {}
-        if ws:      # the table's D entry with Triton's Hopper warp specialisation (config key WS)
-            c = ops.config_for("fwd", D, dt, L)
-            configs["fwd"] = triton.Config(dict(c.kwargs, WS=True), num_warps=c.num_warps, num_stages=c.num_stages)
+        if ws:      # the table's D entry with Triton's Hopper warp specialisation (config key WS), two 64-row
+            c = ops.config_for("fwd", D, dt, L)       # programs per 128-row block (the form WS is asked in)
+            configs["fwd"] = triton.Config(dict(c.kwargs, WS=True, Q_SPLIT=2), num_warps=c.num_warps,
+                                           num_stages=c.num_stages)
         if kw.pop("tiled", False):
             kw["q_tiled"] = q.transpose(1, 2).contiguous().transpose(1, 2)
         ops._sparse_fwd(q, k, v, *lut(nq), blk, 0.1, layout="blhd", opts=TritonOptions(tma=tma, configs=configs),

@@ -37,15 +37,20 @@ from profile_layer import (infer_parts, make_inputs, median_ms, run_header, shap
 # (num_warps, num_stages, BLOCK_N, extra config keys); the first is the table's entry for D=128.  Q_TILED: q read
 # with TMA from a tile-ordered copy (q_pass's tile_q) instead of gathered through the row map; WS: Triton's Hopper
 # warp specialisation (needs Q_TILED on this path; 3 x num_warps warps: a TMA producer and two consumer warpgroups)
-WS = {"WS": True}
+WS = {"WS": True, "Q_SPLIT": 2}
 VARIANTS = [(4, 2, 64, {}), (4, 3, 64, {}), (8, 2, 64, {}), (8, 2, 128, {}), (8, 3, 128, {}), (4, 2, 128, {}),
-            (4, 2, 64, {"Q_TILED": True}), (4, 1, 64, WS), (4, 2, 64, WS), (4, 3, 64, WS), (4, 1, 128, WS),
-            (4, 2, 128, WS)]
+            (4, 2, 64, {"Q_TILED": True}), (4, 2, 64, {"Q_TILED": True, "Q_SPLIT": 2}), (4, 2, 64, WS),
+            (4, 3, 64, WS), (4, 2, 128, WS)]
+# (WS is asked only of programs of <= 64 rows, so at block 128 with Q_SPLIT 2: two 64-row programs per block.  On
+# 2026-11-28 the first H200 sweep with WS on 128-row programs stalled -- no row after it until the step's
+# timeout -- and benchmarks/ws_probe.py found every 128-row case stalled, every 64-row one ran;
+# kernels._triton_ops.ws_wanted.)
 
 
 def parse(argv=None):
     ap = sweep_parser(__doc__, rep_ms=100, budget_s=300, smoke_help="CPU interpreter, tiny shape, two configs")
     ap.add_argument("--sparsities", default="0.9,0.95")
+    ap.add_argument("--variants", default=None, help="comma-separated indices into VARIANTS (default: all)")
     return ap.parse_args(argv)
 
 
@@ -63,7 +68,7 @@ def main(argv=None):
     dev = torch.device("cpu" if a.smoke else "cuda")
     dtype = torch.float16 if a.smoke else torch.bfloat16
     shapes = {k: shape(k) for k in a.shapes.split(",")}
-    variants = VARIANTS
+    variants = VARIANTS if a.variants is None else [VARIANTS[int(i)] for i in a.variants.split(",")]
     if a.smoke:
         shapes, variants, a.rep_ms = {"smoke": (2, (3, 10, 12))}, VARIANTS[:2] + VARIANTS[6:8], 1
     res = run_header(dev, torch=torch.__version__, triton=triton.__version__, rows=[])
@@ -109,8 +114,10 @@ def main(argv=None):
                         base_ms = row["ms"]
                     if "ms" in row:
                         row["vs_first"] = base_ms / row["ms"]
+                    row["t_s"] = round(time.time() - t0, 1)
                     res["rows"].append(row)
                     print(f"[sweep_fwd] {json.dumps(row)}", flush=True)
+                    write_result(a.out, "sweep-fwd", res)     # each row at once: a hang or timeout keeps the rest
         del q, k, v, x
         if dev.type == "cuda":
             torch.cuda.empty_cache()

@@ -335,4 +335,4 @@ def wants_tiled_q(q: Tensor, block: int = DEFAULT_BLOCK, backend: str = "auto",
     only the Triton path, and only where its forward config asks for one (Q_TILED, or WS: warp specialisation
     needs every operand as a TMA load; not where WS will not run: another Triton, or with centroid compensation).
     The caller then asks q_pass for the copy (tile_q)."""
-    return _pick(q, backend, block) and _ops().wants_tiled_q(q, triton_options, compensate)
+    return _pick(q, backend, block) and _ops().wants_tiled_q(q, block, triton_options, compensate)

@@ -36,6 +36,22 @@ def _query_rows(L, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _query_part(L, BLOCK_M: tl.constexpr, Q_SPLIT: tl.constexpr):
+    """Q_SPLIT programs per query block: program_id(0)'s block index, the first of its BLOCK_M / Q_SPLIT rows,
+    their offsets and valid-row mask (Q_SPLIT 1: _query_rows)."""
+    if Q_SPLIT == 1:
+        pid_m, offs_m, row_ok = _query_rows(L, BLOCK_M)
+        row0 = pid_m * BLOCK_M
+    else:
+        pid = tl.program_id(0)
+        pid_m = pid // Q_SPLIT
+        row0 = pid_m * BLOCK_M + (pid % Q_SPLIT) * (BLOCK_M // Q_SPLIT)
+        offs_m = row0 + tl.arange(0, BLOCK_M // Q_SPLIT)
+        row_ok = offs_m < L
+    return pid_m, row0, offs_m, row_ok
+
+
+@triton.jit
 def _program_head(H):
     """This program's head: (pid_bh, b, h) from grid axis 1 = b*H + h."""
     pid_bh = tl.program_id(1)
@@ -415,7 +431,7 @@ def _sparse_fwd_kernel(Q, K, V, O, LSE, IDX, CNT, ROWMAP, BIAS, GL, KM, VM,
                        USE_TMA: tl.constexpr, ROWMAP_IO: tl.constexpr, HAS_BIAS: tl.constexpr,
                        HAS_GATE: tl.constexpr, COMPENSATE: tl.constexpr, BLOCK_C: tl.constexpr,
                        KMAXP: tl.constexpr, ACCUM: tl.constexpr = False, WS: tl.constexpr = False,
-                       Q_TILED: tl.constexpr = False):
+                       Q_TILED: tl.constexpr = False, Q_SPLIT: tl.constexpr = 1):
     """Online-softmax attention of one query block (BLOCK_M rows = one key block) over its listed
     key blocks, walked in BLOCK_N-key tiles.  ROWMAP_IO: tile row r reads q row ROWMAP[r] and
     stores its output at row ROWMAP[r] (the caller's token order; plain loads for q, TMA has no row
@@ -425,23 +441,26 @@ def _sparse_fwd_kernel(Q, K, V, O, LSE, IDX, CNT, ROWMAP, BIAS, GL, KM, VM,
     BLOCK_C, the listed ones masked out by comparing with the list (KMAXP >= kmax entries).
     ACCUM: O already holds a term to keep (e.g. the Proj output): the epilogue adds it (read, add, store).
     Q_TILED (with ROWMAP_IO): Q is already in tile order (a TMA descriptor when USE_TMA); only the output goes
-    through ROWMAP.  WS: Triton's automatic warp specialisation of the key loop (Hopper: one TMA producer
-    warpgroup and two consumer warpgroups of BLOCK_M/2 rows: 3x num_warps warps); needs TMA loads of q, k, v."""
-    pid_m, offs_m, row_ok = _query_rows(L, BLOCK_M)
+    through ROWMAP.  WS: Triton's automatic warp specialisation of the key loop (Hopper: a TMA producer
+    warpgroup and consumer warpgroups); needs TMA loads of q, k, v.  Q_SPLIT: each query block is shared by
+    Q_SPLIT programs of BLOCK_M / Q_SPLIT rows that walk the same key list (grid (nq * Q_SPLIT, B*H)); BLOCK_M
+    stays the key-block size."""
+    pid_m, row0, offs_m, row_ok = _query_part(L, BLOCK_M, Q_SPLIT)
     pid_bh, b, h = _program_head(H)
     offs_d = tl.arange(0, D)
     offs_n0 = tl.arange(0, BLOCK_N)
     if ROWMAP_IO and not Q_TILED:
         q = _rows(_head(Q, q_str, b, h), _io_rows(ROWMAP, offs_m, row_ok, True), q_str[2], offs_d, row_ok)
     else:
-        q = _tile(Q, q_str, b, h, pid_m * BLOCK_M, offs_m, row_ok, offs_d, BLOCK_M, D, USE_TMA)
+        q = _tile(Q, q_str, b, h, row0, offs_m, row_ok, offs_d, BLOCK_M // Q_SPLIT, D, USE_TMA)
     idx_base, sik, n = _lut_row(IDX, CNT, lut_str, b, h, pid_m)
-    m_i, l_i, acc = _online_softmax_init(BLOCK_M, D)
+    m_i, l_i, acc = _online_softmax_init(BLOCK_M // Q_SPLIT, D)
     n_steps = n * (BLOCK_M // BLOCK_N)
     if WS:
-        # Triton's Hopper warp specialisation (a TMA producer warpgroup, two consumer warpgroups of BLOCK_M/2
-        # rows each) takes one loop without branches and no second loop (Triton 3.6 fails on either), so
-        # the keys past LK are masked on every step
+        # Triton's Hopper warp specialisation takes one loop without branches and no second loop (Triton 3.6
+        # fails on either), so the keys past LK are masked on every step.  (With 128 rows per program it splits
+        # them over two consumer warpgroups, and on an H200 that kernel never finished; the host asks WS only
+        # of programs of <= 64 rows.)
         for t in tl.range(0, n_steps, num_stages=NUM_STAGES, warp_specialize=True):
             m_i, l_i, acc = _fwd_step(q, K, V, k_str, v_str, b, h, idx_base, sik, t, offs_n0, offs_d, LK, qk_scale,
                                       m_i, l_i, acc, BLOCK_M, BLOCK_N, D, USE_TMA, 2)

@@ -405,13 +405,30 @@ def q_pass(q: Tensor, rowmap: Tensor, block: int, state: Optional[Tensor], eps: 
     return (qm, ol, qt) if tile_q else (qm, ol)
 
 
-def wants_tiled_q(q: Tensor, opts: TritonOptions = DEFAULT_OPTIONS, compensate: bool = False) -> bool:
+def q_split(c: triton.Config, block: int) -> int:
+    """The fwd config's Q_SPLIT (programs per query block), checked against the block."""
+    n = int(c.kwargs.get("Q_SPLIT", 1))
+    if n < 1 or block % n or block // n < 16:
+        raise ValueError(f"fwd config Q_SPLIT={n} does not split a block of {block} rows into >= 16-row parts")
+    return n
+
+
+def ws_wanted(c: triton.Config, block: int, compensate: bool) -> bool:
+    """Whether the fwd config's WS will be asked of Triton: this Triton (ws_usable), no centroid compensation
+    (its walk is a second loop, which Triton 3.6's pass cannot take), >= 2 stages (one stage leaves the producer
+    no buffer to run ahead into; the first GPU sweep stalled on it) and <= 64 rows per program.  (With 128 rows
+    the pass splits them over two consumer warpgroups, and on an H200 with Triton 3.6 that kernel never finished,
+    at every length tried; with 64 rows it ran and matched: benchmarks/results/wave8/.)"""
+    return (bool(c.kwargs.get("WS", False)) and ws_usable() and not compensate and c.num_stages >= 2
+            and block // q_split(c, block) <= 64)
+
+
+def wants_tiled_q(q: Tensor, block: int, opts: TritonOptions = DEFAULT_OPTIONS, compensate: bool = False) -> bool:
     """Whether the forward's config for q (B,H,L,D) reads a tile-ordered copy of q on the row-map path
-    (config key Q_TILED, or WS where it will run: this Triton, no compensation; with TMA usable): then the
-    caller should have q_pass write one."""
+    (config key Q_TILED, or WS where it will run, see ws_wanted; with TMA usable): then the caller should have
+    q_pass write one."""
     c = config_for("fwd", q.shape[-1], q.dtype, q.shape[2], opts)
-    want = bool(c.kwargs.get("Q_TILED", False)) or (bool(c.kwargs.get("WS", False)) and ws_usable()
-                                                      and not compensate)
+    want = bool(c.kwargs.get("Q_TILED", False)) or ws_wanted(c, block, compensate)
     return want and (opts.tma is not False) and (opts.tma is True or bool(c.kwargs.get("USE_TMA", False)))
 
 
@@ -465,6 +482,7 @@ def _sparse_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block
     means = _comp_means(comp, k, v, block, opts) if comp is not None and comp is not False else None
     c = config_for("fwd", D, q.dtype, L, opts)
     bn = min(c.kwargs["BLOCK_N"], block)
+    split = q_split(c, block)
     if accumulate_into is not None:   # (shape, dtype and device: checked by kernels.block_sparse_attention_rowmap)
         o = accumulate_into
         if o.stride(-1) != 1:
@@ -480,21 +498,20 @@ def _sparse_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block
     use_tma = _use_tma(c, opts, k, v) if gather_q else _use_tma(c, opts, q_src, k, v)
     kd, vd = _descs(use_tma, (k, bn), (v, bn))
     # with a row map q rows are gathered with plain loads: no descriptor for q (host work per call)
-    qd = q if gather_q else _descs(use_tma, (q_src, block))[0]
+    qd = q if gather_q else _descs(use_tma, (q_src, block // split))[0]
     km, vm = means if means is not None else (lse, lse)
 
     def launch(ws: bool):
-        tk._sparse_fwd_kernel[(nq, B * H)](
+        tk._sparse_fwd_kernel[(nq * split, B * H)](
             qd, kd, vd, o, lse, idx, cnt, rm if rm is not None else lse, bias if bias is not None else lse,
             gl if gl is not None else lse, km, vm,
             _bhl(q_src), _bhl(k), _bhl(v), _bhl(o), lut_str, H, L, LK, scale * tk.LOG2E, bias_sb,
             BLOCK_M=block, BLOCK_N=bn, D=D, NUM_STAGES=c.num_stages, USE_TMA=use_tma, ROWMAP_IO=rm is not None,
             HAS_BIAS=bias is not None, HAS_GATE=gl is not None, COMPENSATE=means is not None,
             ACCUM=accumulate_into is not None, WS=ws, Q_TILED=rm is not None and q_tiled is not None,
-            **_centroid_tiles(nk, idx.shape[-1]), **_launch(c))
+            Q_SPLIT=split, **_centroid_tiles(nk, idx.shape[-1]), **_launch(c))
 
-    # (the centroid walk after the key loop is a second loop, which Triton 3.6's pass cannot take)
-    launch_ws(launch, bool(c.kwargs.get("WS", False)) and use_tma and not gather_q and means is None)
+    launch_ws(launch, use_tma and not gather_q and ws_wanted(c, block, means is not None))
     return o, lse, means
 
 
@@ -697,7 +714,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float, layout: str = 
 
 __all__: Sequence[str] = (
     "CONFIGS", "LONG_L", "TUNED_D", "config_for", "pool_blocks", "token_mean", "topk_lut", "linear_state", "kv_pass",
-    "q_pass", "wants_tiled_q", "launch_ws", "ws_usable",
+    "q_pass", "wants_tiled_q", "launch_ws", "ws_usable", "ws_wanted", "q_split",
     "transpose_lut", "block_sparse_attention", "block_sparse_attention_rowmap", "block_sparse_attention_fwd",
     "linear_attention",
 )

@@ -333,7 +333,8 @@ def block_sparse_attention_rowmap_fp8(q: Tensor, kv8: KV8, idx: Tensor, cnt: Ten
     # the arguments WS changes: q, the key-block scales (by block), the row scales, q's strides, their width
     plain = (q, kv8.k_scale, kv8.v_mean, q.stride()[:3], nk)
     ws_args = plain
-    ws = bool(c["WS"]) and bool(c["USE_TMA"]) and ws_usable()
+    # (see _triton_ops.ws_wanted: with 128 rows per program the bf16 WS kernel never finished on an H200)
+    ws = bool(c["WS"]) and bool(c["USE_TMA"]) and int(c["num_stages"]) >= 2 and block <= 64 and ws_usable()
     if ws:
         from triton.tools.tensor_descriptor import TensorDescriptor
         # the key-block scales in each query block's list order, so the warp-specialised loop reads them by step

@@ -525,19 +525,21 @@ def test_rowmap_forward_gathers_q_and_scatters_o(seed, fwd_path, backend):
     assert torch.equal(c1, c2) and torch.equal(i1, i2)
 
 
-@pytest.mark.parametrize("config", [None, dict(WS=True), dict(Q_TILED=True, BLOCK_N=32)],
-                         ids=["table", "ws", "q_tiled"])
+@pytest.mark.parametrize("config", [None, dict(WS=True), dict(Q_TILED=True, BLOCK_N=32),
+                                    dict(Q_TILED=True, Q_SPLIT=2), dict(WS=True, Q_SPLIT=2)],
+                         ids=["table", "ws", "q_tiled", "q_split", "ws_q_split"])
 @pytest.mark.parametrize("tma", [False, True])
 def test_rowmap_forward_with_tiled_q(seed, config, tma):
     """q_tiled (q already in tile order, as q_pass's tile_q writes it): the row-map forward reads it instead of
     gathering q and gives the same output; with the config's WS (Hopper warp specialisation: one loop, the keys
     past L masked on every step; only on the TMA path, the pointer path keeps the plain loop) and Q_TILED, with a
     partial last key block, bias, gate and accumulate_into.  (The interpreter runs WS's loop as written; its
-    warp-specialised code is the GPU tests', where a WS that did not compile would fail here, not fall back.)"""
+    warp-specialised code is the GPU tests', where a WS that did not compile would fail here, not fall back.)
+    Q_SPLIT 2: two programs of 64 rows per 128-row block (the only form WS is asked of at block 128)."""
     from salad_pack.kernels import _triton_ops as ops
     import triton
     from salad_pack.kernels.options import TritonOptions
-    B, H, L, D, block = 2, 2, 150, 64, 64
+    B, H, L, D, block = (2, 2, 300, 64, 128) if config and "Q_SPLIT" in config else (2, 2, 150, 64, 64)
     dtype = torch.float16
     q, k, v = qkv(B, H, L, D, dtype, "blhd")
     perm = torch.randperm(L, device=DEV)
@@ -603,9 +605,9 @@ def test_kernels_compile_for_sm90(tmp_path):
     for key in ("fwd_tma:_sparse_fwd_kernel", "fwd_rowmap_gated_bias:_sparse_fwd_kernel"):
         assert isinstance(ks[key]["registers"], int), ks[key]
         assert ks[key]["ptxas_warnings"] == [], (key, ks[key]["ptxas_warnings"])
-    # WS (Triton's Hopper warp specialisation, config key): a producer warpgroup and two consumer warpgroups
-    # (3 x 4 warps, setmaxnreg), no spills, wgmmas left asynchronous, on the TMA path and on the inference path
-    # with a tile-ordered q
+    # WS (Triton's Hopper warp specialisation, config key; with Q_SPLIT 2, 64-row programs): a producer
+    # warpgroup and two consumer warpgroups (3 x 4 warps, setmaxnreg), no spills, wgmmas left asynchronous, on the
+    # TMA path and on the inference path with a tile-ordered q
     # with the Triton versions WS is asked of (the GPU's 3.6); others get the plain kernel (WS not attempted)
     import triton
     from salad_pack.kernels import _triton_ops as ops
@@ -637,21 +639,21 @@ def test_config_overrides_are_scoped():
     from salad_pack.kernels import _triton_ops as ops
     from salad_pack.kernels.options import TritonOptions
     table = ops.config_for("fwd", 128, torch.bfloat16, 32760)
-    ws = triton.Config(dict(table.kwargs, WS=True), num_warps=4, num_stages=1)
+    tiled = triton.Config(dict(table.kwargs, Q_TILED=True), num_warps=4, num_stages=1)
     own = triton.Config(dict(table.kwargs), num_warps=8, num_stages=2)
     q = torch.zeros(1, 1, 256, 128, dtype=torch.float16, device=DEV)
     assert not K.wants_tiled_q(q, 128, "triton")
-    with K.config_overrides({"fwd": ws}):
-        assert ops.config_for("fwd", 128, torch.bfloat16, 32760) is ws
+    with K.config_overrides({"fwd": tiled}):
+        assert ops.config_for("fwd", 128, torch.bfloat16, 32760) is tiled
         assert K.wants_tiled_q(q, 128, "triton") and not K.wants_tiled_q(q, 128, "torch")
         assert ops.config_for("fwd", 128, torch.bfloat16, 32760, TritonOptions(configs={"fwd": own})) is own
         with K.config_overrides({"q_pass": own}):
             assert ops.config_for("q_pass", 128, torch.bfloat16, 32760) is own
-            assert ops.config_for("fwd", 128, torch.bfloat16, 32760) is ws
+            assert ops.config_for("fwd", 128, torch.bfloat16, 32760) is tiled
         assert ops.config_for("q_pass", 128, torch.bfloat16, 32760) is not own
     assert ops.config_for("fwd", 128, torch.bfloat16, 32760) is table
     with pytest.raises(ValueError, match="unknown kernel config"):
-        with K.config_overrides({"fwd2": ws}):
+        with K.config_overrides({"fwd2": tiled}):
             pass
 
 
