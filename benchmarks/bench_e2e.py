@@ -64,7 +64,7 @@ def parse(argv=None):
     ap.add_argument("--fwd-configs", default="table",
                     help="comma list of sparse-forward configs to time the SALAD forwards with: 'table' (the "
                          "checked-in entry) or KEY=VALUE settings joined by '+' on top of it, e.g. "
-                         "'table,WS=1+num_stages=2' (kernels.config_overrides; rows carry fwd_config)")
+                         "'table,Q_TILED=1' (kernels.config_overrides; rows carry fwd_config)")
     ap.add_argument("--append", action="store_true", help="merge into --out/latest-e2e.json")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))

@@ -16,6 +16,10 @@ JSON (--out PATH): {card, date, rows: [{shape, B, H, L, D, sparsity, what, ms, s
 rel_err_vs_bf16}], details, sweep}; what = "sparse" (bf16 kernel), "fp8_sparse" (FP8 kernel alone),
 "fp8_quant" (quantize_kv_fp8); ratio = sdpa_ms / ms as in latest-kernels.json; the fp8 rows also carry
 speedup_vs_bf16 (bf16 ms / fp8 ms) and, for fp8_sparse, ms_with_quant.
+
+History: at commit fb4ea8f FWD_CANDIDATES also had warp-specialised configs (key WS: q quantised beforehand in
+tile order, Triton 3.6's Hopper pass). On an H200 the sweep stalled at the first of them (128-row programs,
+benchmarks/results/wave8/p19-fp8-sweep-ws-stalled.log), as the bf16 forward's WS did, and WS was removed.
 """
 from __future__ import annotations
 
@@ -32,12 +36,10 @@ GATE_TOL = 5e-3          # relative L2 of the GPU kernel vs the step-by-step fp8
 SHAPES = {"wan1.3b_480p": (1, 12, 32760, 128), "ragged_21x30x30": (1, 12, 18900, 128),
           "wan14b_480p": (1, 40, 32760, 128)}
 SMOKE_SHAPES = {"smoke_d64": (1, 2, 300, 64), "smoke_d128": (1, 2, 300, 128)}
-# (BLOCK_N, num_warps, num_stages, USE_TMA, PV_PRECISE, WS); WS: Triton's Hopper warp specialisation with q
-# quantised beforehand in tile order (3 x num_warps warps; Triton 3.6 only; one stage runs the plain kernel)
-FWD_CANDIDATES = [(128, 8, 2, True, False, False), (128, 8, 3, True, False, False), (64, 4, 2, True, False, False),
-                  (64, 4, 3, True, False, False), (128, 8, 2, False, False, False), (64, 8, 2, True, False, False),
-                  (128, 4, 2, True, False, False), (128, 8, 2, True, True, False), (128, 4, 2, True, False, True),
-                  (128, 4, 3, True, False, True), (64, 4, 2, True, False, True), (128, 4, 1, True, False, True)]
+# (BLOCK_N, num_warps, num_stages, USE_TMA, PV_PRECISE) for --sweep
+FWD_CANDIDATES = [(128, 8, 2, True, False), (128, 8, 3, True, False), (64, 4, 2, True, False),
+                  (64, 4, 3, True, False), (128, 8, 2, False, False), (64, 8, 2, True, False),
+                  (128, 4, 2, True, False), (128, 8, 2, True, True)]
 
 
 def _parse() -> argparse.Namespace:
@@ -164,19 +166,16 @@ def sweep(dev) -> dict:
     idx, cnt = K.select_topk(q, k, 0.9, q_rowmap=rm)
     kv8 = F8.quantize_kv_fp8(k, v)
     out = {"table": dict(F8.fp8_config("fwd", D)), "candidates": []}
-    for bn, nw, ns, tma, precise, ws in FWD_CANDIDATES:
+    for bn, nw, ns, tma, precise in FWD_CANDIDATES:
         if over_budget():
             log("budget reached, sweep stopped")
             break
-        cfg = dict(BLOCK_N=bn, num_warps=nw, num_stages=ns, USE_TMA=tma, PV_PRECISE=precise, WS=ws)
+        cfg = dict(BLOCK_N=bn, num_warps=nw, num_stages=ns, USE_TMA=tma, PV_PRECISE=precise)
         try:
             ms = bench(lambda: F8.block_sparse_attention_rowmap_fp8(q, kv8, idx, cnt, rm, config=cfg))
         except Exception as e:  # e.g. out of shared memory: record and go on
             ms = None
             cfg["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-        if ws:    # whether it ran warp-specialised (this Triton, no earlier failure)
-            from salad_pack.kernels import _triton_ops as ops
-            cfg["ws_ran"] = ops.ws_usable()
         out["candidates"].append(dict(cfg, ms=ms))
         log("sweep", cfg, ms)
     done = [c for c in out["candidates"] if c["ms"] is not None]
@@ -242,7 +241,7 @@ def main_codegen() -> int:
         F8.quantize_kv_fp8(k, v)
         kv8 = F8.quantize_kv_fp8_ref(k, v)
         cands = [dict(F8.fp8_config("fwd", D))] + [dict(BLOCK_N=bn, num_warps=nw, num_stages=ns, USE_TMA=t,
-                                                        PV_PRECISE=p, WS=ws) for bn, nw, ns, t, p, ws in FWD_CANDIDATES]
+                                                        PV_PRECISE=p) for bn, nw, ns, t, p in FWD_CANDIDATES]
         tags = iter(["fwd " + ",".join(f"{a}={b}" for a, b in c.items()) for c in cands])
         for c in cands:
             F8.block_sparse_attention_rowmap_fp8(q, kv8, idx, cnt, torch.randperm(L), bias=torch.randn(2 * D),

@@ -19,40 +19,19 @@
 #                                                1.3B 480p batch 1/2, Wan 14B 480p and 720p; the row-quantiser test)
 #   PART=p12 bash benchmarks/gpu_speed_suite.sh  (wave 6, final tree: the GPU test suite, kernel table, per-layer
 #                                                profile with parts at 1.3B/14B 480p and 21x30x30)
-#   PART=p13 bash benchmarks/gpu_speed_suite.sh  (prepared for the next session, not run yet: what wave 6 added after
-#                                                its last GPU call -- linear_fp8 and the _scaled_mm probe on the GPU,
-#                                                fp8_proj through a real server with partial loading, GPU suite)
-#   PART=p14 bash benchmarks/gpu_speed_suite.sh  (wave 7: GPU tests of the token-mean kernel, the state-apart K/V
-#                                                pass and p13's FP8 tests; sweep of the gather-only K/V pass, the
-#                                                separate state kernel and the token mean, 1.3B/14B 480p;
-#                                                per-layer parts with the gate's kernel mean beside torch.mean)
-#   PART=p16 bash benchmarks/gpu_speed_suite.sh  (wave 7: the forward with Triton's Hopper warp specialisation -- config
-#                                                key WS, q read from a tile-ordered copy -- GPU tests against the
-#                                                torch reference, then sweep_fwd's WS / Q_TILED variants beside the
-#                                                table's config at 1.3B/14B 480p and 21x30x30, 90/95%)
-#   PART=p19 bash benchmarks/gpu_speed_suite.sh  (wave 8: p16's sweep stalled at its first WS config (one stage): the
-#                                                WS configs with 2-3 stages at 1.3B/14B 480p, each row written at
-#                                                once; 1.3B 480p forwards with WS beside the table; p17 shortened)
-#   PART=p20 bash benchmarks/gpu_speed_suite.sh  (wave 8: where WS stalls -- ws_probe.py, one child process per
-#                                                case --; fp8_proj through a real server, full and partial load;
-#                                                the gather-only K/V pass, state kernel and token mean at 1.3B 480p)
-#   PART=p21 bash benchmarks/gpu_speed_suite.sh  (wave 8: WS on two 64-row programs per 128-row block (config keys
-#                                                WS + Q_SPLIT): GPU tests, sweep beside the table at 1.3B/14B 480p
-#                                                and the 480x480 square, 90/95%; 1.3B 480p forwards with it)
-#   PART=p17 bash benchmarks/gpu_speed_suite.sh  (wave 7: the FP8 forward with WS -- q quantised beforehand in tile
-#                                                order, scales by TMA -- GPU tests vs the FP8 reference, then
-#                                                bench_fp8's sweep with the WS candidates beside bf16)
-#   PART=p18 bash benchmarks/gpu_speed_suite.sh  (wave 7: forwards with the sparse forward's WS through
-#                                                kernels.config_overrides, beside the table's config, before adopting
-#                                                it: 1.3B 480p batch 1/2 and Wan 14B 480p, bf16 and fp8_proj;
-#                                                FWD_CONFIGS=... picks the variants, e.g. p16's best)
-#   PART=p15 bash benchmarks/gpu_speed_suite.sh  (wave 7, after adopting what p14 shows in the config table: the
-#                                                pass/gate GPU tests, 1.3B 480p forwards batch 1/2 bf16 vs fp8_proj,
-#                                                fp8_proj through a real server (full and partial load), kernels)
+#   PART=p13 bash benchmarks/gpu_speed_suite.sh  (wave 6's last additions: linear_fp8 and the _scaled_mm probe on
+#                                                the GPU, fp8_proj through a real server with partial loading; the
+#                                                server part ran in wave 8: benchmarks/results/wave8/)
+#   PART=p15 bash benchmarks/gpu_speed_suite.sh  (a whole-tree check: the pass/gate GPU tests, 1.3B 480p forwards
+#                                                batch 1/2 bf16 vs fp8_proj, fp8_proj through a real server (full
+#                                                and partial load), kernels)
 #   PART=p8 bash benchmarks/gpu_speed_suite.sh   (wave 5: the rows wave 4 left open with the kept loop: Wan 14B 720p
 #                                                at 90/95% with 2 timed forwards, 14B 720p with a rank-256 Proj,
 #                                                1.3B 720p batch 2, FP8 vs bf16)
-# Needs COMFYUI_DIR (a ComfyUI source tree); writes logs and JSON under $OUT/work and packs them into
+#   (parts p14 and p16-p21, waves 7 and 8: the warp-specialised forward, kv_pass's STATE_APART, the token-mean
+#   sweep, ran at commit fb4ea8f; WS and STATE_APART lost and were removed; results in benchmarks/results/wave8/)
+# Needs COMFYUI_DIR (a ComfyUI source tree; the server steps also need ComfyUI's py3.12 wheels on PYTHONPATH, e.g.
+# .whlsrv/ plus einops: av, pydantic, torchsde, ...); writes logs and JSON under $OUT/work and packs them into
 # $OUT/<part>.tgz (the device returns at most 8 files).  Each step has its own timeout so one overrun
 # cannot eat the rest.  .before/ is `git archive` of an earlier tree (kernels, salad_core, nodes,
 # tests/_pack.py, comfy_harness.py, make_fixtures.py, bench_e2e.py, bench_quality.py: for s1/s2 the commit
@@ -66,43 +45,6 @@ step() { local t=$1 name=$2; shift 2; echo "== $name ($(date +%T))"; timeout "$t
          echo "   rc=$? $(tail -1 "$W/$name.log")"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$W/card.txt"
 case "${PART:-s1}" in
-p18)
-  FC="${FWD_CONFIGS:-table,WS=1+num_stages=2}"
-  step 200 e2e-1.3b python3 benchmarks/bench_e2e.py --model 1.3b --sizes 480p --batches 1,2 --no-layers \
-       --rep-ms 800 --sparsities 0.9 --precisions bf16,fp8_proj --fwd-configs "$FC" --out "$W/e2e13"
-  step 330 e2e-14b python3 benchmarks/bench_e2e.py --model 14b --sizes 480p --no-layers --iters 2 \
-       --sparsities 0.9 --precisions bf16,fp8_proj --fwd-configs "$FC" --out "$W/e2e14" ;;
-p17)
-  step 150 gpu-tests python3 -m pytest -q -s tests/test_fp8.py -k "kernel_vs or accumulates or quantize"
-  step 300 fp8-sweep python3 benchmarks/bench_fp8.py --shapes wan1.3b_480p --sweep --budget-s 270 \
-       --out "$W/fp8.json" ;;
-p21)
-  step 90 gpu-tests python3 -m pytest -q -s tests/test_kernels.py -k "tiled_q"
-  step 150 sweep-fwd python3 benchmarks/sweep_fwd.py --out "$W/sweep-fwd" --shapes 1.3b-480p,14b-480p,1.3b-sq480 \
-       --sparsities 0.9,0.95 --variants 0,6,7,8,9,10 --budget-s 130
-  step 200 e2e-1.3b python3 benchmarks/bench_e2e.py --model 1.3b --sizes 480p --batches 1 --no-layers \
-       --rep-ms 800 --sparsities 0.9 --precisions bf16 \
-       --fwd-configs "${FWD_CONFIGS:-table,Q_SPLIT=2+WS=1+num_stages=2}" --out "$W/e2e13" ;;
-p20)
-  step 230 ws-probe python3 benchmarks/ws_probe.py --out "$W/ws-probe.json" --timeout-s 35
-  step 190 server python3 benchmarks/gpu_server_check.py --model 1.3b --modes full,partial --out "$W/server" \
-       --budget-s 170
-  step 120 sweep-passes python3 benchmarks/sweep_passes.py --out "$W/sweep" --shapes 1.3b-480p \
-       --kinds token_mean,kv_gather,lin_state --budget-s 100 ;;
-p19)
-  step 170 sweep-fwd-ws python3 benchmarks/sweep_fwd.py --out "$W/sweep-fwd" --shapes 1.3b-480p,14b-480p \
-       --sparsities 0.9 --variants 0,6,7,8,9 --budget-s 150
-  step 190 e2e-1.3b python3 benchmarks/bench_e2e.py --model 1.3b --sizes 480p --batches 1 --no-layers \
-       --rep-ms 800 --sparsities 0.9 --precisions bf16,fp8_proj --fwd-configs "${FWD_CONFIGS:-table,WS=1+num_stages=2}" \
-       --out "$W/e2e13"
-  step 70 fp8-tests python3 -m pytest -q -s tests/test_fp8.py -k "kernel_vs or accumulates or quantize"
-  step 140 fp8-sweep python3 benchmarks/bench_fp8.py --shapes wan1.3b_480p --sweep --budget-s 110 \
-       --out "$W/fp8.json" ;;
-p16)
-  step 200 gpu-tests python3 -m pytest -q -s tests/test_kernels.py tests/test_passes.py \
-       -k "tiled_q or rowmap or inference_path"
-  step 330 sweep-fwd python3 benchmarks/sweep_fwd.py --out "$W/sweep-fwd" --shapes 1.3b-480p,14b-480p,1.3b-sq480 \
-       --sparsities 0.9,0.95 --budget-s 300 ;;
 p15)
   step 100 gpu-tests python3 -m pytest -q tests/test_passes.py tests/test_salad_core_gpu.py -k "pass or inference or gate"
   step 150 e2e-1.3b python3 benchmarks/bench_e2e.py --model 1.3b --sizes 480p --batches 1,2 --no-layers \
@@ -110,13 +52,6 @@ p15)
   step 200 server python3 benchmarks/gpu_server_check.py --model 1.3b --modes full,partial --out "$W/server" \
        --budget-s 180
   step 100 kernels python3 benchmarks/bench_kernels.py --quick --budget-s 85 --out "$W/kernels" ;;
-p14)
-  step 150 gpu-tests python3 -m pytest -q -s tests/test_passes.py tests/test_fp8.py tests/test_salad_core_gpu.py \
-       -k "token_mean or apart or kv_pass or fp8 or accumulates or rows"
-  step 280 sweep python3 benchmarks/sweep_passes.py --out "$W/sweep" --shapes 1.3b-480p,14b-480p \
-       --kinds token_mean,kv_gather,lin_state --budget-s 250
-  step 110 profile python3 benchmarks/profile_layer.py --out "$W/profile" --models 1.3b,14b --grids 480p \
-       --sparsities 0.9 --budget-s 90 ;;
 p13)
   step 120 gpu-tests python3 -m pytest -q -s tests/test_fp8.py tests/test_salad_core_gpu.py -k "fp8 or accumulates or rows"
   step 300 server python3 benchmarks/gpu_server_check.py --model 1.3b --modes full,partial --out "$W/server" \

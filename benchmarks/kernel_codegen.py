@@ -95,15 +95,14 @@ def _cases(compiled: list) -> dict:
         return (torch.arange(width, dtype=torch.int32).expand(1, 2, nq, width),
                 torch.full((1, 2, nq), width, dtype=torch.int32))
 
-    def fwd(tma=True, D=128, ws=False, **kw):
+    def fwd(tma=True, D=128, **kw):
         import triton
         q, k, v = qkv(D)
         configs = {}
-        if ws:      # the table's D entry with Triton's Hopper warp specialisation (config key WS), two 64-row
-            c = ops.config_for("fwd", D, dt, L)       # programs per 128-row block (the form WS is asked in)
-            configs["fwd"] = triton.Config(dict(c.kwargs, WS=True, Q_SPLIT=2), num_warps=c.num_warps,
+        if kw.pop("tiled", False):      # config key Q_TILED: q read by TMA from a tile-ordered copy
+            c = ops.config_for("fwd", D, dt, L)
+            configs["fwd"] = triton.Config(dict(c.kwargs, Q_TILED=True), num_warps=c.num_warps,
                                            num_stages=c.num_stages)
-        if kw.pop("tiled", False):
             kw["q_tiled"] = q.transpose(1, 2).contiguous().transpose(1, 2)
         ops._sparse_fwd(q, k, v, *lut(nq), blk, 0.1, layout="blhd", opts=TritonOptions(tma=tma, configs=configs),
                         **kw)
@@ -129,13 +128,6 @@ def _cases(compiled: list) -> dict:
         st = ops.kv_pass(k, v, rm, blk, full, full, full)[-1]
         ops.q_pass(q, rm, blk, st, 1e-5, torch.randn(1) if full else None, True)
 
-    def passes_state_apart():     # kv_pass's STATE_APART: the gathering kernel without the state, then linear_state
-        import triton
-        q, k, v = qkv()
-        c = ops.config_for("kv_pass", 128, dt, L)
-        apart = triton.Config(dict(c.kwargs, STATE_APART=True), num_warps=c.num_warps, num_stages=c.num_stages)
-        ops.kv_pass(k, v, torch.randperm(L), blk, True, False, True, TritonOptions(configs={"kv_pass": apart}))
-
     def select():
         q = qkv()[0]
         ops.pool_blocks(q, blk)
@@ -150,13 +142,9 @@ def _cases(compiled: list) -> dict:
         "fwd_rowmap_bias_comp": lambda: fwd(rowmap=torch.randperm(L), bias=torch.randn(1, 256), comp=True),
         "fwd_rowmap_gated_bias": lambda: fwd(rowmap=torch.randperm(L), bias=torch.randn(256, dtype=dt),
                                              gate_logit=torch.randn(1)),
-        "fwd_ws": lambda: fwd(ws=True),
-        "fwd_rowmap_tiled_gated_bias_ws": lambda: fwd(ws=True, tiled=True, rowmap=torch.randperm(L),
-                                                      bias=torch.randn(256, dtype=dt), gate_logit=torch.randn(1)),
-        "fwd_rowmap_tiled_accum_ws": lambda: fwd(ws=True, tiled=True, rowmap=torch.randperm(L),
-                                                 accumulate_into=qkv()[0]),
-        "fwd_rowmap_tiled_comp_ws": lambda: fwd(ws=True, tiled=True, rowmap=torch.randperm(L), comp=True),
-        "passes": passes, "passes_gather_pool": lambda: passes(False), "passes_state_apart": passes_state_apart,
+        "fwd_rowmap_tiled_gated_bias": lambda: fwd(tiled=True, rowmap=torch.randperm(L),
+                                                   bias=torch.randn(256, dtype=dt), gate_logit=torch.randn(1)),
+        "passes": passes, "passes_gather_pool": lambda: passes(False),
         "linear": linear, "bwd_tma": lambda: bwd(), "bwd_ptr": lambda: bwd(tma=False),
         "bwd_comp_tma": lambda: bwd(comp=True), "bwd_comp_ptr": lambda: bwd(tma=False, comp=True),
         "select": select,

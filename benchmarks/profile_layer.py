@@ -198,7 +198,7 @@ def infer_parts(A, K, q, k, v, x, proj, gate, H, D, grid, conf):
     """What one inference call computes on its way (salad_core.attention._infer taken apart, top-k pattern), as
     a namespace: rm, q4/k4/v4, kt/vt, km (k means), st (linear state), gl (gate logit), qm (q means), ol (linear
     branch), idx/cnt, mats/bias (Proj factors), and ``sparse(tiled=False, **kw)``, the sparse kernel on these
-    inputs (kw: backend, triton_options; tiled: reading a tile-ordered copy of q, as the WS configs need).
+    inputs (kw: backend, triton_options; tiled: reading a tile-ordered copy of q, as the Q_TILED config reads it).
     Call under torch.inference_mode()."""
     from types import SimpleNamespace
     from salad_pack.salad_core.tiling import TileLayout

@@ -17,7 +17,11 @@ by 2 and 32-key steps were swept the same way (sweep-fwd-exp2-unroll-*.json): al
 is not what bounds the kernel; they were removed.  At commit 9212be2 (reverted) a Gluon sm90 kernel that issues the
 scores of step t+1 before the softmax of step t was swept against the table's Triton config (fwd-config keys
 GLUON = rows per program, PIPELINE; sweep-fwd-gluon-*.json): 0.44-0.92x (best variant 0.76-0.92x), its
-non-pipelined Gluon replica 0.94-1.07x.
+non-pipelined Gluon replica 0.94-1.07x.  At commit fb4ea8f Triton 3.6's automatic Hopper warp specialisation
+(fwd-config keys WS, and Q_SPLIT = programs per 128-row query block) was swept on an H200
+(benchmarks/results/wave8/): with 128-row programs the kernel never finished (benchmarks/ws_probe.py at that
+commit: every 128-row case stalled, every 64-row case ran); two 64-row programs per block ran at 0.44-0.53x the
+table's kernel, and gave NaNs at 3 stages; Q_SPLIT alone 0.87-0.92x.  WS and Q_SPLIT were removed.
 
 ``--smoke``: CPU interpreter, a tiny shape, two candidates (checks the script; numbers mean nothing).
 """
@@ -35,16 +39,9 @@ from profile_layer import (infer_parts, make_inputs, median_ms, run_header, shap
                            write_result)
 
 # (num_warps, num_stages, BLOCK_N, extra config keys); the first is the table's entry for D=128.  Q_TILED: q read
-# with TMA from a tile-ordered copy (q_pass's tile_q) instead of gathered through the row map; WS: Triton's Hopper
-# warp specialisation (needs Q_TILED on this path; 3 x num_warps warps: a TMA producer and two consumer warpgroups)
-WS = {"WS": True, "Q_SPLIT": 2}
+# with TMA from a tile-ordered copy (q_pass's tile_q) instead of gathered through the row map
 VARIANTS = [(4, 2, 64, {}), (4, 3, 64, {}), (8, 2, 64, {}), (8, 2, 128, {}), (8, 3, 128, {}), (4, 2, 128, {}),
-            (4, 2, 64, {"Q_TILED": True}), (4, 2, 64, {"Q_TILED": True, "Q_SPLIT": 2}), (4, 2, 64, WS),
-            (4, 3, 64, WS), (4, 2, 128, WS)]
-# (WS is asked only of programs of <= 64 rows, so at block 128 with Q_SPLIT 2: two 64-row programs per block.  On
-# 2026-11-28 the first H200 sweep with WS on 128-row programs stalled -- no row after it until the step's
-# timeout -- and benchmarks/ws_probe.py found every 128-row case stalled, every 64-row one ran;
-# kernels._triton_ops.ws_wanted.)
+            (4, 2, 64, {"Q_TILED": True})]
 
 
 def parse(argv=None):
@@ -70,7 +67,7 @@ def main(argv=None):
     shapes = {k: shape(k) for k in a.shapes.split(",")}
     variants = VARIANTS if a.variants is None else [VARIANTS[int(i)] for i in a.variants.split(",")]
     if a.smoke:
-        shapes, variants, a.rep_ms = {"smoke": (2, (3, 10, 12))}, VARIANTS[:2] + VARIANTS[6:8], 1
+        shapes, variants, a.rep_ms = {"smoke": (2, (3, 10, 12))}, VARIANTS[:2] + VARIANTS[6:], 1
     res = run_header(dev, torch=torch.__version__, triton=triton.__version__, rows=[])
     t0 = time.time()
     for name, (H, grid) in shapes.items():
@@ -107,9 +104,6 @@ def main(argv=None):
                         row["ms"] = median_ms(lambda: run(opts, tiled), dev, a.rep_ms, max(10, a.rep_ms // 4))
                     except Exception as e:  # a config that does not compile (shared memory, registers)
                         row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-                    if extra.get("WS"):       # whether it ran warp-specialised (this Triton, no earlier failure)
-                        from salad_pack.kernels import _triton_ops as ops
-                        row["ws_ran"] = ops.ws_usable()
                     if base_ms is None and "ms" in row:
                         base_ms = row["ms"]
                     if "ms" in row:

@@ -1,6 +1,10 @@
 """Tune the inference passes (kernels.kv_pass, kernels.q_pass) on the GPU, and profile the host side of one
 SALAD call (issue 9 items 1 and 3).
 
+History: kinds kv_gather / lin_state timed kv_pass's STATE_APART (the gathering kernel without the D x D state,
+the state from a second read of k, v) at commit fb4ea8f: 0.217 ms vs the fused pass's 0.209 ms at Wan-1.3B 480p
+on an H200 (benchmarks/results/wave8/), so it was removed.
+
     python benchmarks/sweep_passes.py --out DIR [--shapes 1.3b-480p,14b-480p,1.3b-sq480] [--host-profile]
 
 Per shape (B1, tokens of a Wan grid, H heads of 128, bf16, random inputs): each candidate config
@@ -30,23 +34,21 @@ from profile_layer import median_ms, run_header, shape, sweep_parser, write_resu
 SMOKE = (2, (2, 8, 8))          # heads, grid of --smoke
 
 
-KINDS = ("kv_pass", "q_pass", "kv_gather", "lin_state", "token_mean")
+KINDS = ("kv_pass", "q_pass", "token_mean")
 
 
 def parse(argv=None):
     ap = sweep_parser(__doc__, rep_ms=60, budget_s=240, smoke_help="CPU interpreter, tiny shape, two candidates")
     ap.add_argument("--host-profile", action="store_true")
     ap.add_argument("--kinds", default="kv_pass,q_pass",
-                    help="what to sweep, comma separated: kv_pass, q_pass; kv_gather (kv_pass without the state) and "
-                         "lin_state (the state from a second read of k, v), then both together as kv_pass's "
-                         "STATE_APART; token_mean (the gate's mean of the block input, against torch.mean)")
+                    help="what to sweep, comma separated: kv_pass, q_pass; token_mean (the gate's mean of the "
+                         "block input, against torch.mean)")
     return ap.parse_args(argv)
 
 
 def candidates(kind: str, smoke: bool):
     import triton
-    rows = {"kv_pass": "BLOCK_N", "kv_gather": "BLOCK_N", "lin_state": "BLOCK_N", "q_pass": "BLOCK_M",
-            "token_mean": "BLOCK_L"}[kind]
+    rows = {"kv_pass": "BLOCK_N", "q_pass": "BLOCK_M", "token_mean": "BLOCK_L"}[kind]
     if smoke:
         extra = {"BLOCK_C": 32} if kind == "token_mean" else {}
         return [triton.Config({rows: 32 if kind != "token_mean" else 4, "PROGRAMS": p, **extra}, num_warps=4,
@@ -54,14 +56,6 @@ def candidates(kind: str, smoke: bool):
     out = []
     if kind == "kv_pass":
         for r, w, s, p in itertools.product((64, 128), (4, 8), (2, 3), (528, 1056)):
-            out.append(triton.Config({"BLOCK_N": r, "PROGRAMS": p}, num_warps=w, num_stages=s))
-        return out
-    if kind == "kv_gather":      # no D x D accumulator: deeper pipelines and more programs become possible
-        for r, w, s, p in itertools.product((64, 128), (4, 8), (2, 3), (528, 1056, 2112)):
-            out.append(triton.Config({"BLOCK_N": r, "PROGRAMS": p}, num_warps=w, num_stages=s))
-        return out
-    if kind == "lin_state":
-        for r, w, s, p in itertools.product((64, 128), (4, 8), (2, 3), (264, 528, 1056)):
             out.append(triton.Config({"BLOCK_N": r, "PROGRAMS": p}, num_warps=w, num_stages=s))
         return out
     if kind == "token_mean":
@@ -122,16 +116,10 @@ def main(argv=None):
                 for c in candidates(kind, a.smoke):
                     if time.time() - t_start > a.budget_s:
                         break
-                    opts = K.TritonOptions(configs={"kv_pass" if kind == "kv_gather" else kind: c})
+                    opts = K.TritonOptions(configs={kind: c})
                     if kind == "kv_pass":
                         def fn():
                             return K.kv_pass(k, v, rm, pool_k=True, linear_state=True, triton_options=opts)
-                    elif kind == "kv_gather":
-                        def fn():
-                            return K.kv_pass(k, v, rm, pool_k=True, linear_state=False, triton_options=opts)
-                    elif kind == "lin_state":
-                        def fn():
-                            return K._ops().linear_state(k, v, opts)
                     elif kind == "token_mean":
                         def fn():
                             return K.token_mean(x, backend="triton", triton_options=opts)
@@ -147,7 +135,7 @@ def main(argv=None):
                                             ms=ms))
                     tried.append((c, entry[kind][-1]))
                 ok = [t for t in tried if t[1]["ms"] is not None]
-                if ok and kind in ("kv_gather", "lin_state", "token_mean"):
+                if ok and kind == "token_mean":
                     best_c, best = min(ok, key=lambda t: t[1]["ms"])
                     bests[kind] = best_c
                     entry[f"{kind}_best"] = best
@@ -171,19 +159,6 @@ def main(argv=None):
                     print(f"[sweep] {res['card']} {name} {kind}: default {default:.3f} ms, best {best['ms']:.3f} ms "
                           f"{best['config']} ({nbytes / best['ms'] / 1e9:.2f} TB/s; K/V index_select copy "
                           f"{copy_ms:.3f} ms)", flush=True)
-            if "kv_gather" in bests and "lin_state" in bests:   # both together, as kv_pass runs them
-                import triton
-                g = bests["kv_gather"]
-                apart = K.TritonOptions(configs={
-                    "kv_pass": triton.Config(dict(g.kwargs, STATE_APART=True), num_warps=g.num_warps,
-                                             num_stages=g.num_stages), "lin_state": bests["lin_state"]})
-                entry["kv_apart_ms"] = bench(lambda: K.kv_pass(k, v, rm, pool_k=True, linear_state=True,
-                                                               triton_options=apart))
-                entry["kv_fused_default_ms"] = bench(lambda: K.kv_pass(k, v, rm, pool_k=True, linear_state=True))
-                err = (K.kv_pass(k, v, rm, triton_options=apart)[-1] - st).abs().max().item()
-                entry["kv_apart_state_maxdiff"] = err
-                print(f"[sweep] {res['card']} {name} kv_pass, state apart: {entry['kv_apart_ms']:.3f} ms vs fused "
-                      f"(table) {entry['kv_fused_default_ms']:.3f} ms; state max |diff| {err:.2e}", flush=True)
             if "token_mean" in bests:
                 entry["token_mean_default_ms"] = bench(lambda: K.token_mean(x, backend="triton"))
                 err = (K.token_mean(x, backend="triton") - torch.mean(x, dim=1, dtype=torch.float32)).abs().max().item()

@@ -224,8 +224,8 @@ def block_sparse_attention_rowmap(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, 
     tile-ordered k, v blocks).  accumulate_into: a (B,H,L,D) tensor of q's dtype (unit last stride, e.g. a view
     of a (B,L,H*D) buffer) holding another term of the output; the attention is added to it in place and it
     is returned (the Triton kernel reads it in its epilogue: no separate add).  q_tiled: q already in tile order
-    (q_pass's tile_q output, (B,H,L,D)): the Triton kernel then reads q with TMA (and may run warp-specialised,
-    see wants_tiled_q) instead of gathering it through the row map; same result."""
+    (q_pass's tile_q output, (B,H,L,D)): the Triton kernel then reads q with TMA instead of gathering it
+    through the row map (see wants_tiled_q); same result."""
     _check_qkv(q, k, v)
     B, H, L, D = q.shape
     if q_tiled is not None and (tuple(q_tiled.shape) != (B, H, L, D) or q_tiled.dtype != q.dtype
@@ -330,9 +330,8 @@ def q_pass(q: Tensor, rowmap: Tensor, block: int = DEFAULT_BLOCK, state: Optiona
 
 
 def wants_tiled_q(q: Tensor, block: int = DEFAULT_BLOCK, backend: str = "auto",
-                  triton_options: TritonOptions = DEFAULT_OPTIONS, compensate: bool = False) -> bool:
+                  triton_options: TritonOptions = DEFAULT_OPTIONS) -> bool:
     """Whether block_sparse_attention_rowmap would read a tile-ordered copy of q (q_tiled) on this call's path:
-    only the Triton path, and only where its forward config asks for one (Q_TILED, or WS: warp specialisation
-    needs every operand as a TMA load; not where WS will not run: another Triton, or with centroid compensation).
-    The caller then asks q_pass for the copy (tile_q)."""
-    return _pick(q, backend, block) and _ops().wants_tiled_q(q, block, triton_options, compensate)
+    only the Triton path, and only where its forward config asks for one (config key Q_TILED: q read by TMA
+    instead of gathered through the row map).  The caller then asks q_pass for the copy (tile_q)."""
+    return _pick(q, backend, block) and _ops().wants_tiled_q(q, triton_options)

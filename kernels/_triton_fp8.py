@@ -186,77 +186,43 @@ def _quant_kv_kernel(K, V, K8, KS, VT8, KM, VM, VS, k_str, v_str, H, L, NK, LP,
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _fp8_step(q8, q_s, K8, VT8, k_str, vt_str, b, h, idx_base, sik, ks_base, t, offs_n0, offs_d, LK, m_i, l_i, acc,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, USE_TMA: tl.constexpr,
-              EXACT_CAST: tl.constexpr, PV_PRECISE: tl.constexpr, KS_LISTED: tl.constexpr):
-    """Step t of the FP8 forward's key walk: e4m3 scores of one BLOCK_N-key tile with the row and key-block scales
-    and the tail mask in one FMA, one online-softmax update, P.V (e4m3) into acc.  KS_LISTED: the key-block
-    scales are in list order (indexed by the step) instead of by block."""
-    start, offs_n, kmask = _lut_step(idx_base, sik, t, offs_n0, LK, BLOCK_M, BLOCK_N)
-    k8 = _tile(K8, k_str, b, h, start, offs_n, kmask, offs_d, BLOCK_N, D, USE_TMA)
-    if KS_LISTED:
-        rs = q_s * tl.load(ks_base + t // (BLOCK_M // BLOCK_N))
-    else:
-        rs = q_s * tl.load(ks_base + start // BLOCK_M)
-    # scales and tail mask in one FMA: bias 0 for valid keys, -inf past LK
-    qk = tl.dot(q8, tl.trans(k8)) * rs[:, None] + tl.where(kmask, 0.0, -float("inf"))[None, :]
-    m_new, alpha, p, l_i = _softmax_p8(qk, m_i, l_i)
-    vt8 = _vt_tile(VT8, vt_str, b, h, start, offs_n, offs_d, BLOCK_N, D, USE_TMA)
-    if PV_PRECISE:
-        acc = acc * alpha[:, None] + tl.dot(_to_fp8(p, EXACT_CAST), tl.trans(vt8), max_num_imprecise_acc=BLOCK_N)
-    else:
-        acc = acc * alpha[:, None] + tl.dot(_to_fp8(p, EXACT_CAST), tl.trans(vt8))
-    return m_new, l_i, acc
-
-
-@triton.jit
-def _sparse_fwd_fp8_kernel(Q, K8, VT8, KS, VS, VM, O, IDX, CNT, ROWMAP, BIAS, GL, QS,
+def _sparse_fwd_fp8_kernel(Q, K8, VT8, KS, VS, VM, O, IDX, CNT, ROWMAP, BIAS, GL,
                            q_str, k_str, vt_str, o_str, lut_str, H, L, LK, NK, qk_scale, bias_sb,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                            NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr, ROWMAP_IO: tl.constexpr,
                            HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, EXACT_CAST: tl.constexpr,
-                           PV_PRECISE: tl.constexpr, Q8_TILED: tl.constexpr = False, WS: tl.constexpr = False):
+                           PV_PRECISE: tl.constexpr):
     """Online-softmax attention of one query block (BLOCK_M rows = one key block) over its listed key
     blocks, walked in BLOCK_N-key tiles, with e4m3 operands and fp32 accumulation.  Q: 16-bit, read
     through ROWMAP (ROWMAP_IO) and quantised per row in registers.  K8 (B,H,LP,D) / VT8 (B,H,D,LP): from
     _quant_kv_kernel (TMA descriptors when USE_TMA), KS (B*H, NK) key-block scales, VS / VM (B*H, D)
     V's channel scales and means.  O = P.V * VS + VM (+ BIAS[b * bias_sb + h*D + d], times
     sigmoid(GL[b]) when HAS_GATE), stored at the rows ROWMAP gives.  PV_PRECISE: the P.V products of
-    each tile are summed in fp32 registers (Hopper's fp8 wgmma accumulates with fewer mantissa bits).
-    Q8_TILED (needs USE_TMA): Q is already e4m3 in tile order with one scale per row in QS, both TMA descriptors
-    (QS over (B, H, L) fp32, blocks of BLOCK_M: a pointer load before the loop would stop the warp
-    specialisation), quantised the same way; ROWMAP then only places the output; KS then holds each
-    query block's key-block scales in list order ((B*H, nq, NK), NK = the lists' width).  WS: Triton's Hopper
-    warp specialisation of the key loop (needs every operand as a TMA load: Q8_TILED and USE_TMA)."""
+    each tile are summed in fp32 registers (Hopper's fp8 wgmma accumulates with fewer mantissa bits)."""
     pid_m, offs_m, row_ok = _query_rows(L, BLOCK_M)
     pid_bh, b, h = _program_head(H)
     offs_d = tl.arange(0, D)
     offs_n0 = tl.arange(0, BLOCK_N)
     rows = _io_rows(ROWMAP, offs_m, row_ok, ROWMAP_IO)
-    if Q8_TILED:
-        q8 = _tile(Q, q_str, b, h, pid_m * BLOCK_M, offs_m, row_ok, offs_d, BLOCK_M, D, USE_TMA)
-        q_s = QS.load([b, h, pid_m * BLOCK_M]).reshape(BLOCK_M)
-    else:
-        q8, q_s = _quant_rows(_rows(_head(Q, q_str, b, h), rows, q_str[2], offs_d, row_ok).to(tl.float32),
-                              EXACT_CAST)
+    q8, q_s = _quant_rows(_rows(_head(Q, q_str, b, h), rows, q_str[2], offs_d, row_ok).to(tl.float32), EXACT_CAST)
     q_s = q_s * qk_scale
     idx_base, sik, n = _lut_row(IDX, CNT, lut_str, b, h, pid_m)
-    if Q8_TILED:    # KS: the key-block scales in list order ((B*H, nq, NK) contiguous: no load that waits on IDX)
-        ks_base = KS + (pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m) * NK
-    else:
-        ks_base = KS + pid_bh.to(tl.int64) * NK
+    ks_base = KS + pid_bh.to(tl.int64) * NK
     m_i, l_i, acc = _online_softmax_init(BLOCK_M, D)
-    n_steps = n * (BLOCK_M // BLOCK_N)
-    if WS:      # (the argument only where asked: older Triton versions do not know it)
-        for t in tl.range(0, n_steps, num_stages=NUM_STAGES, warp_specialize=True):
-            m_i, l_i, acc = _fp8_step(q8, q_s, K8, VT8, k_str, vt_str, b, h, idx_base, sik, ks_base, t, offs_n0,
-                                      offs_d, LK, m_i, l_i, acc, BLOCK_M, BLOCK_N, D, USE_TMA, EXACT_CAST,
-                                      PV_PRECISE, Q8_TILED)
-    else:
-        for t in tl.range(0, n_steps, num_stages=NUM_STAGES):
-            m_i, l_i, acc = _fp8_step(q8, q_s, K8, VT8, k_str, vt_str, b, h, idx_base, sik, ks_base, t, offs_n0,
-                                      offs_d, LK, m_i, l_i, acc, BLOCK_M, BLOCK_N, D, USE_TMA, EXACT_CAST,
-                                      PV_PRECISE, Q8_TILED)
+    for t in tl.range(0, n * (BLOCK_M // BLOCK_N), num_stages=NUM_STAGES):
+        start, offs_n, kmask = _lut_step(idx_base, sik, t, offs_n0, LK, BLOCK_M, BLOCK_N)
+        k8 = _tile(K8, k_str, b, h, start, offs_n, kmask, offs_d, BLOCK_N, D, USE_TMA)
+        rs = q_s * tl.load(ks_base + start // BLOCK_M)
+        # scales and tail mask in one FMA: bias 0 for valid keys, -inf past LK
+        qk = tl.dot(q8, tl.trans(k8)) * rs[:, None] + tl.where(kmask, 0.0, -float("inf"))[None, :]
+        m_new, alpha, p, l_i = _softmax_p8(qk, m_i, l_i)
+        vt8 = _vt_tile(VT8, vt_str, b, h, start, offs_n, offs_d, BLOCK_N, D, USE_TMA)
+        if PV_PRECISE:
+            acc = acc * alpha[:, None] + tl.dot(_to_fp8(p, EXACT_CAST), tl.trans(vt8),
+                                                max_num_imprecise_acc=BLOCK_N)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(_to_fp8(p, EXACT_CAST), tl.trans(vt8))
+        m_i = m_new
     # epilogue: l_i >= 1 * 2^P_LOG2 (each listed block has a valid key, the max term is 2^P_LOG2)
     hd = pid_bh.to(tl.int64) * D + offs_d
     shift = _out_shift(VM, BIAS, GL, hd, b, h, bias_sb, offs_d, D, HAS_BIAS, HAS_GATE)

@@ -36,22 +36,6 @@ def _query_rows(L, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _query_part(L, BLOCK_M: tl.constexpr, Q_SPLIT: tl.constexpr):
-    """Q_SPLIT programs per query block: program_id(0)'s block index, the first of its BLOCK_M / Q_SPLIT rows,
-    their offsets and valid-row mask (Q_SPLIT 1: _query_rows)."""
-    if Q_SPLIT == 1:
-        pid_m, offs_m, row_ok = _query_rows(L, BLOCK_M)
-        row0 = pid_m * BLOCK_M
-    else:
-        pid = tl.program_id(0)
-        pid_m = pid // Q_SPLIT
-        row0 = pid_m * BLOCK_M + (pid % Q_SPLIT) * (BLOCK_M // Q_SPLIT)
-        offs_m = row0 + tl.arange(0, BLOCK_M // Q_SPLIT)
-        row_ok = offs_m < L
-    return pid_m, row0, offs_m, row_ok
-
-
-@triton.jit
 def _program_head(H):
     """This program's head: (pid_bh, b, h) from grid axis 1 = b*H + h."""
     pid_bh = tl.program_id(1)
@@ -265,18 +249,13 @@ def _softmax_p(qk, m_i, l_i):
 
 @triton.jit
 def _fwd_step(q, K, V, k_str, v_str, b, h, idx_base, sik, t, offs_n0, offs_d, LK, qk_scale, m_i, l_i, acc,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, USE_TMA: tl.constexpr,
-              MASK: tl.constexpr):
-    """Step t of the forward's walk over its key list: scores of one BLOCK_N-key tile, one online-softmax
-    update, P.V into acc.  MASK 1: keys past LK at -inf on the step that reaches past LK (a branch); 2: the same
-    select on every step (no branch)."""
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, USE_TMA: tl.constexpr):
+    """Step t of the forward's walk over its key list: scores of one BLOCK_N-key tile (keys past LK at -inf,
+    on the step that reaches past LK), one online-softmax update, P.V into acc."""
     start, offs_n, kmask = _lut_step(idx_base, sik, t, offs_n0, LK, BLOCK_M, BLOCK_N)
     k = _tile(K, k_str, b, h, start, offs_n, kmask, offs_d, BLOCK_N, D, USE_TMA)
     qk = tl.dot(q, tl.trans(k))
-    if MASK == 1:
-        qk = _mask_tail(qk, start, kmask, LK, BLOCK_N)
-    elif MASK == 2:
-        qk = tl.where(kmask[None, :], qk, -float("inf"))
+    qk = _mask_tail(qk, start, kmask, LK, BLOCK_N)
     # every listed block (0 <= kb < nk) has >= 1 valid key, so m_i is finite after the first step
     m_i, l_i, acc, p = _softmax_raw(qk, qk_scale, m_i, l_i, acc)
     v = _tile(V, v_str, b, h, start, offs_n, kmask, offs_d, BLOCK_N, D, USE_TMA)
@@ -430,8 +409,7 @@ def _sparse_fwd_kernel(Q, K, V, O, LSE, IDX, CNT, ROWMAP, BIAS, GL, KM, VM,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, NUM_STAGES: tl.constexpr,
                        USE_TMA: tl.constexpr, ROWMAP_IO: tl.constexpr, HAS_BIAS: tl.constexpr,
                        HAS_GATE: tl.constexpr, COMPENSATE: tl.constexpr, BLOCK_C: tl.constexpr,
-                       KMAXP: tl.constexpr, ACCUM: tl.constexpr = False, WS: tl.constexpr = False,
-                       Q_TILED: tl.constexpr = False, Q_SPLIT: tl.constexpr = 1):
+                       KMAXP: tl.constexpr, ACCUM: tl.constexpr = False, Q_TILED: tl.constexpr = False):
     """Online-softmax attention of one query block (BLOCK_M rows = one key block) over its listed
     key blocks, walked in BLOCK_N-key tiles.  ROWMAP_IO: tile row r reads q row ROWMAP[r] and
     stores its output at row ROWMAP[r] (the caller's token order; plain loads for q, TMA has no row
@@ -441,33 +419,20 @@ def _sparse_fwd_kernel(Q, K, V, O, LSE, IDX, CNT, ROWMAP, BIAS, GL, KM, VM,
     BLOCK_C, the listed ones masked out by comparing with the list (KMAXP >= kmax entries).
     ACCUM: O already holds a term to keep (e.g. the Proj output): the epilogue adds it (read, add, store).
     Q_TILED (with ROWMAP_IO): Q is already in tile order (a TMA descriptor when USE_TMA); only the output goes
-    through ROWMAP.  WS: Triton's automatic warp specialisation of the key loop (Hopper: a TMA producer
-    warpgroup and consumer warpgroups); needs TMA loads of q, k, v.  Q_SPLIT: each query block is shared by
-    Q_SPLIT programs of BLOCK_M / Q_SPLIT rows that walk the same key list (grid (nq * Q_SPLIT, B*H)); BLOCK_M
-    stays the key-block size."""
-    pid_m, row0, offs_m, row_ok = _query_part(L, BLOCK_M, Q_SPLIT)
+    through ROWMAP."""
+    pid_m, offs_m, row_ok = _query_rows(L, BLOCK_M)
     pid_bh, b, h = _program_head(H)
     offs_d = tl.arange(0, D)
     offs_n0 = tl.arange(0, BLOCK_N)
     if ROWMAP_IO and not Q_TILED:
         q = _rows(_head(Q, q_str, b, h), _io_rows(ROWMAP, offs_m, row_ok, True), q_str[2], offs_d, row_ok)
     else:
-        q = _tile(Q, q_str, b, h, row0, offs_m, row_ok, offs_d, BLOCK_M // Q_SPLIT, D, USE_TMA)
+        q = _tile(Q, q_str, b, h, pid_m * BLOCK_M, offs_m, row_ok, offs_d, BLOCK_M, D, USE_TMA)
     idx_base, sik, n = _lut_row(IDX, CNT, lut_str, b, h, pid_m)
-    m_i, l_i, acc = _online_softmax_init(BLOCK_M // Q_SPLIT, D)
-    n_steps = n * (BLOCK_M // BLOCK_N)
-    if WS:
-        # Triton's Hopper warp specialisation takes one loop without branches and no second loop (Triton 3.6
-        # fails on either), so the keys past LK are masked on every step.  (With 128 rows per program it splits
-        # them over two consumer warpgroups, and on an H200 that kernel never finished; the host asks WS only
-        # of programs of <= 64 rows.)
-        for t in tl.range(0, n_steps, num_stages=NUM_STAGES, warp_specialize=True):
-            m_i, l_i, acc = _fwd_step(q, K, V, k_str, v_str, b, h, idx_base, sik, t, offs_n0, offs_d, LK, qk_scale,
-                                      m_i, l_i, acc, BLOCK_M, BLOCK_N, D, USE_TMA, 2)
-    else:
-        for t in tl.range(0, n_steps, num_stages=NUM_STAGES):
-            m_i, l_i, acc = _fwd_step(q, K, V, k_str, v_str, b, h, idx_base, sik, t, offs_n0, offs_d, LK, qk_scale,
-                                      m_i, l_i, acc, BLOCK_M, BLOCK_N, D, USE_TMA, 1)
+    m_i, l_i, acc = _online_softmax_init(BLOCK_M, D)
+    for t in tl.range(0, n * (BLOCK_M // BLOCK_N), num_stages=NUM_STAGES):
+        m_i, l_i, acc = _fwd_step(q, K, V, k_str, v_str, b, h, idx_base, sik, t, offs_n0, offs_d, LK, qk_scale,
+                                  m_i, l_i, acc, BLOCK_M, BLOCK_N, D, USE_TMA)
     if COMPENSATE:
         # m_i is finite here (cnt >= 1 listed block with >= 1 valid key)
         lut = _lut_entries(idx_base, sik, n, KMAXP)

@@ -1,9 +1,7 @@
 """Host wrappers + autograd Functions for the Triton kernels (imports triton on first use)."""
 from __future__ import annotations
 
-import logging
 import math
-import os
 from types import MappingProxyType
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
@@ -350,23 +348,15 @@ def kv_pass(k: Tensor, v: Tensor, rowmap: Tensor, block: int, pool_k: bool, pool
     vt = _out(B, H, L, D, v.device, v.dtype, "blhd", opts.poison)
     km = _empty(B, H, nb, D, device=k.device, dtype=torch.float32, poison=opts.poison) if pool_k else None
     vm = _empty(B, H, nb, D, device=k.device, dtype=torch.float32, poison=opts.poison) if pool_v else None
-    # STATE_APART: the state from a second read of k and v in their own row order (the order does not
-    # matter to a sum) by the linear_state kernel, so the gathering kernel carries no D x D accumulator
-    apart = state and bool(c.kwargs.get("STATE_APART", False))
-    in_kernel = state and not apart
-    sp = (_empty(B * H, nsplit, D * D + D, device=k.device, dtype=torch.float32, poison=opts.poison)
-          if in_kernel else None)
+    sp = _empty(B * H, nsplit, D * D + D, device=k.device, dtype=torch.float32, poison=opts.poison) if state else None
     rm = _rowmap(rowmap, L, k.device)
     tk._kv_pass_kernel[(nsplit, B * H)](
-        k, v, kt, vt, km if pool_k else rm, vm if pool_v else rm, sp if in_kernel else rm, rm, _bhl(k), _bhl(v),
+        k, v, kt, vt, km if pool_k else rm, vm if pool_v else rm, sp if state else rm, rm, _bhl(k), _bhl(v),
         _bhl(kt), _bhl(vt), H, L, nb, bps, nsplit, 1.0 / max(1, L), BLOCK=block, BLOCK_N=bn, D=D,
-        POOL_K=pool_k, POOL_V=pool_v, STATE=in_kernel, **_launch(c))
+        POOL_K=pool_k, POOL_V=pool_v, STATE=state, **_launch(c))
     st = None
-    if in_kernel:
+    if state:
         st = sp[:, 0] if nsplit == 1 else sp.sum(1)
-    elif apart:
-        s_, z_ = linear_state(k, v, opts)
-        st = torch.cat((s_.reshape(B * H, D * D), z_), 1)
     return kt, vt, km, vm, st
 
 
@@ -405,30 +395,11 @@ def q_pass(q: Tensor, rowmap: Tensor, block: int, state: Optional[Tensor], eps: 
     return (qm, ol, qt) if tile_q else (qm, ol)
 
 
-def q_split(c: triton.Config, block: int) -> int:
-    """The fwd config's Q_SPLIT (programs per query block), checked against the block."""
-    n = int(c.kwargs.get("Q_SPLIT", 1))
-    if n < 1 or block % n or block // n < 16:
-        raise ValueError(f"fwd config Q_SPLIT={n} does not split a block of {block} rows into >= 16-row parts")
-    return n
-
-
-def ws_wanted(c: triton.Config, block: int, compensate: bool) -> bool:
-    """Whether the fwd config's WS will be asked of Triton: this Triton (ws_usable), no centroid compensation
-    (its walk is a second loop, which Triton 3.6's pass cannot take), >= 2 stages (one stage leaves the producer
-    no buffer to run ahead into; the first GPU sweep stalled on it) and <= 64 rows per program.  (With 128 rows
-    the pass splits them over two consumer warpgroups, and on an H200 with Triton 3.6 that kernel never finished,
-    at every length tried; with 64 rows it ran and matched: benchmarks/results/wave8/.)"""
-    return (bool(c.kwargs.get("WS", False)) and ws_usable() and not compensate and c.num_stages >= 2
-            and block // q_split(c, block) <= 64)
-
-
-def wants_tiled_q(q: Tensor, block: int, opts: TritonOptions = DEFAULT_OPTIONS, compensate: bool = False) -> bool:
+def wants_tiled_q(q: Tensor, opts: TritonOptions = DEFAULT_OPTIONS) -> bool:
     """Whether the forward's config for q (B,H,L,D) reads a tile-ordered copy of q on the row-map path
-    (config key Q_TILED, or WS where it will run, see ws_wanted; with TMA usable): then the caller should have
-    q_pass write one."""
+    (config key Q_TILED, with TMA usable): then the caller should have q_pass write one."""
     c = config_for("fwd", q.shape[-1], q.dtype, q.shape[2], opts)
-    want = bool(c.kwargs.get("Q_TILED", False)) or ws_wanted(c, block, compensate)
+    want = bool(c.kwargs.get("Q_TILED", False))
     return want and (opts.tma is not False) and (opts.tma is True or bool(c.kwargs.get("USE_TMA", False)))
 
 
@@ -471,9 +442,7 @@ def _sparse_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block
     tensor of q's dtype (unit last stride) that already holds a term of the output: the kernel adds its
     result to it in place (one read in the epilogue instead of a separate add) and returns it as o.
     q_tiled (with rowmap): q already in tile order (q_pass's tile_q copy), read with TMA where possible
-    instead of gathering q through the row map; the output still goes to the caller's rows.  The config's WS
-    (warp specialisation) runs where every operand is a TMA load (no row map, or q_tiled given) and without
-    centroid compensation."""
+    instead of gathering q through the row map; the output still goes to the caller's rows."""
     B, H, L, D = q.shape
     LK = k.shape[2]
     nq = num_blocks(L, block)
@@ -482,7 +451,6 @@ def _sparse_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block
     means = _comp_means(comp, k, v, block, opts) if comp is not None and comp is not False else None
     c = config_for("fwd", D, q.dtype, L, opts)
     bn = min(c.kwargs["BLOCK_N"], block)
-    split = q_split(c, block)
     if accumulate_into is not None:   # (shape, dtype and device: checked by kernels.block_sparse_attention_rowmap)
         o = accumulate_into
         if o.stride(-1) != 1:
@@ -498,51 +466,18 @@ def _sparse_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block
     use_tma = _use_tma(c, opts, k, v) if gather_q else _use_tma(c, opts, q_src, k, v)
     kd, vd = _descs(use_tma, (k, bn), (v, bn))
     # with a row map q rows are gathered with plain loads: no descriptor for q (host work per call)
-    qd = q if gather_q else _descs(use_tma, (q_src, block // split))[0]
+    qd = q if gather_q else _descs(use_tma, (q_src, block))[0]
     km, vm = means if means is not None else (lse, lse)
 
-    def launch(ws: bool):
-        tk._sparse_fwd_kernel[(nq * split, B * H)](
-            qd, kd, vd, o, lse, idx, cnt, rm if rm is not None else lse, bias if bias is not None else lse,
-            gl if gl is not None else lse, km, vm,
-            _bhl(q_src), _bhl(k), _bhl(v), _bhl(o), lut_str, H, L, LK, scale * tk.LOG2E, bias_sb,
-            BLOCK_M=block, BLOCK_N=bn, D=D, NUM_STAGES=c.num_stages, USE_TMA=use_tma, ROWMAP_IO=rm is not None,
-            HAS_BIAS=bias is not None, HAS_GATE=gl is not None, COMPENSATE=means is not None,
-            ACCUM=accumulate_into is not None, WS=ws, Q_TILED=rm is not None and q_tiled is not None,
-            Q_SPLIT=split, **_centroid_tiles(nk, idx.shape[-1]), **_launch(c))
-
-    launch_ws(launch, use_tma and not gather_q and ws_wanted(c, block, means is not None))
+    tk._sparse_fwd_kernel[(nq, B * H)](
+        qd, kd, vd, o, lse, idx, cnt, rm if rm is not None else lse, bias if bias is not None else lse,
+        gl if gl is not None else lse, km, vm,
+        _bhl(q_src), _bhl(k), _bhl(v), _bhl(o), lut_str, H, L, LK, scale * tk.LOG2E, bias_sb,
+        BLOCK_M=block, BLOCK_N=bn, D=D, NUM_STAGES=c.num_stages, USE_TMA=use_tma, ROWMAP_IO=rm is not None,
+        HAS_BIAS=bias is not None, HAS_GATE=gl is not None, COMPENSATE=means is not None,
+        ACCUM=accumulate_into is not None, Q_TILED=rm is not None and q_tiled is not None,
+        **_centroid_tiles(nk, idx.shape[-1]), **_launch(c))
     return o, lse, means
-
-
-def launch_ws(launch: Any, want: bool) -> None:
-    """launch(ws) with ws = want where Triton is asked for warp specialisation (ws_usable); if that does not
-    compile, one log line and launch(False), and the plain kernels from then on."""
-    ws = want and ws_usable()
-    try:
-        launch(ws)
-    except (RuntimeError, triton.TritonError) as e:    # (CompilationError, OutOfResources, PTXASError: TritonError)
-        if not ws or "out of memory" in str(e).lower():
-            raise
-        _WS_FAILED.append(f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}")
-        _log.warning("SALAD: the warp-specialised sparse forward did not compile with Triton %s (%s); using the "
-                     "plain kernel from now on", triton.__version__, _WS_FAILED[-1])
-        launch(False)
-
-
-# Triton's automatic Hopper warp specialisation (fwd config key WS) compiled our forward with Triton 3.6; Triton
-# 3.8's pass rejects it.  Other versions are not asked (a failing pass can also abort instead of raising), and
-# after one failure in this process the plain kernel is used.
-WS_TRITON = ("3.6.",)
-_WS_FAILED: list = []
-_log = logging.getLogger("SALAD")
-
-
-def ws_usable() -> bool:
-    """WS is asked of Triton versions it compiled with; the CPU interpreter runs the WS loop as written."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return True
-    return not _WS_FAILED and triton.__version__.startswith(WS_TRITON)
 
 
 def transpose_lut(idx: Tensor, cnt: Tensor, B: int, H: int, nq: int, nk: int) -> Tuple[Tensor, Tensor]:
@@ -714,7 +649,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float, layout: str = 
 
 __all__: Sequence[str] = (
     "CONFIGS", "LONG_L", "TUNED_D", "config_for", "pool_blocks", "token_mean", "topk_lut", "linear_state", "kv_pass",
-    "q_pass", "wants_tiled_q", "launch_ws", "ws_usable", "ws_wanted", "q_split",
+    "q_pass", "wants_tiled_q",
     "transpose_lut", "block_sparse_attention", "block_sparse_attention_rowmap", "block_sparse_attention_fwd",
     "linear_attention",
 )

@@ -47,7 +47,7 @@ from typing import Any, Mapping, Optional, Tuple
 
 import torch
 
-from .reference import DEFAULT_BLOCK, _gather_blhd, bias_args, num_blocks
+from .reference import DEFAULT_BLOCK, bias_args, num_blocks
 
 Tensor = torch.Tensor
 
@@ -60,13 +60,12 @@ HEAD_DIMS = (64, 128)
 _LOG2E = 1.4426950408889634
 
 # Tuned kernel settings, read-only: kernel -> head dim -> launch settings.  "fwd": the attention kernel
-# (BLOCK_N keys per step, USE_TMA: tensor descriptors for K8 / VT8, PV_PRECISE: fp32 two-level P.V sums, WS:
-# Triton's Hopper warp specialisation with q quantised beforehand in tile order, only with USE_TMA; untimed);
+# (BLOCK_N keys per step, USE_TMA: tensor descriptors for K8 / VT8, PV_PRECISE: fp32 two-level P.V sums);
 # "stats" / "quant": the K/V statistics pass (BLOCK_N rows per step, about PROGRAMS programs) and the
 # quantisation pass (one 128-row block per program).  Untimed first choices for sm90; benchmarks/bench_fp8.py
 # --sweep times alternatives (pass one per call as `config=`).
-_FWD = {64: dict(BLOCK_N=128, num_warps=4, num_stages=3, USE_TMA=True, PV_PRECISE=False, WS=False),
-        128: dict(BLOCK_N=128, num_warps=8, num_stages=2, USE_TMA=True, PV_PRECISE=False, WS=False)}
+_FWD = {64: dict(BLOCK_N=128, num_warps=4, num_stages=3, USE_TMA=True, PV_PRECISE=False),
+        128: dict(BLOCK_N=128, num_warps=8, num_stages=2, USE_TMA=True, PV_PRECISE=False)}
 FP8_CONFIGS: Mapping[str, Mapping[int, Mapping[str, Any]]] = MappingProxyType({
     "fwd": MappingProxyType({d: MappingProxyType(c) for d, c in _FWD.items()}),
     "stats": MappingProxyType({d: MappingProxyType(dict(BLOCK_N=64, PROGRAMS=528, num_warps=4)) for d in HEAD_DIMS}),
@@ -327,41 +326,15 @@ def block_sparse_attention_rowmap_fp8(q: Tensor, kv8: KV8, idx: Tensor, cnt: Ten
         kd = _descs(True, (kv8.k8, bn))[0]
         vd = TensorDescriptor.from_tensor(kv8.v8t, [1, 1, D, bn])     # (B,H,D,LP): blocks of D rows x bn keys
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    # WS: q quantised beforehand, in tile order, one scale per row (the kernel's own quantisation, as a pass),
-    # so that every operand of the key loop is a TMA load
-    from ._triton_ops import launch_ws, ws_usable
-    # the arguments WS changes: q, the key-block scales (by block), the row scales, q's strides, their width
-    plain = (q, kv8.k_scale, kv8.v_mean, q.stride()[:3], nk)
-    ws_args = plain
-    # (see _triton_ops.ws_wanted: with 128 rows per program the bf16 WS kernel never finished on an H200)
-    ws = bool(c["WS"]) and bool(c["USE_TMA"]) and int(c["num_stages"]) >= 2 and block <= 64 and ws_usable()
-    if ws:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-        # the key-block scales in each query block's list order, so the warp-specialised loop reads them by step
-        kmax = idx.shape[-1]
-        ks_listed = torch.gather(kv8.k_scale.reshape(B, H, 1, nk).expand(B, H, nq, nk), 3,
-                                 idx.long().clamp(0, nk - 1).expand(B, H, nq, kmax)).contiguous()
-        qt = q if rm is None else _gather_blhd(q, rm)
-        q8, qs = quantize_rows_fp8(qt.transpose(1, 2).reshape(B * L * H, D))
-        q8 = q8.view(B, L, H, D).permute(0, 2, 1, 3)
-        # the row scales as (B, H, L) for a TMA descriptor: rows padded to 4 floats (TMA's 16-byte strides)
-        qs_bhl = torch.empty(B, H, -(-L // 4) * 4, device=q.device, dtype=torch.float32)[:, :, :L]
-        qs_bhl.copy_(qs.view(B, L, H).permute(0, 2, 1))
-        ws_args = (_descs(True, (q8, block))[0], ks_listed, TensorDescriptor.from_tensor(qs_bhl, [1, 1, block]),
-                   q8.stride()[:3], kmax)
-
-    def launch(use_ws: bool):
-        qa, ks, qs_, q_str, nks = ws_args if use_ws else plain
-        tf._sparse_fwd_fp8_kernel[(nq, B * H)](
-            qa, kd, vd, ks, kv8.v_scale, kv8.v_mean, o, idx, cnt, rm if rm is not None else cnt,
-            bias if bias is not None else kv8.v_mean, gl if gl is not None else kv8.v_mean, qs_,
-            q_str, kv8.k8.stride()[:3], kv8.v8t.stride()[:3], o.stride()[:3], lut_str,
-            H, L, kv8.L, nks, scale * _LOG2E, bias_sb,
-            BLOCK_M=block, BLOCK_N=bn, D=D, NUM_STAGES=c["num_stages"], USE_TMA=bool(c["USE_TMA"]),
-            ROWMAP_IO=rm is not None, HAS_BIAS=bias is not None, HAS_GATE=gl is not None,
-            EXACT_CAST=_interpreting(), PV_PRECISE=bool(c["PV_PRECISE"]), Q8_TILED=use_ws, WS=use_ws,
-            num_warps=c["num_warps"], num_stages=c["num_stages"])
-    launch_ws(launch, ws)
+    tf._sparse_fwd_fp8_kernel[(nq, B * H)](
+        q, kd, vd, kv8.k_scale, kv8.v_scale, kv8.v_mean, o, idx, cnt, rm if rm is not None else cnt,
+        bias if bias is not None else kv8.v_mean, gl if gl is not None else kv8.v_mean,
+        q.stride()[:3], kv8.k8.stride()[:3], kv8.v8t.stride()[:3], o.stride()[:3], lut_str,
+        H, L, kv8.L, nk, scale * _LOG2E, bias_sb,
+        BLOCK_M=block, BLOCK_N=bn, D=D, NUM_STAGES=c["num_stages"], USE_TMA=bool(c["USE_TMA"]),
+        ROWMAP_IO=rm is not None, HAS_BIAS=bias is not None, HAS_GATE=gl is not None,
+        EXACT_CAST=_interpreting(), PV_PRECISE=bool(c["PV_PRECISE"]),
+        num_warps=c["num_warps"], num_stages=c["num_stages"])
     return o
 
 

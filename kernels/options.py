@@ -38,7 +38,7 @@ DEFAULT_OPTIONS = TritonOptions()
 
 # Scoped replacements of table entries for every call inside a ``with config_overrides(...)`` block (this thread
 # or task only), below a call's own TritonOptions.configs: how a benchmark times a whole model forward with a
-# candidate config (e.g. the forward's WS) without a parameter on every layer in between.  The table itself is
+# candidate config (e.g. the forward's Q_TILED) without a parameter on every layer in between.  The table itself is
 # never changed.
 _OVERRIDES: "contextvars.ContextVar[Optional[Mapping[str, Any]]]" = contextvars.ContextVar(
     "salad_config_overrides", default=None)

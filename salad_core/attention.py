@@ -367,9 +367,9 @@ def _infer(q: Tensor, k: Tensor, v: Tensor, B: int, L: int, H: int, D: int, layo
                                               linear_state=linear, backend=config.backend)
     gl = gate_logit(x, gate, B, f"SALAD gate weights{where}", config.backend) if linear else None
     q_mean = o_lin = q_tiled = None
-    # a tile-ordered copy of q, written by the Q pass, where the sparse kernel's config reads q with TMA (WS)
+    # a tile-ordered copy of q, written by the Q pass, where the sparse kernel's config reads q with TMA (Q_TILED)
     fp8 = config.precision == "fp8" and _fp8_usable(q, config)
-    tile_q = not fp8 and K.wants_tiled_q(q4, config.block, config.backend, compensate=comp)
+    tile_q = not fp8 and K.wants_tiled_q(q4, config.block, config.backend)
     if topk or linear or tile_q:
         q_mean, o_lin, *rest = K.q_pass(q4, rowmap, config.block, state=state, eps=config.eps, gate_logit=gl,
                                         pool=topk, backend=config.backend, tile_q=tile_q)

@@ -21,7 +21,7 @@ CASES = [
     ("sweep_fwd.py", [], "sweep-fwd-*-cpu.json"),
     ("profile_layer.py", [], "profile-layer-*-cpu.json"),
     ("sweep_passes.py", [], "sweep-passes-*-cpu.json"),
-    ("bench_e2e.py", ["--fwd-configs", "table,WS=1+num_stages=1"], "e2e-*-smoke-cpu.json"),
+    ("bench_e2e.py", ["--fwd-configs", "table,Q_TILED=1+num_stages=1"], "e2e-*-smoke-cpu.json"),
     ("bench_finetune.py", [], "finetune-*.json"),
     ("bench_kernels.py", ["--quick"], None),
     ("bench_fp8.py", [], None),

@@ -163,19 +163,13 @@ def test_kernel_vs_fp8_reference(seed, D, tma, rowmap, bias):
     if bias:
         kw["bias"] = torch.randn((B if bias == "gated" else 1), H * D, device=DEV)
         kw["gate_logit"] = torch.randn(B, device=DEV) if bias == "gated" else None
-    # WS (TMA only; q quantised beforehand in tile order) is asked only of blocks of <= 64 rows
-    # (kernels._triton_ops.ws_wanted): at this block it must run the plain kernel and match as well
-    for bn, ws in ((64, False), (128, False)) + (((128, True),) if tma else ()):
-        o = F8.block_sparse_attention_rowmap_fp8(q, kv8, idx, cnt, rm, config=dict(USE_TMA=tma, BLOCK_N=bn, WS=ws),
-                                                 **kw)
+    for bn in (64, 128):
+        o = F8.block_sparse_attention_rowmap_fp8(q, kv8, idx, cnt, rm, config=dict(USE_TMA=tma, BLOCK_N=bn), **kw)
         assert o.shape == (B, H, L, D) and o.transpose(1, 2).is_contiguous() and o.dtype == q.dtype
         ref = F8.block_sparse_attention_fp8_ref(q, kv8, idx, cnt, rm, block_n=bn, **kw)
         assert torch.isfinite(o).all(), f"non-finite output [seed {seed}]"
         e = rel(o, ref)
-        assert e < REF_TOL, f"D{D} BLOCK_N {bn} tma {tma} WS {ws}: relative L2 {e:.3g} vs the fp8 reference " \
-                            f"[seed {seed}]"
-    from salad_pack.kernels import _triton_ops as ops
-    assert not ops._WS_FAILED, ops._WS_FAILED            # the WS launch ran as WS (no fallback)
+        assert e < REF_TOL, f"D{D} BLOCK_N {bn} tma {tma}: relative L2 {e:.3g} vs the fp8 reference [seed {seed}]"
 
 
 @needs_fp8
@@ -225,17 +219,6 @@ def test_fp8_kernels_compile_for_sm90(tmp_path):
     fwd = {name: k for name, k in ks.items() if "_sparse_fwd_fp8_kernel" in name}
     assert fwd and all(k["wgmma_e4m3"] > 0 for k in fwd.values()), {n: k["wgmma_e4m3"] for n, k in fwd.items()}
     assert all(k["shared"] <= 227 * 1024 for k in ks.values()), {n: k["shared"] for n, k in ks.items()}
-    # WS candidates: warp-specialised (3 x 4 warps, no spills) with the Triton versions WS is asked of, else the
-    # plain kernel
-    import triton
-    from salad_pack.kernels import _triton_ops as ops
-    ws = {name: k for name, k in fwd.items() if "WS=True" in name}
-    assert ws, sorted(fwd)
-    if triton.__version__.startswith(ops.WS_TRITON):
-        assert all(k["num_warps"] == 12 and k["spill_store_bytes"] == 0 for k in ws.values()), \
-            {n: (k["num_warps"], k["spill_store_bytes"]) for n, k in ws.items()}
-    else:
-        assert all(k["num_warps"] == 4 for k in ws.values()), {n: k["num_warps"] for n, k in ws.items()}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -62,26 +62,6 @@ def test_kv_pass_matches_reference(seed, poison, L, D, block, dtype):
     assert km is None and vm is None and st is None and torch.equal(kt, want[0]) and torch.equal(vt, want[1])
 
 
-def test_kv_pass_state_apart_matches_reference(seed, poison):
-    """kv_pass with STATE_APART (the state from a second, ungathered read of k and v by the linear_state kernel):
-    the same copies, means and packed state as the reference."""
-    import triton
-    from salad_pack.kernels.options import TritonOptions
-    B, H, L, D, block = 2, 2, 300, 32, 64
-    for dtype in (torch.float32, torch.float16):
-        k, v = _blhd(B, H, L, D, dtype), _blhd(B, H, L, D, dtype)
-        perm = torch.randperm(L, device=DEV)
-        opts = TritonOptions(poison=True, configs={
-            "kv_pass": triton.Config({"BLOCK_N": 32, "PROGRAMS": 8, "STATE_APART": True}, num_warps=4, num_stages=1),
-            "lin_state": triton.Config({"BLOCK_N": 32, "PROGRAMS": 6}, num_warps=4, num_stages=1)})
-        got = K.kv_pass(k, v, perm, block, pool_k=True, pool_v=True, backend="triton", triton_options=opts)
-        want = R.kv_pass_ref(k, v, perm, block, True, True, True)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"copies differ [seed {seed}]"
-        for name, a, b in zip(("k_mean", "v_mean", "state"), got[2:], want[2:]):
-            assert a.shape == b.shape and a.is_contiguous(), (name, a.shape, b.shape)
-            _close(a, b, TOL32 if dtype == torch.float32 else 2e-3, f"{name} {dtype}", seed)
-
-
 @pytest.mark.parametrize("B,L,C,strided", [(1, 300, 96, False), (2, 1000, 320, True), (3, 7, 40, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_token_mean_matches_reference(seed, B, L, C, strided, dtype):
@@ -203,7 +183,7 @@ def test_inference_path_equals_autograd_path(seed, pattern, compensation, n_fron
 
 @pytest.mark.parametrize("pattern", ["topk", "window"])
 def test_inference_path_with_tiled_q(seed, monkeypatch, pattern):
-    """Where the sparse kernel's config reads a tile-ordered q (WS / Q_TILED), the inference path has q_pass write
+    """Where the sparse kernel's config reads a tile-ordered q (Q_TILED), the inference path has q_pass write
     it (also for the window pattern without weights, where q_pass otherwise does not run) and hands it to the
     kernel: the same output as the autograd path.  The table does not ask for it yet, so the question is
     answered yes here (kernels.wants_tiled_q); the kernels themselves are real (interpreter)."""
