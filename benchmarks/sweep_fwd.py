@@ -96,7 +96,7 @@ def main(argv=None):
                         break
                     c = triton.Config(dict(BLOCK_N=bn, USE_TMA=not a.smoke, **extra), num_warps=nw, num_stages=ns)
                     opts = K.TritonOptions(configs={"fwd": c})
-                    tiled = bool(extra)
+                    tiled = bool(extra.get("Q_TILED"))
                     row = dict(shape=name, H=H, L=L, sparsity=s, num_warps=nw, num_stages=ns, BLOCK_N=bn, **extra)
                     try:
                         o = run(opts, tiled).float()

@@ -284,8 +284,9 @@ def token_mean(x: Tensor, backend: str = "auto", triton_options: TritonOptions =
     """(B, L, C) -> (B, C) fp32 mean over the L tokens, accumulated in fp32 (the gate's input: the mean of a
     block's input).  Any strides for B and L; a last dim without unit stride is copied first.  No autograd.
 
-    backend "triton" runs one split-L Triton kernel; "auto" keeps ``torch.mean`` (the measured path) until that
-    kernel has been timed on a GPU (``benchmarks/sweep_passes.py --kinds token_mean``, suite part p14)."""
+    backend "triton" runs one split-L Triton kernel; "auto" keeps ``torch.mean``: on an H200 the kernel took
+    0.054 ms against torch.mean's 0.056 ms at Wan-1.3B 480p (0.046 ms at its best config), about 0.01 ms of a
+    1.98 ms layer (benchmarks/results/wave8/)."""
     if x.dim() != 3:
         raise ValueError(f"token_mean: x must be (B, L, C), got shape {tuple(x.shape)}")
     with torch.no_grad():

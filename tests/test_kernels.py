@@ -599,7 +599,6 @@ def test_kernels_compile_for_sm90(tmp_path):
         assert ks[key]["ptxas_warnings"] == [], (key, ks[key]["ptxas_warnings"])
 
 
-
 # ----------------------------------------------------------------------------------------------
 # tuned-config table and per-call options
 # ----------------------------------------------------------------------------------------------
