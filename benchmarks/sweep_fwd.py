@@ -39,9 +39,12 @@ from profile_layer import (infer_parts, make_inputs, median_ms, run_header, shap
                            write_result)
 
 # (num_warps, num_stages, BLOCK_N, extra config keys); the first is the table's entry for D=128.  Q_TILED: q read
-# with TMA from a tile-ordered copy (q_pass's tile_q) instead of gathered through the row map
+# with TMA from a tile-ordered copy (q_pass's tile_q) instead of gathered through the row map.  GLUON_WS: the
+# experimental Gluon warp-specialised kernel (kernels/_gluon_ws.py; num_stages = its ring of K/V buffers; its
+# warps are fixed: a producer and two consumer warpgroups); kept last, so a stall keeps the rows before it
+GWS = {"GLUON_WS": True}
 VARIANTS = [(4, 2, 64, {}), (4, 3, 64, {}), (8, 2, 64, {}), (8, 2, 128, {}), (8, 3, 128, {}), (4, 2, 128, {}),
-            (4, 2, 64, {"Q_TILED": True})]
+            (4, 2, 64, {"Q_TILED": True}), (4, 2, 64, GWS), (4, 3, 64, GWS), (4, 2, 128, GWS)]
 
 
 def parse(argv=None):
@@ -67,7 +70,7 @@ def main(argv=None):
     shapes = {k: shape(k) for k in a.shapes.split(",")}
     variants = VARIANTS if a.variants is None else [VARIANTS[int(i)] for i in a.variants.split(",")]
     if a.smoke:
-        shapes, variants, a.rep_ms = {"smoke": (2, (3, 10, 12))}, VARIANTS[:2] + VARIANTS[6:], 1
+        shapes, variants, a.rep_ms = {"smoke": (2, (3, 10, 12))}, VARIANTS[:2] + VARIANTS[6:8], 1
     res = run_header(dev, torch=torch.__version__, triton=triton.__version__, rows=[])
     t0 = time.time()
     for name, (H, grid) in shapes.items():

@@ -570,6 +570,48 @@ def test_rowmap_forward_with_tiled_q(seed, config, tma):
         K.block_sparse_attention_rowmap(q, k, v, idx, cnt, perm, block=block, backend="triton", q_tiled=qt[:, :1])
 
 
+def _hopper() -> bool:
+    return DEV.type == "cuda" and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.skipif(not _hopper(), reason="needs a Hopper GPU (the Gluon warp-specialised forward is sm90 code)")
+@pytest.mark.parametrize("D,L,bn", [(128, 1000, 64), (64, 700, 64), (128, 1000, 128)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gluon_ws_forward_matches_reference(seed, monkeypatch, D, L, bn, dtype):
+    """The experimental Gluon warp-specialised forward (fwd config key GLUON_WS): on the row-map path with random
+    key lists of random lengths, a partial last key block, a gated bias and accumulate_into, the same output as
+    the plain-torch reference, and it really ran (not the Triton kernel)."""
+    import triton
+    from salad_pack.kernels import _gluon_ws, _triton_ops as ops
+    from salad_pack.kernels.options import TritonOptions
+    ran = []
+    launch = _gluon_ws.launch
+    monkeypatch.setattr(_gluon_ws, "launch", lambda *a, **kw: ran.append(1) or launch(*a, **kw))
+    tol = TOL[torch.float16] if dtype == torch.float16 else (1e-2, 2e-2)
+    B, H, block = 2, 3, 128
+    q, k, v = qkv(B, H, L, D, dtype, "blhd")
+    perm = torch.randperm(L, device=DEV)
+    nq = K.num_blocks(L, block)
+    idx, cnt = random_lut(B, H, nq, nq)
+    idx[:, :, 0] = torch.arange(nq, device=DEV, dtype=idx.dtype)     # one list with every block, the partial
+    cnt[:, :, 0] = nq                                                  # last one included
+    bias, gl = torch.randn(H * D, device=DEV), torch.randn(B, device=DEV)
+    for ns in (2, 3):
+        opts = TritonOptions(poison=True, configs={"fwd": triton.Config(
+            dict(BLOCK_N=bn, USE_TMA=True, GLUON_WS=True), num_warps=4, num_stages=ns)})
+        assert ops._gluon_ws_ok(q, k, v, block, bn)
+        want = K.block_sparse_attention_rowmap(q, k, v, idx, cnt, perm, block=block, bias=bias, gate_logit=gl,
+                                               backend="torch")
+        got = K.block_sparse_attention_rowmap(q, k, v, idx, cnt, perm, block=block, bias=bias, gate_logit=gl,
+                                              **TRITON(opts))
+        assert_close(got, want, *tol, f"Gluon WS forward, {ns} stages", seed)
+        acc = torch.randn(B, L, H, D, device=DEV).to(dtype).transpose(1, 2)
+        got2 = K.block_sparse_attention_rowmap(q, k, v, idx, cnt, perm, block=block, bias=bias, gate_logit=gl,
+                                               accumulate_into=acc.clone(), **TRITON(opts))
+        assert_close(got2, acc.float() + want.float(), *tol, f"Gluon WS accumulated, {ns} stages", seed)
+    assert len(ran) == 4, ran
+
+
 @pytest.mark.skipif(not ptxas_bundled(), reason="triton without its NVIDIA backend / ptxas")
 def test_kernels_compile_for_sm90(tmp_path):
     """The interpreter checks results, not compilation: every kernel path is compiled for sm90 by the
@@ -587,7 +629,7 @@ def test_kernels_compile_for_sm90(tmp_path):
     assert names == {"_pool_kernel", "_topk_lut_kernel", "_sparse_fwd_kernel", "_linear_state_kernel",
                      "_linear_apply_kernel", "_linear_bwd_q_kernel", "_linear_bwd_kv_kernel", "_bwd_preprocess_kernel",
                      "_sparse_bwd_dq_kernel", "_sparse_bwd_dkdv_kernel", "_centroid_bwd_kernel", "_kv_pass_kernel",
-                     "_q_pass_kernel", "_token_sum_kernel"}, names
+                     "_q_pass_kernel", "_token_sum_kernel", "_sparse_fwd_gluon_ws"}, names
     assert all(k["shared"] <= 227 * 1024 for k in ks.values()), {n: k["shared"] for n, k in ks.items()}
     fwd = ks["fwd_tma:_sparse_fwd_kernel"]
     assert (fwd["num_warps"], fwd["num_stages"]) == (4, 2)          # the D=128 16-bit entry of the table
@@ -597,6 +639,13 @@ def test_kernels_compile_for_sm90(tmp_path):
     for key in ("fwd_tma:_sparse_fwd_kernel", "fwd_rowmap_gated_bias:_sparse_fwd_kernel"):
         assert isinstance(ks[key]["registers"], int), ks[key]
         assert ks[key]["ptxas_warnings"] == [], (key, ks[key]["ptxas_warnings"])
+    # the experimental Gluon forward: a producer warpgroup and two consumer warpgroups (12 warps, setmaxnreg),
+    # no spills, no serialised wgmma
+    for key in ("fwd_gluon_ws:_sparse_fwd_gluon_ws", "fwd_gluon_ws_d64:_sparse_fwd_gluon_ws"):
+        w = ks[key]
+        assert w["num_warps"] == 12 and any(op.startswith("setmaxnreg") for op in w["hist"]), (key, w["num_warps"])
+        assert w["spill_store_bytes"] == 0 and w["ptxas_warnings"] == [], (key, w["spill_store_bytes"],
+                                                                          w["ptxas_warnings"])
 
 
 # ----------------------------------------------------------------------------------------------
