@@ -109,7 +109,6 @@ def main(argv=None):
             if x is not None:
                 entry["x_bytes"] = x.numel() * x.element_size()
                 entry["torch_mean_ms"] = bench(lambda: torch.mean(x, dim=1, dtype=torch.float32))
-            bests = {}
             for kind in a.kinds.split(","):
                 entry[kind] = []
                 tried = []                  # (config, its row in entry[kind]) of each candidate
@@ -136,8 +135,7 @@ def main(argv=None):
                     tried.append((c, entry[kind][-1]))
                 ok = [t for t in tried if t[1]["ms"] is not None]
                 if ok and kind == "token_mean":
-                    best_c, best = min(ok, key=lambda t: t[1]["ms"])
-                    bests[kind] = best_c
+                    best = min(ok, key=lambda t: t[1]["ms"])[1]
                     entry[f"{kind}_best"] = best
                     print(f"[sweep] {res['card']} {name} {kind}: best {best['ms']:.3f} ms {best['config']}", flush=True)
                 elif ok:
@@ -159,7 +157,7 @@ def main(argv=None):
                     print(f"[sweep] {res['card']} {name} {kind}: default {default:.3f} ms, best {best['ms']:.3f} ms "
                           f"{best['config']} ({nbytes / best['ms'] / 1e9:.2f} TB/s; K/V index_select copy "
                           f"{copy_ms:.3f} ms)", flush=True)
-            if "token_mean" in bests:
+            if "token_mean_best" in entry:
                 entry["token_mean_default_ms"] = bench(lambda: K.token_mean(x, backend="triton"))
                 err = (K.token_mean(x, backend="triton") - torch.mean(x, dim=1, dtype=torch.float32)).abs().max().item()
                 print(f"[sweep] {res['card']} {name} token mean: torch.mean {entry['torch_mean_ms']:.3f} ms, kernel "

@@ -215,12 +215,9 @@ def launch(q, k, v, o, lse, idx, cnt, rowmap, bias, bias_sb, gate_logit, block, 
     """Run the kernel on a call that `usable` accepted.  o: the output (or the term to add to, `accumulate`)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     B, H, L, D = q.shape
-    descs = []
-    for x in (k, v):
-        x2 = kv_view(x)[0]
-        lay = gl.NVMMASharedLayout.get_default_for([block_n, D], _GL_DTYPES[x.dtype])
-        descs.append(TensorDescriptor.from_tensor(x2, [block_n, D], lay))
-    _, kv_rb, kv_rh, kv_ch = kv_view(k)
+    (k2, kv_rb, kv_rh, kv_ch), (v2, *_) = kv_view(k), kv_view(v)     # (usable: both stored alike)
+    lay = gl.NVMMASharedLayout.get_default_for([block_n, D], _GL_DTYPES[k.dtype])
+    descs = [TensorDescriptor.from_tensor(x2, [block_n, D], lay) for x2 in (k2, v2)]
     _sparse_fwd_gluon_ws[(triton.cdiv(L, block), B * H)](
         q, descs[0], descs[1], o, lse, idx, cnt, rowmap, bias if bias is not None else lse,
         gate_logit if gate_logit is not None else lse,
