@@ -57,7 +57,7 @@ p22)
          --rep-ms 800 --sparsities 0.9 --precisions bf16 --out "$W/e2e13"
   else
     step 200 sweep-fwd python3 benchmarks/sweep_fwd.py --out "$W/sweep-fwd" --shapes 1.3b-480p,14b-480p,1.3b-sq480 \
-         --sparsities 0.9,0.95 --variants 0,6,7,8,9 --budget-s 180
+         --sparsities 0.9,0.95 --variants 0,7,8,9,10,6 --budget-s 180
     step 220 e2e-1.3b python3 benchmarks/bench_e2e.py --model 1.3b --sizes 480p --batches 1 --no-layers \
          --rep-ms 800 --sparsities 0.9 --precisions bf16 --fwd-configs "${FWD_CONFIGS:-table,GLUON_WS=1}" \
          --out "$W/e2e13"

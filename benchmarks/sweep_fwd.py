@@ -44,7 +44,8 @@ from profile_layer import (infer_parts, make_inputs, median_ms, run_header, shap
 # warps are fixed: a producer and two consumer warpgroups); kept last, so a stall keeps the rows before it
 GWS = {"GLUON_WS": True}
 VARIANTS = [(4, 2, 64, {}), (4, 3, 64, {}), (8, 2, 64, {}), (8, 2, 128, {}), (8, 3, 128, {}), (4, 2, 128, {}),
-            (4, 2, 64, {"Q_TILED": True}), (4, 2, 64, GWS), (4, 3, 64, GWS), (4, 2, 128, GWS)]
+            (4, 2, 64, {"Q_TILED": True}), (4, 2, 64, GWS), (4, 3, 64, GWS), (4, 2, 128, GWS),
+            (4, 4, 64, GWS)]
 
 
 def parse(argv=None):

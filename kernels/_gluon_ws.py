@@ -198,13 +198,26 @@ def kv_view(x):
     return None
 
 
-def usable(q, k, v, block: int, bn: int) -> bool:
+SMEM_LIMIT = 232448     # bytes of shared memory one sm90 program may opt into
+SMEM_EXTRA = 16512      # beyond q's tile and the K/V ring: barriers and layout-conversion scratch (measured on an
+                        # H200: D 128, BLOCK_N 128, 3 buffers asked for 245,888 bytes)
+
+
+def smem_bytes(block: int, bn: int, d: int, nbuf: int, itemsize: int = 2) -> int:
+    """Shared memory the kernel asks for: q's tile, NBUF K and V tiles, and SMEM_EXTRA."""
+    return itemsize * d * (block + 2 * nbuf * bn) + SMEM_EXTRA
+
+
+def usable(q, k, v, block: int, bn: int, nbuf: int) -> bool:
     """Whether this kernel can run the call: 16-bit q/k/v of one dtype, head dim 64 or 128, block 128 split
-    into BLOCK_N steps, k and v stored alike (kv_view)."""
+    into BLOCK_N steps, a K/V ring of nbuf buffers that fits in shared memory, k and v stored alike
+    (kv_view)."""
     import torch
     if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
         return False
     if q.shape[-1] not in (64, 128) or block != 2 * HALF_ROWS or block % bn:
+        return False
+    if smem_bytes(block, bn, q.shape[-1], nbuf) > SMEM_LIMIT:
         return False
     kv, vv = kv_view(k), kv_view(v)
     return kv is not None and vv is not None and kv[1:] == vv[1:]
