@@ -107,12 +107,12 @@ def _cases(compiled: list) -> dict:
         ops._sparse_fwd(q, k, v, *lut(nq), blk, 0.1, layout="blhd", opts=TritonOptions(tma=tma, configs=configs),
                         **kw)
 
-    def gluon_ws(D=128, bn=64):     # the experimental Gluon warp-specialised forward (fwd config key GLUON_WS)
+    def gluon_ws(D=128, bn=64, mode=1):     # the experimental Gluon warp-specialised forward (config key GLUON_WS)
         from salad_pack.kernels import _gluon_ws
         q, k, v = qkv(D)
         o = torch.empty(1, L, 2, D, dtype=dt).transpose(1, 2)
         _gluon_ws.launch(q, k, v, o, torch.empty(1, 2, L), *lut(nq), torch.randperm(L), torch.randn(2 * D, dtype=dt),
-                         0, torch.randn(1), blk, 0.1, block_n=bn, nbuf=2, accumulate=True)
+                         0, torch.randn(1), blk, 0.1, block_n=bn, nbuf=2, accumulate=True, **_gluon_ws.MODES[mode])
 
     def bwd(tma=True, comp=False):
         q, k, v = qkv()
@@ -152,6 +152,7 @@ def _cases(compiled: list) -> dict:
         "fwd_rowmap_tiled_gated_bias": lambda: fwd(tiled=True, rowmap=torch.randperm(L),
                                                    bias=torch.randn(256, dtype=dt), gate_logit=torch.randn(1)),
         "fwd_gluon_ws": gluon_ws, "fwd_gluon_ws_d64": lambda: gluon_ws(D=64),
+        "fwd_gluon_ws_one_consumer": lambda: gluon_ws(mode=2), "fwd_gluon_ws_overlap": lambda: gluon_ws(mode=3),
         "passes": passes, "passes_gather_pool": lambda: passes(False),
         "linear": linear, "bwd_tma": lambda: bwd(), "bwd_ptr": lambda: bwd(tma=False),
         "bwd_comp_tma": lambda: bwd(comp=True), "bwd_comp_ptr": lambda: bwd(tma=False, comp=True),

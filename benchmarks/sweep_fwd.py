@@ -40,12 +40,14 @@ from profile_layer import (infer_parts, make_inputs, median_ms, run_header, shap
 
 # (num_warps, num_stages, BLOCK_N, extra config keys); the first is the table's entry for D=128.  Q_TILED: q read
 # with TMA from a tile-ordered copy (q_pass's tile_q) instead of gathered through the row map.  GLUON_WS: the
-# experimental Gluon warp-specialised kernel (kernels/_gluon_ws.py; num_stages = its ring of K/V buffers; its
-# warps are fixed: a producer and two consumer warpgroups); kept last, so a stall keeps the rows before it
+# experimental Gluon warp-specialised kernel (kernels/_gluon_ws.py; the value picks its partitioning and walk,
+# _gluon_ws.MODES; num_stages = its ring of K/V buffers; its warps are fixed by the mode); kept last, so a stall
+# keeps the rows before it
 GWS = {"GLUON_WS": True}
 VARIANTS = [(4, 2, 64, {}), (4, 3, 64, {}), (8, 2, 64, {}), (8, 2, 128, {}), (8, 3, 128, {}), (4, 2, 128, {}),
             (4, 2, 64, {"Q_TILED": True}), (4, 2, 64, GWS), (4, 3, 64, GWS), (4, 2, 128, GWS),
-            (4, 4, 64, GWS)]
+            (4, 4, 64, GWS), (4, 2, 64, {"GLUON_WS": 2}), (4, 2, 64, {"GLUON_WS": 3}), (4, 3, 64, {"GLUON_WS": 3}),
+            (4, 2, 128, {"GLUON_WS": 3}), (4, 4, 64, {"GLUON_WS": 3})]
 
 
 def parse(argv=None):

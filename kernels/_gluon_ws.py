@@ -65,46 +65,114 @@ def _producer(kd, vd, k_s, v_s, kready, vready, kempty, vempty, idx_base, sik, n
 
 
 @gluon.jit
-def _consumer(part: gl.constexpr, q_s, k_s, v_s, kready, vready, kempty, vempty, idx_base, sik, nt,
-              O, LSE, ROWMAP, BIAS, GL, o_sb, o_sh, o_sl, b, h, pid_bh, pid_m, L, LK, qk_scale, bias_sb,
+def _softmax_step(sc, m_i, l_i, start, LK, offs_n, qk_scale, BLOCK_N: gl.constexpr):
+    """Online softmax of one step's scores: (p, alpha, m_i, l_i); keys past LK (the last, partial block) out."""
+    if start + BLOCK_N > LK:
+        sc = gl.where((start + offs_n < LK)[None, :], sc, -float("inf"))
+    m_new = gl.maximum(m_i, gl.max(sc, 1) * qk_scale)
+    alpha = gl.exp2(m_i - m_new)
+    p = gl.exp2(sc * qk_scale - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
+
+
+@gluon.jit
+def _scores(q_h, k_s, kready, t, s_zero, NBUF: gl.constexpr):
+    """Issue step t's scores (async wgmma on K buffer t % NBUF, once loaded): the token to wait on."""
+    mbarrier.wait(kready.index(t % NBUF), (t // NBUF) & 1)
+    return warpgroup_mma(q_h, k_s.index(t % NBUF).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _walk_serial(q_h, k_s, v_s, kready, vready, kempty, vempty, idx_base, sik, nt, LK, qk_scale, m_i, l_i, acc,
+                 s_zero, offs_n, o_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK: gl.constexpr,
+                 BLOCK_N: gl.constexpr, NBUF: gl.constexpr):
+    """The key walk, each step in order: scores, wait, softmax, P.V, wait."""
+    for t in range(nt):
+        s = t % NBUF
+        sc, _ = warpgroup_mma_wait(0, deps=(_scores(q_h, k_s, kready, t, s_zero, NBUF), k_s.index(s)))
+        mbarrier.arrive(kempty.index(s), count=1)
+        p, alpha, m_i, l_i = _softmax_step(sc, m_i, l_i, _step_start(idx_base, sik, t, BLOCK, BLOCK_N), LK, offs_n,
+                                           qk_scale, BLOCK_N)
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        mbarrier.wait(vready.index(s), (t // NBUF) & 1)
+        acc = warpgroup_mma(gl.convert_layout(p.to(k_s.dtype), p_layout), v_s.index(s), warpgroup_mma_init(acc),
+                            is_async=True)
+        acc, _ = warpgroup_mma_wait(0, deps=(acc, v_s.index(s)))
+        mbarrier.arrive(vempty.index(s), count=1)
+    return m_i, l_i, acc
+
+
+@gluon.jit
+def _live_until_here(x):
+    """No instruction: an opaque statement that takes x and gives it back in the same registers, so ptxas keeps x's
+    registers for x up to this point.  Used on the P operand of a P.V wgmma after the wait that retires it: without
+    it ptxas may reuse those registers while the wgmma still reads them and serialise every wgmma (C7512)."""
+    return gl.inline_asm_elementwise("", "=r,0", [x], dtype=x.dtype, is_pure=False, pack=2)
+
+
+@gluon.jit
+def _walk_overlap(q_h, k_s, v_s, kready, vready, kempty, vempty, idx_base, sik, nt, LK, qk_scale, m_i, l_i, acc,
+                  s_zero, offs_n, o_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK: gl.constexpr,
+                  BLOCK_N: gl.constexpr, NBUF: gl.constexpr):
+    """The key walk with FlashAttention-3's intra-warpgroup overlap: step t+1's scores are issued before step t's
+    P.V, and step t+1's softmax runs while that P.V is in flight; the accumulator is rescaled once it retired.
+    Register rules for ptxas: each scores wgmma (use_acc=False) writes into the registers of the fp32 P tile that
+    just died, and each P operand stays live until its P.V has retired (_live_until_here)."""
+    acc = warpgroup_mma_init(acc)
+    p16 = gl.zeros(s_zero.shape, k_s.dtype, p_layout)
+    if nt > 0:
+        sc, _ = warpgroup_mma_wait(0, deps=(_scores(q_h, k_s, kready, 0, s_zero, NBUF), k_s.index(0)))
+        mbarrier.arrive(kempty.index(0), count=1)
+        for t in range(nt):
+            s = t % NBUF
+            prev = (t + NBUF - 1) % NBUF
+            p, alpha, m_i, l_i = _softmax_step(sc, m_i, l_i, _step_start(idx_base, sik, t, BLOCK, BLOCK_N), LK,
+                                               offs_n, qk_scale, BLOCK_N)
+            acc, _, p = warpgroup_mma_wait(0, deps=(acc, v_s.index(prev), p))     # step t-1's P.V retired
+            p16 = _live_until_here(p16)
+            mbarrier.arrive(vempty.index(prev), count=1, pred=t > 0)
+            acc = warpgroup_mma_init(acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None])
+            p16 = gl.convert_layout(p.to(k_s.dtype), p_layout)
+            # step t+1's scores (on the last step: a repeat of step t's buffer, never used, so the loop has no
+            # branch around its wgmmas; its buffer is released only by the real step that loads it)
+            nx = gl.minimum(t + 1, nt - 1)
+            mbarrier.wait(kready.index(nx % NBUF), (nx // NBUF) & 1, pred=t + 1 < nt)
+            tok = warpgroup_mma(q_h, k_s.index(nx % NBUF).permute((1, 0)), p, use_acc=False, is_async=True)
+            mbarrier.wait(vready.index(s), (t // NBUF) & 1)
+            acc = warpgroup_mma(p16, v_s.index(s), acc, is_async=True)
+            sc, _ = warpgroup_mma_wait(1, deps=(tok, k_s.index(nx % NBUF)))      # the scores, issued first
+            mbarrier.arrive(kempty.index(nx % NBUF), count=1, pred=t + 1 < nt)
+    acc, p16 = warpgroup_mma_wait(0, deps=(acc, p16))
+    return m_i, l_i, acc
+
+
+@gluon.jit
+def _consumer(ROW0: gl.constexpr, ROWS: gl.constexpr, q_s, k_s, v_s, kready, vready, kempty, vempty, idx_base, sik,
+              nt, O, LSE, ROWMAP, BIAS, GL, o_sb, o_sh, o_sl, b, h, pid_bh, pid_m, L, LK, qk_scale, bias_sb,
               BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, NBUF: gl.constexpr,
-              HAS_BIAS: gl.constexpr, HAS_GATE: gl.constexpr, ACCUM: gl.constexpr):
-    """Rows part*HALF .. part*HALF+HALF of query block pid_m (one warpgroup): the key walk and the epilogue."""
-    dtype: gl.constexpr = k_s.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+              HAS_BIAS: gl.constexpr, HAS_GATE: gl.constexpr, ACCUM: gl.constexpr, OVERLAP: gl.constexpr):
+    """Rows ROW0 .. ROW0+ROWS of query block pid_m (64 rows per warpgroup of the partition): the key walk and the
+    epilogue."""
+    NW: gl.constexpr = ROWS // 16        # the warps of this partition: one warpgroup per 64 rows
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
                                                        instr_shape=[16, D, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     TPW_D: gl.constexpr = D // 8
-    io_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [4, 1], [1, 0])
-    q_h = q_s.slice(part * HALF, HALF)
+    io_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [NW, 1], [1, 0])
+    q_h = q_s.slice(ROW0, ROWS)
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-    m_i = gl.full([HALF], -float("inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
-    l_i = gl.zeros([HALF], gl.float32, layout=gl.SliceLayout(1, s_layout))
-    acc = gl.zeros([HALF, D], gl.float32, layout=o_layout)
-    s_zero = gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_layout)
-    for t in range(nt):
-        s = t % NBUF
-        phase = (t // NBUF) & 1
-        start = _step_start(idx_base, sik, t, BLOCK, BLOCK_N)
-        mbarrier.wait(kready.index(s), phase)
-        tok = warpgroup_mma(q_h, k_s.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        sc, _ = warpgroup_mma_wait(0, deps=(tok, k_s.index(s)))
-        mbarrier.arrive(kempty.index(s), count=1)
-        if start + BLOCK_N > LK:    # the last, partial block: keys past LK out
-            sc = gl.where((start + offs_n < LK)[None, :], sc, -float("inf"))
-        m_new = gl.maximum(m_i, gl.max(sc, 1) * qk_scale)
-        alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(sc * qk_scale - m_new[:, None])
-        l_i = l_i * alpha + gl.sum(p, 1)
-        m_i = m_new
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-        mbarrier.wait(vready.index(s), phase)
-        acc = warpgroup_mma_init(acc)
-        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_s.index(s), acc, is_async=True)
-        acc, _ = warpgroup_mma_wait(0, deps=(acc, v_s.index(s)))
-        mbarrier.arrive(vempty.index(s), count=1)
+    m_i = gl.full([ROWS], -float("inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([ROWS, D], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    if OVERLAP:
+        m_i, l_i, acc = _walk_overlap(q_h, k_s, v_s, kready, vready, kempty, vempty, idx_base, sik, nt, LK, qk_scale,
+                                      m_i, l_i, acc, s_zero, offs_n, o_layout, p_layout, BLOCK, BLOCK_N, NBUF)
+    else:
+        m_i, l_i, acc = _walk_serial(q_h, k_s, v_s, kready, vready, kempty, vempty, idx_base, sik, nt, LK, qk_scale,
+                                     m_i, l_i, acc, s_zero, offs_n, o_layout, p_layout, BLOCK, BLOCK_N, NBUF)
 
     # epilogue: normalise, LSE (natural log, -inf for rows with no key), bias x gate, store through the row map
     l_safe = gl.where(l_i == 0.0, 1.0, l_i)
@@ -112,7 +180,7 @@ def _consumer(part: gl.constexpr, q_s, k_s, v_s, kready, vready, kempty, vempty,
     o = gl.convert_layout(acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None], io_layout)
     b64 = b.to(gl.int64)
     h64 = h.to(gl.int64)
-    offs_m = pid_m * BLOCK + part * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, io_layout))
+    offs_m = pid_m * BLOCK + ROW0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, io_layout))
     offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, io_layout))
     row_ok = offs_m < L
     if HAS_BIAS:
@@ -135,7 +203,8 @@ def _sparse_fwd_gluon_ws(Q, kd, vd, O, LSE, IDX, CNT, ROWMAP, BIAS, GL,
                          H, L, LK, kv_rb, kv_rh, kv_ch, qk_scale, bias_sb,
                          BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, NBUF: gl.constexpr,
                          HAS_BIAS: gl.constexpr, HAS_GATE: gl.constexpr, ACCUM: gl.constexpr,
-                         CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                         OVERLAP: gl.constexpr, SPLIT: gl.constexpr, WORKER_REGS: gl.constexpr,
+                         num_warps: gl.constexpr):
     dtype: gl.constexpr = kd.dtype
     TPW_D: gl.constexpr = D // 8
     io_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [num_warps, 1], [1, 0])
@@ -162,8 +231,8 @@ def _sparse_fwd_gluon_ws(Q, kd, vd, O, LSE, IDX, CNT, ROWMAP, BIAS, GL,
     for i in gl.static_range(NBUF):
         mbarrier.init(kready.index(i), count=1)
         mbarrier.init(vready.index(i), count=1)
-        mbarrier.init(kempty.index(i), count=2)      # one arrival per consumer warpgroup
-        mbarrier.init(vempty.index(i), count=2)
+        mbarrier.init(kempty.index(i), count=1 + SPLIT)      # one arrival per consumer partition
+        mbarrier.init(vempty.index(i), count=1 + SPLIT)
     fence_async_shared()
 
     qb64 = pid_m.to(gl.int64)
@@ -171,15 +240,24 @@ def _sparse_fwd_gluon_ws(Q, kd, vd, O, LSE, IDX, CNT, ROWMAP, BIAS, GL,
     nt = gl.load(CNT + b64 * cnt_sb + h64 * cnt_sh + qb64 * cnt_sm) * (BLOCK // BLOCK_N)
     row0 = b * kv_rb + h * kv_rh
     col = h * kv_ch
-    gl.warp_specialize([(_producer, (kd, vd, k_s, v_s, kready, vready, kempty, vempty, idx_base, lut_sk, nt, row0,
-                                     col, BLOCK, BLOCK_N, NBUF)),
-                        (_consumer, (0, q_s, k_s, v_s, kready, vready, kempty, vempty, idx_base, lut_sk, nt, O, LSE,
-                                     ROWMAP, BIAS, GL, o_sb, o_sh, o_sl, b, h, pid_bh, pid_m, L, LK, qk_scale,
-                                     bias_sb, BLOCK, BLOCK_N, D, NBUF, HAS_BIAS, HAS_GATE, ACCUM)),
-                        (_consumer, (1, q_s, k_s, v_s, kready, vready, kempty, vempty, idx_base, lut_sk, nt, O, LSE,
-                                     ROWMAP, BIAS, GL, o_sb, o_sh, o_sl, b, h, pid_bh, pid_m, L, LK, qk_scale,
-                                     bias_sb, BLOCK, BLOCK_N, D, NBUF, HAS_BIAS, HAS_GATE, ACCUM))],
-                       [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+    prod = (kd, vd, k_s, v_s, kready, vready, kempty, vempty, idx_base, lut_sk, nt, row0, col, BLOCK, BLOCK_N, NBUF)
+    if SPLIT:       # the producer is the default partition (4 warps), two 4-warp consumer partitions of 64 rows
+        gl.warp_specialize([(_producer, prod),
+                            (_consumer, (0, HALF, q_s, k_s, v_s, kready, vready, kempty, vempty, idx_base, lut_sk, nt,
+                                         O, LSE, ROWMAP, BIAS, GL, o_sb, o_sh, o_sl, b, h, pid_bh, pid_m, L, LK,
+                                         qk_scale, bias_sb, BLOCK, BLOCK_N, D, NBUF, HAS_BIAS, HAS_GATE, ACCUM,
+                                         OVERLAP)),
+                            (_consumer, (HALF, HALF, q_s, k_s, v_s, kready, vready, kempty, vempty, idx_base, lut_sk,
+                                         nt, O, LSE, ROWMAP, BIAS, GL, o_sb, o_sh, o_sl, b, h, pid_bh, pid_m, L, LK,
+                                         qk_scale, bias_sb, BLOCK, BLOCK_N, D, NBUF, HAS_BIAS, HAS_GATE, ACCUM,
+                                         OVERLAP))],
+                           [4, 4], [WORKER_REGS, WORKER_REGS])
+    else:           # one consumer of all BLOCK rows is the default partition (8 warps), a 1-warp producer
+        gl.warp_specialize([(_consumer, (0, BLOCK, q_s, k_s, v_s, kready, vready, kempty, vempty, idx_base, lut_sk,
+                                         nt, O, LSE, ROWMAP, BIAS, GL, o_sb, o_sh, o_sl, b, h, pid_bh, pid_m, L, LK,
+                                         qk_scale, bias_sb, BLOCK, BLOCK_N, D, NBUF, HAS_BIAS, HAS_GATE, ACCUM,
+                                         OVERLAP)),
+                            (_producer, prod)], [1], [WORKER_REGS])
     for i in gl.static_range(NBUF):
         mbarrier.invalidate(kready.index(i))
         mbarrier.invalidate(vready.index(i))
@@ -199,16 +277,23 @@ def kv_view(x):
 
 
 SMEM_LIMIT = 232448     # bytes of shared memory one sm90 program may opt into
-SMEM_EXTRA = 16512      # beyond q's tile and the K/V ring: barriers and layout-conversion scratch (measured on an
-                        # H200: D 128, BLOCK_N 128, 3 buffers asked for 245,888 bytes)
+
+# fwd config key GLUON_WS: 1 = the producer as the default partition and two 4-warp consumer partitions of 64 rows,
+# each step in order; 2 = one 8-warp consumer partition of all 128 rows (the default partition) and a 1-warp
+# producer, each step in order; 3 = as 2 with the overlapped walk (_walk_overlap).  (Two consumer partitions with the
+# overlapped walk do not work with Triton 3.6: its worker partitions run inside a switch loop entered at 120
+# registers, and ptxas then serialises every wgmma of the overlapped walk, C7512.)
+MODES = {1: dict(split=True, overlap=False), 2: dict(split=False, overlap=False), 3: dict(split=False, overlap=True)}
 
 
-def smem_bytes(block: int, bn: int, d: int, nbuf: int, itemsize: int = 2) -> int:
-    """Shared memory the kernel asks for: q's tile, NBUF K and V tiles, and SMEM_EXTRA."""
-    return itemsize * d * (block + 2 * nbuf * bn) + SMEM_EXTRA
+def smem_bytes(block: int, bn: int, d: int, nbuf: int, split: bool = True, itemsize: int = 2) -> int:
+    """Shared memory the kernel asks for: q's tile, NBUF K and V tiles, the epilogue's layout-conversion scratch
+    (one consumer partition's rows x D) and 256 bytes for barriers (checked against the compiler's count for
+    D 64/128, BLOCK_N 64/128, 2-4 buffers, both partitionings; an H200 refused 245,888 bytes)."""
+    return itemsize * d * (block + 2 * nbuf * bn) + itemsize * d * (block // 2 if split else block) + 256
 
 
-def usable(q, k, v, block: int, bn: int, nbuf: int) -> bool:
+def usable(q, k, v, block: int, bn: int, nbuf: int, split: bool = True) -> bool:
     """Whether this kernel can run the call: 16-bit q/k/v of one dtype, head dim 64 or 128, block 128 split
     into BLOCK_N steps, a K/V ring of nbuf buffers that fits in shared memory, k and v stored alike
     (kv_view)."""
@@ -217,14 +302,14 @@ def usable(q, k, v, block: int, bn: int, nbuf: int) -> bool:
         return False
     if q.shape[-1] not in (64, 128) or block != 2 * HALF_ROWS or block % bn:
         return False
-    if smem_bytes(block, bn, q.shape[-1], nbuf) > SMEM_LIMIT:
+    if smem_bytes(block, bn, q.shape[-1], nbuf, split) > SMEM_LIMIT:
         return False
     kv, vv = kv_view(k), kv_view(v)
     return kv is not None and vv is not None and kv[1:] == vv[1:]
 
 
 def launch(q, k, v, o, lse, idx, cnt, rowmap, bias, bias_sb, gate_logit, block, scale_log2, *, block_n: int,
-           nbuf: int, accumulate: bool, consumer_regs: int = 232) -> None:
+           nbuf: int, accumulate: bool, overlap: bool = False, split: bool = True) -> None:
     """Run the kernel on a call that `usable` accepted.  o: the output (or the term to add to, `accumulate`)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     B, H, L, D = q.shape
@@ -237,7 +322,8 @@ def launch(q, k, v, o, lse, idx, cnt, rowmap, bias, bias_sb, gate_logit, block, 
         *q.stride()[:3], *o.stride()[:3], *idx.stride(), *cnt.stride(),
         H, L, k.shape[2], kv_rb, kv_rh, kv_ch, scale_log2, bias_sb,
         BLOCK=block, BLOCK_N=block_n, D=D, NBUF=nbuf, HAS_BIAS=bias is not None, HAS_GATE=gate_logit is not None,
-        ACCUM=accumulate, CONSUMER_REGS=consumer_regs, num_warps=4)
+        ACCUM=accumulate, OVERLAP=overlap, SPLIT=split, WORKER_REGS=232 if split else 40,
+        num_warps=4 if split else 8)
 
 
 def _dtypes():

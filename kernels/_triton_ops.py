@@ -428,7 +428,7 @@ def _centroid_tiles(nk: int, kmax: int, widest: int = 64) -> Dict[str, int]:
     return dict(BLOCK_C=max(16, min(widest, triton_next_pow2(nk))), KMAXP=max(16, triton_next_pow2(kmax)))
 
 
-def _gluon_ws_ok(q: Tensor, k: Tensor, v: Tensor, block: int, bn: int, nbuf: int) -> bool:
+def _gluon_ws_ok(q: Tensor, k: Tensor, v: Tensor, block: int, bn: int, nbuf: int, mode: int = 1) -> bool:
     """Whether the experimental Gluon warp-specialised forward (fwd config key GLUON_WS, kernels/_gluon_ws.py) can
     run this call: a Hopper GPU, a Triton with Gluon's Hopper API, and the shapes and storage it takes."""
     if not (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9):
@@ -437,7 +437,9 @@ def _gluon_ws_ok(q: Tensor, k: Tensor, v: Tensor, block: int, bn: int, nbuf: int
         from . import _gluon_ws
     except Exception:  # a Triton without triton.experimental.gluon's Hopper API
         return False
-    return _gluon_ws.usable(q, k, v, block, bn, nbuf)
+    if mode not in _gluon_ws.MODES:
+        raise ValueError(f"fwd config key GLUON_WS must be one of {sorted(_gluon_ws.MODES)}, got {mode}")
+    return _gluon_ws.usable(q, k, v, block, bn, nbuf, _gluon_ws.MODES[mode]["split"])
 
 
 def _sparse_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block: int, scale: float, *,
@@ -473,10 +475,11 @@ def _sparse_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block
     rm = _rowmap(rowmap, L, q.device)
     bias, bias_sb, gl = bias_args(bias, gate_logit, B, H * D, q.device)
     if (c.kwargs.get("GLUON_WS") and rm is not None and means is None and opts.tma is not False
-            and _gluon_ws_ok(q, k, v, block, bn, c.num_stages)):
+            and _gluon_ws_ok(q, k, v, block, bn, c.num_stages, int(c.kwargs["GLUON_WS"]))):
         from . import _gluon_ws       # (gathers q through the row map itself: q_tiled is not needed)
         _gluon_ws.launch(q, k, v, o, lse, idx, cnt, rm, bias, bias_sb, gl, block, scale * tk.LOG2E, block_n=bn,
-                         nbuf=c.num_stages, accumulate=accumulate_into is not None)
+                         nbuf=c.num_stages, accumulate=accumulate_into is not None,
+                         **_gluon_ws.MODES[int(c.kwargs["GLUON_WS"])])
         return o, lse, means
     q_src = q_tiled if (rm is not None and q_tiled is not None) else q
     # with a row map (and no tile-ordered q) q is read with plain loads, so only k and v must meet TMA's rules

@@ -577,16 +577,17 @@ def _hopper() -> bool:
 @pytest.mark.skipif(not _hopper(), reason="needs a Hopper GPU (the Gluon warp-specialised forward is sm90 code)")
 @pytest.mark.parametrize("D,L,bn", [(128, 1000, 64), (64, 700, 64), (128, 1000, 128)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gluon_ws_forward_matches_reference(seed, monkeypatch, D, L, bn, dtype):
-    """The experimental Gluon warp-specialised forward (fwd config key GLUON_WS): on the row-map path with random
-    key lists of random lengths, a partial last key block, a gated bias and accumulate_into, the same output as
-    the plain-torch reference, and it really ran (not the Triton kernel)."""
+@pytest.mark.parametrize("mode", [1, 2, 3], ids=["split", "one_consumer", "overlap"])
+def test_gluon_ws_forward_matches_reference(seed, monkeypatch, D, L, bn, dtype, mode):
+    """The experimental Gluon warp-specialised forward (fwd config key GLUON_WS, each partitioning and walk): on the
+    row-map path with random key lists of random lengths (some empty), a partial last key block, a gated bias and
+    accumulate_into, the same output as the plain-torch reference, and it really ran (not the Triton kernel)."""
     import triton
     from salad_pack.kernels import _gluon_ws, _triton_ops as ops
     from salad_pack.kernels.options import TritonOptions
     ran = []
     launch = _gluon_ws.launch
-    monkeypatch.setattr(_gluon_ws, "launch", lambda *a, **kw: ran.append(1) or launch(*a, **kw))
+    monkeypatch.setattr(_gluon_ws, "launch", lambda *a, **kw: ran.append(kw) or launch(*a, **kw))
     tol = TOL[torch.float16] if dtype == torch.float16 else (1e-2, 2e-2)
     B, H, block = 2, 3, 128
     q, k, v = qkv(B, H, L, D, dtype, "blhd")
@@ -595,22 +596,25 @@ def test_gluon_ws_forward_matches_reference(seed, monkeypatch, D, L, bn, dtype):
     idx, cnt = random_lut(B, H, nq, nq)
     idx[:, :, 0] = torch.arange(nq, device=DEV, dtype=idx.dtype)     # one list with every block, the partial
     cnt[:, :, 0] = nq                                                  # last one included
+    cnt[0, 0, 1] = 0                                                   # and one empty list
     bias, gl = torch.randn(H * D, device=DEV), torch.randn(B, device=DEV)
-    fits = [ns for ns in (2, 3) if _gluon_ws.smem_bytes(block, bn, D, ns) <= _gluon_ws.SMEM_LIMIT]
+    split = _gluon_ws.MODES[mode]["split"]
+    fits = [ns for ns in (2, 3) if _gluon_ws.smem_bytes(block, bn, D, ns, split) <= _gluon_ws.SMEM_LIMIT]
     assert fits == ([2] if (D, bn) == (128, 128) else [2, 3])
     for ns in (2, 3):     # (a ring that does not fit in shared memory runs the Triton kernel instead)
         opts = TritonOptions(poison=True, configs={"fwd": triton.Config(
-            dict(BLOCK_N=bn, USE_TMA=True, GLUON_WS=True), num_warps=4, num_stages=ns)})
-        assert ops._gluon_ws_ok(q, k, v, block, bn, ns) == (ns in fits)
+            dict(BLOCK_N=bn, USE_TMA=True, GLUON_WS=mode), num_warps=4, num_stages=ns)})
+        assert ops._gluon_ws_ok(q, k, v, block, bn, ns, mode) == (ns in fits)
         want = K.block_sparse_attention_rowmap(q, k, v, idx, cnt, perm, block=block, bias=bias, gate_logit=gl,
                                                backend="torch")
         got = K.block_sparse_attention_rowmap(q, k, v, idx, cnt, perm, block=block, bias=bias, gate_logit=gl,
                                               **TRITON(opts))
-        assert_close(got, want, *tol, f"Gluon WS forward, {ns} stages", seed)
+        assert_close(got, want, *tol, f"Gluon WS mode {mode} forward, {ns} stages", seed)
         acc = torch.randn(B, L, H, D, device=DEV).to(dtype).transpose(1, 2)
         got2 = K.block_sparse_attention_rowmap(q, k, v, idx, cnt, perm, block=block, bias=bias, gate_logit=gl,
                                                accumulate_into=acc.clone(), **TRITON(opts))
-        assert_close(got2, acc.float() + want.float(), *tol, f"Gluon WS accumulated, {ns} stages", seed)
+        assert_close(got2, acc.float() + want.float(), *tol, f"Gluon WS mode {mode} accumulated, {ns} stages", seed)
+    assert all(kw["split"] == split for kw in ran), ran
     assert len(ran) == 2 * len(fits), ran
 
 
