@@ -1,30 +1,41 @@
 """Hopper (sm90) block-sparse attention forward with explicit warp specialisation, written in Gluon.
-EXPERIMENTAL and off by default (fwd config key GLUON_WS): compiled for sm90 on the CPU, not yet run on a GPU.
+EXPERIMENTAL and off by default (fwd config key GLUON_WS, values in MODES): correct on an H200, but not faster than
+the Triton kernel, so the tuned table never picks it (benchmarks/results/wave9/, 2026-11-29).
 
-Why: the Triton kernel (_triton_kernels._sparse_fwd_kernel) keeps the H200's tensor pipe 55% busy; a quarter of
-its stall samples wait at the block-wide barriers before each TMA refill and another quarter on the wgmma results
-(benchmarks/results/wave6/).  FlashAttention-3 removes both with warp specialisation.  Triton 3.6's automatic
-pass did not work on this kernel (128-row programs stalled, 64-row ones ran at half speed, 3 stages gave NaNs;
-benchmarks/results/wave8/), so this kernel states the partitions itself:
+Why it was built: the Triton kernel (_triton_kernels._sparse_fwd_kernel) keeps the H200's tensor pipe 55% busy; a
+quarter of its stall samples wait at the block-wide barriers before each TMA refill and another quarter on the
+wgmma results (benchmarks/results/wave6/).  FlashAttention-3 removes both with warp specialisation.  Triton 3.6's
+automatic pass did not work on this kernel (128-row programs stalled, 64-row ones ran at half speed, 3 stages gave
+NaNs; benchmarks/results/wave8/), so this kernel states the partitions itself.  A producer walks the query block's
+key list and issues the TMA loads of each step's K and V tile into a ring of NBUF buffers (mbarriers `kready` /
+`vready`), refilling a buffer once every consumer released it (`kempty` / `vempty`).  The consumers compute per
+step the scores (async wgmma, q from shared memory), the online softmax and P.V (async wgmma, P from registers),
+releasing each buffer as soon as their wgmma has read it.  Partitionings (MODES):
 
-- the default partition (num_warps of the launch, 4) is the producer: it walks the query block's key list and
-  issues the TMA loads of each step's K and V tile into a ring of NBUF buffers (mbarriers `kready` / `vready`),
-  waiting until both consumers have released a buffer (`kempty` / `vempty`, two arrivals each);
-- two worker partitions of one warpgroup each are the consumers, rows 0-63 and 64-127 of the 128-row query block:
-  per step scores (async wgmma, q from shared memory), online softmax, P.V (async wgmma, P from registers), each
-  releasing a buffer as soon as its wgmma has read it.  They share every K/V tile and never wait for each other,
-  so one warpgroup's softmax can run under the other's wgmma (FlashAttention-3's two-warpgroup schedule, left to
-  the warp scheduler instead of named barriers).
+- 1: the producer is the default partition (4 warps); two 4-warp consumer partitions of 64 rows each share every
+  K/V tile and never wait for each other, so one warpgroup's softmax can run under the other's wgmma.  Each step
+  in order (_walk_serial): the overlapped walk is serialised by ptxas here (C7512), because Triton 3.6 runs worker
+  partitions inside a switch loop entered at 120 registers.
+- 2: one 8-warp consumer partition of all 128 rows is the default partition, the producer a 1-warp worker; each
+  step in order.
+- 3: as 2 with FlashAttention-3's intra-warpgroup overlap (_walk_overlap): step t+1's scores are issued before
+  step t's P.V and step t+1's softmax runs under it.
 
-Each consumer's per-warpgroup `mbarrier.arrive` is preceded by Gluon's own partition-wide sync (one warpgroup),
-so a buffer is released only after all 128 threads of that warpgroup finished their wgmma on it.
+Measured on an H200 (Triton 3.6), kernel time vs the table's Triton kernel at Wan 1.3B/14B 480p and 480x480,
+90/95%: mode 1 0.73-1.05x (best with 128-key steps: 1.02-1.05x at 90% on the 480p shapes, 0.73x at 480x480 95%),
+mode 2 0.77-0.83x, mode 3 0.74-0.96x.  Mode 3 gains ~10% over mode 2, but Gluon syncs the whole 8-warp partition
+(bar.sync over 256 threads) at each mbarrier operation, so its two warpgroups run in lockstep and one's softmax
+cannot hide under the other's wgmma.  Whole 1.3B 480p forwards: table 2.13-2.15x dense, mode 1 2.11x, mode 3
+2.05-2.08x.
+
+Each consumer's `mbarrier.arrive` is preceded by Gluon's own partition-wide sync, so a buffer is released only
+after every thread of that partition finished its wgmma on it.
 
 Scope: the inference call (row map in, bias and gate, accumulate_into; no centroid compensation), 16-bit q/k/v,
-head dim 64 or 128, block 128 and BLOCK_N dividing it, K/V in (B,H,L,D)- or (B,L,H,D)-contiguous storage.
-Anything else runs the Triton kernel.  The LSE is written like the Triton kernel's.  Gluon has no CPU
-interpreter: the CPU tests compile it for sm90 (benchmarks/kernel_codegen.py); its results are checked against
-the plain-torch reference on the GPU only (tests/test_kernels.py).  What to test first on a GPU, each case in a
-child process with a time limit: that it finishes (every mbarrier phase), then that it matches, then speed.
+head dim 64 or 128, block 128 and BLOCK_N dividing it, K/V in (B,H,L,D)- or (B,L,H,D)-contiguous storage, a K/V
+ring that fits in shared memory (smem_bytes).  Anything else runs the Triton kernel.  The LSE is written like the
+Triton kernel's.  Gluon has no CPU interpreter: the CPU tests compile it for sm90 (benchmarks/kernel_codegen.py);
+its results are checked against the plain-torch reference on the GPU only (tests/test_kernels.py, every mode).
 """
 from __future__ import annotations
 
@@ -278,11 +289,7 @@ def kv_view(x):
 
 SMEM_LIMIT = 232448     # bytes of shared memory one sm90 program may opt into
 
-# fwd config key GLUON_WS: 1 = the producer as the default partition and two 4-warp consumer partitions of 64 rows,
-# each step in order; 2 = one 8-warp consumer partition of all 128 rows (the default partition) and a 1-warp
-# producer, each step in order; 3 = as 2 with the overlapped walk (_walk_overlap).  (Two consumer partitions with the
-# overlapped walk do not work with Triton 3.6: its worker partitions run inside a switch loop entered at 120
-# registers, and ptxas then serialises every wgmma of the overlapped walk, C7512.)
+# fwd config key GLUON_WS -> partitioning and walk (see the module docstring)
 MODES = {1: dict(split=True, overlap=False), 2: dict(split=False, overlap=False), 3: dict(split=False, overlap=True)}
 
 
