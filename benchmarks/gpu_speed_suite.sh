@@ -27,6 +27,8 @@
 #                                                tests against the torch reference, sweep beside the table at
 #                                                1.3B/14B 480p and 480x480, 90/95%, rows written as they go; 1.3B
 #                                                480p forward with it)
+#   PART=p23 bash benchmarks/gpu_speed_suite.sh  (Wan 14B 480p and 720p forwards at 90%, bf16 and fp8_proj, 2 timed
+#                                                forwards each: the final tree's 14B rows)
 #   PART=p15 bash benchmarks/gpu_speed_suite.sh  (a whole-tree check: the pass/gate GPU tests, 1.3B 480p forwards
 #                                                batch 1/2 bf16 vs fp8_proj, fp8_proj through a real server (full
 #                                                and partial load), kernels)
@@ -63,6 +65,11 @@ p22)
          --rep-ms 800 --sparsities 0.9 --precisions bf16 \
          --fwd-configs "${FWD_CONFIGS:-table,GLUON_WS=3,GLUON_WS=3+BLOCK_N=128}" --out "$W/e2e13"
   fi ;;
+p23)
+  step 230 e2e-14b python3 benchmarks/bench_e2e.py --model 14b --sizes 480p --no-layers --iters 2 \
+       --sparsities 0.9 --precisions bf16,fp8_proj --out "$W/e2e14"
+  step 260 e2e-14b-720p python3 benchmarks/bench_e2e.py --model 14b --sizes 720p --no-layers --iters 2 \
+       --sparsities 0.9 --precisions bf16,fp8_proj --out "$W/e2e14h" ;;
 p15)
   step 100 gpu-tests python3 -m pytest -q tests/test_passes.py tests/test_salad_core_gpu.py -k "pass or inference or gate"
   step 150 e2e-1.3b python3 benchmarks/bench_e2e.py --model 1.3b --sizes 480p --batches 1,2 --no-layers \
