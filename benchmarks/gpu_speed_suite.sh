@@ -23,7 +23,7 @@
 #                                                the GPU, fp8_proj through a real server with partial loading; the
 #                                                server part ran in wave 8: benchmarks/results/wave8/)
 #   PART=p22 bash benchmarks/gpu_speed_suite.sh  (the experimental Gluon warp-specialised forward (fwd config key
-#                                                GLUON_WS, modes 2 and 3; mode 1 ran on 2026-11-29, wave9): GPU
+#                                                GLUON_WS, mode 4; modes 1-3 ran on 2026-11-29, wave9): GPU
 #                                                tests against the torch reference, sweep beside the table at
 #                                                1.3B/14B 480p and 480x480, 90/95%, rows written as they go; 1.3B
 #                                                480p forward with it)
@@ -53,17 +53,17 @@ step() { local t=$1 name=$2; shift 2; echo "== $name ($(date +%T))"; timeout "$t
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$W/card.txt"
 case "${PART:-s1}" in
 p22)
-  step 200 gpu-tests python3 -m pytest -v -s tests/test_kernels.py -k "gluon_ws and not split"
+  step 200 gpu-tests python3 -m pytest -v -s tests/test_kernels.py -k "gluon_ws and asym"
   if ! grep -q " passed" "$W/gpu-tests.log" || grep -qE "[0-9]+ (failed|error)" "$W/gpu-tests.log"; then
     echo "   the Gluon tests did not all pass: no sweep; the table's forward at batch 1 and 2 instead"
     step 200 e2e-1.3b python3 benchmarks/bench_e2e.py --model 1.3b --sizes 480p --batches 1,2 --no-layers \
          --rep-ms 800 --sparsities 0.9 --precisions bf16 --out "$W/e2e13"
   else
     step 170 sweep-fwd python3 benchmarks/sweep_fwd.py --out "$W/sweep-fwd" --shapes 1.3b-480p,14b-480p,1.3b-sq480 \
-         --sparsities 0.9,0.95 --variants 0,9,11,12,13,14,15 --budget-s 150
+         --sparsities 0.9,0.95 --variants 0,9,16,17,18 --budget-s 150
     step 200 e2e-1.3b python3 benchmarks/bench_e2e.py --model 1.3b --sizes 480p --batches 1 --no-layers \
          --rep-ms 800 --sparsities 0.9 --precisions bf16 \
-         --fwd-configs "${FWD_CONFIGS:-table,GLUON_WS=3,GLUON_WS=3+BLOCK_N=128}" --out "$W/e2e13"
+         --fwd-configs "${FWD_CONFIGS:-table,GLUON_WS=4,GLUON_WS=4+BLOCK_N=128}" --out "$W/e2e13"
   fi ;;
 p23)
   step 230 e2e-14b python3 benchmarks/bench_e2e.py --model 14b --sizes 480p --no-layers --iters 2 \

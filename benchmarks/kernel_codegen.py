@@ -153,6 +153,7 @@ def _cases(compiled: list) -> dict:
                                                    bias=torch.randn(256, dtype=dt), gate_logit=torch.randn(1)),
         "fwd_gluon_ws": gluon_ws, "fwd_gluon_ws_d64": lambda: gluon_ws(D=64),
         "fwd_gluon_ws_one_consumer": lambda: gluon_ws(mode=2), "fwd_gluon_ws_overlap": lambda: gluon_ws(mode=3),
+        "fwd_gluon_ws_asym": lambda: gluon_ws(mode=4),
         "passes": passes, "passes_gather_pool": lambda: passes(False),
         "linear": linear, "bwd_tma": lambda: bwd(), "bwd_ptr": lambda: bwd(tma=False),
         "bwd_comp_tma": lambda: bwd(comp=True), "bwd_comp_ptr": lambda: bwd(tma=False, comp=True),

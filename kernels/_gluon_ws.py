@@ -214,7 +214,7 @@ def _sparse_fwd_gluon_ws(Q, kd, vd, O, LSE, IDX, CNT, ROWMAP, BIAS, GL,
                          H, L, LK, kv_rb, kv_rh, kv_ch, qk_scale, bias_sb,
                          BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, NBUF: gl.constexpr,
                          HAS_BIAS: gl.constexpr, HAS_GATE: gl.constexpr, ACCUM: gl.constexpr,
-                         OVERLAP: gl.constexpr, SPLIT: gl.constexpr, WORKER_REGS: gl.constexpr,
+                         OVERLAP: gl.constexpr, SPLIT: gl.constexpr, ASYM: gl.constexpr, WORKER_REGS: gl.constexpr,
                          num_warps: gl.constexpr):
     dtype: gl.constexpr = kd.dtype
     TPW_D: gl.constexpr = D // 8
@@ -252,7 +252,18 @@ def _sparse_fwd_gluon_ws(Q, kd, vd, O, LSE, IDX, CNT, ROWMAP, BIAS, GL,
     row0 = b * kv_rb + h * kv_rh
     col = h * kv_ch
     prod = (kd, vd, k_s, v_s, kready, vready, kempty, vempty, idx_base, lut_sk, nt, row0, col, BLOCK, BLOCK_N, NBUF)
-    if SPLIT:       # the producer is the default partition (4 warps), two 4-warp consumer partitions of 64 rows
+    if ASYM:        # consumer of rows 0-63 (overlapped walk) as the default partition (4 warps), consumer of rows
+        # 64-127 (steps in order) and a 1-warp producer as workers
+        gl.warp_specialize([(_consumer, (0, HALF, q_s, k_s, v_s, kready, vready, kempty, vempty, idx_base, lut_sk, nt,
+                                         O, LSE, ROWMAP, BIAS, GL, o_sb, o_sh, o_sl, b, h, pid_bh, pid_m, L, LK,
+                                         qk_scale, bias_sb, BLOCK, BLOCK_N, D, NBUF, HAS_BIAS, HAS_GATE, ACCUM,
+                                         OVERLAP)),
+                            (_consumer, (HALF, HALF, q_s, k_s, v_s, kready, vready, kempty, vempty, idx_base, lut_sk,
+                                         nt, O, LSE, ROWMAP, BIAS, GL, o_sb, o_sh, o_sl, b, h, pid_bh, pid_m, L, LK,
+                                         qk_scale, bias_sb, BLOCK, BLOCK_N, D, NBUF, HAS_BIAS, HAS_GATE, ACCUM,
+                                         False)),
+                            (_producer, prod)], [4, 1], [WORKER_REGS, 40])
+    elif SPLIT:     # the producer is the default partition (4 warps), two 4-warp consumer partitions of 64 rows
         gl.warp_specialize([(_producer, prod),
                             (_consumer, (0, HALF, q_s, k_s, v_s, kready, vready, kempty, vempty, idx_base, lut_sk, nt,
                                          O, LSE, ROWMAP, BIAS, GL, o_sb, o_sh, o_sl, b, h, pid_bh, pid_m, L, LK,
@@ -290,7 +301,8 @@ def kv_view(x):
 SMEM_LIMIT = 232448     # bytes of shared memory one sm90 program may opt into
 
 # fwd config key GLUON_WS -> partitioning and walk (see the module docstring)
-MODES = {1: dict(split=True, overlap=False), 2: dict(split=False, overlap=False), 3: dict(split=False, overlap=True)}
+MODES = {1: dict(split=True, asym=False, overlap=False), 2: dict(split=False, asym=False, overlap=False),
+         3: dict(split=False, asym=False, overlap=True), 4: dict(split=True, asym=True, overlap=True)}
 
 
 def smem_bytes(block: int, bn: int, d: int, nbuf: int, split: bool = True, itemsize: int = 2) -> int:
@@ -316,7 +328,7 @@ def usable(q, k, v, block: int, bn: int, nbuf: int, split: bool = True) -> bool:
 
 
 def launch(q, k, v, o, lse, idx, cnt, rowmap, bias, bias_sb, gate_logit, block, scale_log2, *, block_n: int,
-           nbuf: int, accumulate: bool, overlap: bool = False, split: bool = True) -> None:
+           nbuf: int, accumulate: bool, overlap: bool = False, split: bool = True, asym: bool = False) -> None:
     """Run the kernel on a call that `usable` accepted.  o: the output (or the term to add to, `accumulate`)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     B, H, L, D = q.shape
@@ -329,8 +341,8 @@ def launch(q, k, v, o, lse, idx, cnt, rowmap, bias, bias_sb, gate_logit, block, 
         *q.stride()[:3], *o.stride()[:3], *idx.stride(), *cnt.stride(),
         H, L, k.shape[2], kv_rb, kv_rh, kv_ch, scale_log2, bias_sb,
         BLOCK=block, BLOCK_N=block_n, D=D, NBUF=nbuf, HAS_BIAS=bias is not None, HAS_GATE=gate_logit is not None,
-        ACCUM=accumulate, OVERLAP=overlap, SPLIT=split, WORKER_REGS=232 if split else 40,
-        num_warps=4 if split else 8)
+        ACCUM=accumulate, OVERLAP=overlap, SPLIT=split, ASYM=asym, WORKER_REGS=232 if split else 40,
+        num_warps=4 if split or asym else 8)
 
 
 def _dtypes():

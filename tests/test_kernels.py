@@ -577,7 +577,7 @@ def _hopper() -> bool:
 @pytest.mark.skipif(not _hopper(), reason="needs a Hopper GPU (the Gluon warp-specialised forward is sm90 code)")
 @pytest.mark.parametrize("D,L,bn", [(128, 1000, 64), (64, 700, 64), (128, 1000, 128)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("mode", [1, 2, 3], ids=["split", "one_consumer", "overlap"])
+@pytest.mark.parametrize("mode", [1, 2, 3, 4], ids=["split", "one_consumer", "overlap", "asym"])
 def test_gluon_ws_forward_matches_reference(seed, monkeypatch, D, L, bn, dtype, mode):
     """The experimental Gluon warp-specialised forward (fwd config key GLUON_WS, each partitioning and walk): on the
     row-map path with random key lists of random lengths (some empty), a partial last key block, a gated bias and
