@@ -25,7 +25,7 @@ releasing each buffer as soon as their wgmma has read it.  Partitionings (MODES)
   producer are workers.
 
 Measured on an H200 (Triton 3.6), kernel time vs the table's Triton kernel at Wan 1.3B/14B 480p and 480x480,
-90/95%: mode 1 0.73-1.05x (best with 128-key steps: 1.02-1.05x at 90% on the 480p shapes, 0.73x at 480x480 95%),
+90/95%: mode 1 0.73-1.06x (best with 128-key steps: 1.00-1.05x at 90% on the 480p shapes, 0.73x at 480x480 95%),
 mode 2 0.77-0.83x, mode 3 0.74-0.96x, mode 4 0.79-1.04x (no better than mode 1 in the same call).  Mode 3
 gains ~10% over mode 2, but Gluon syncs the whole 8-warp partition (bar.sync over 256 threads) at each mbarrier
 operation, so its two warpgroups run in lockstep and one's softmax cannot hide under the other's wgmma.
