@@ -25,11 +25,12 @@ releasing each buffer as soon as their wgmma has read it.  Partitionings (MODES)
   producer are workers.
 
 Measured on an H200 (Triton 3.6), kernel time vs the table's Triton kernel at Wan 1.3B/14B 480p and 480x480,
-90/95%: mode 1 0.73-1.06x (best with 128-key steps: 1.00-1.05x at 90% on the 480p shapes, 0.73x at 480x480 95%),
-mode 2 0.77-0.83x, mode 3 0.74-0.96x, mode 4 0.79-1.04x (no better than mode 1 in the same call).  Mode 3
-gains ~10% over mode 2, but Gluon syncs the whole 8-warp partition (bar.sync over 256 threads) at each mbarrier
-operation, so its two warpgroups run in lockstep and one's softmax cannot hide under the other's wgmma.
-Whole 1.3B 480p forwards: table 2.13-2.16x dense, mode 1 2.11x, mode 3 2.05-2.08x, mode 4 2.08-2.11x.
+90/95%: mode 1 0.73-1.06x (best with 128-key steps: 1.00-1.05x at 90% on the 480p shapes, 0.73-0.87x at
+480x480 95%), mode 2 0.77-0.82x, mode 3 0.74-0.96x, mode 4 0.79-1.04x (no better than mode 1 in the same call).
+Mode 3 gains 8-12% over mode 2 (not at 480x480 95%), but Gluon syncs the whole 8-warp partition (bar.sync over
+256 threads) at each mbarrier operation, so its two warpgroups run in lockstep and one's softmax cannot hide
+under the other's wgmma.  Whole 1.3B 480p forwards, table vs Gluon in the same calls: table 2.13-2.16x dense,
+mode 1 2.11x, mode 3 2.05-2.08x, mode 4 2.08-2.11x.
 
 Each consumer's `mbarrier.arrive` is preceded by Gluon's own partition-wide sync, so a buffer is released only
 after every thread of that partition finished its wgmma on it.
