@@ -120,8 +120,9 @@ def _walk_serial(q_h, k_s, v_s, kready, vready, kempty, vempty, idx_base, sik, n
 @gluon.jit
 def _live_until_here(x):
     """No instruction: an opaque statement that takes x and gives it back in the same registers, so ptxas keeps x's
-    registers for x up to this point.  Used on the P operand of a P.V wgmma after the wait that retires it: without
-    it ptxas may reuse those registers while the wgmma still reads them and serialise every wgmma (C7512)."""
+    registers for x up to this point.  Used on the P operand of a P.V wgmma after the wait that retires it, so no
+    later value can take those registers while the wgmma still reads them.  (A precaution: modes 3 and 4 also
+    compile without C7512 when it and the register donation below are removed; the measured kernels had both.)"""
     return gl.inline_asm_elementwise("", "=r,0", [x], dtype=x.dtype, is_pure=False, pack=2)
 
 
@@ -131,8 +132,8 @@ def _walk_overlap(q_h, k_s, v_s, kready, vready, kempty, vempty, idx_base, sik, 
                   BLOCK_N: gl.constexpr, NBUF: gl.constexpr):
     """The key walk with FlashAttention-3's intra-warpgroup overlap: step t+1's scores are issued before step t's
     P.V, and step t+1's softmax runs while that P.V is in flight; the accumulator is rescaled once it retired.
-    Register rules for ptxas: each scores wgmma (use_acc=False) writes into the registers of the fp32 P tile that
-    just died, and each P operand stays live until its P.V has retired (_live_until_here)."""
+    Register precautions for ptxas: each scores wgmma (use_acc=False) writes into the registers of the fp32 P tile
+    that just died, and each P operand stays live until its P.V has retired (_live_until_here)."""
     acc = warpgroup_mma_init(acc)
     p16 = gl.zeros(s_zero.shape, k_s.dtype, p_layout)
     if nt > 0:
