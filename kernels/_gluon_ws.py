@@ -163,12 +163,14 @@ def _walk_overlap(q_h, k_s, v_s, kready, vready, kempty, vempty, idx_base, sik, 
 
 
 @gluon.jit
-def _consumer(ROW0: gl.constexpr, ROWS: gl.constexpr, q_s, k_s, v_s, kready, vready, kempty, vempty, idx_base, sik,
-              nt, O, LSE, ROWMAP, BIAS, GL, o_sb, o_sh, o_sl, b, h, pid_bh, pid_m, L, LK, qk_scale, bias_sb,
+def _consumer(ROW0: gl.constexpr, ROWS: gl.constexpr, OVERLAP: gl.constexpr, ring, io,
               BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, NBUF: gl.constexpr,
-              HAS_BIAS: gl.constexpr, HAS_GATE: gl.constexpr, ACCUM: gl.constexpr, OVERLAP: gl.constexpr):
+              HAS_BIAS: gl.constexpr, HAS_GATE: gl.constexpr, ACCUM: gl.constexpr):
     """Rows ROW0 .. ROW0+ROWS of query block pid_m (64 rows per warpgroup of the partition): the key walk and the
-    epilogue."""
+    epilogue.  ring: the shared tiles, their barriers and the key list; io: the outputs and per-program values
+    (the same two tuples for every consumer partition)."""
+    q_s, k_s, v_s, kready, vready, kempty, vempty, idx_base, sik, nt = ring
+    O, LSE, ROWMAP, BIAS, GL, o_sb, o_sh, o_sl, b, h, pid_bh, pid_m, L, LK, qk_scale, bias_sb = io
     NW: gl.constexpr = ROWS // 16        # the warps of this partition: one warpgroup per 64 rows
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -257,33 +259,25 @@ def _sparse_fwd_gluon_ws(Q, kd, vd, O, LSE, IDX, CNT, ROWMAP, BIAS, GL,
     row0 = b * kv_rb + h * kv_rh
     col = h * kv_ch
     prod = (kd, vd, k_s, v_s, kready, vready, kempty, vempty, idx_base, lut_sk, nt, row0, col, BLOCK, BLOCK_N, NBUF)
+    ring = (q_s, k_s, v_s, kready, vready, kempty, vempty, idx_base, lut_sk, nt)
+    io = (O, LSE, ROWMAP, BIAS, GL, o_sb, o_sh, o_sl, b, h, pid_bh, pid_m, L, LK, qk_scale, bias_sb)
     if ASYM:        # consumer of rows 0-63 (overlapped walk) as the default partition (4 warps), consumer of rows
         # 64-127 (steps in order) and a 1-warp producer as workers
-        gl.warp_specialize([(_consumer, (0, HALF, q_s, k_s, v_s, kready, vready, kempty, vempty, idx_base, lut_sk, nt,
-                                         O, LSE, ROWMAP, BIAS, GL, o_sb, o_sh, o_sl, b, h, pid_bh, pid_m, L, LK,
-                                         qk_scale, bias_sb, BLOCK, BLOCK_N, D, NBUF, HAS_BIAS, HAS_GATE, ACCUM,
-                                         OVERLAP)),
-                            (_consumer, (HALF, HALF, q_s, k_s, v_s, kready, vready, kempty, vempty, idx_base, lut_sk,
-                                         nt, O, LSE, ROWMAP, BIAS, GL, o_sb, o_sh, o_sl, b, h, pid_bh, pid_m, L, LK,
-                                         qk_scale, bias_sb, BLOCK, BLOCK_N, D, NBUF, HAS_BIAS, HAS_GATE, ACCUM,
-                                         False)),
+        gl.warp_specialize([(_consumer, (0, HALF, OVERLAP, ring, io, BLOCK, BLOCK_N, D, NBUF, HAS_BIAS, HAS_GATE,
+                                         ACCUM)),
+                            (_consumer, (HALF, HALF, False, ring, io, BLOCK, BLOCK_N, D, NBUF, HAS_BIAS, HAS_GATE,
+                                         ACCUM)),
                             (_producer, prod)], [4, 1], [WORKER_REGS, 40])
     elif SPLIT:     # the producer is the default partition (4 warps), two 4-warp consumer partitions of 64 rows
         gl.warp_specialize([(_producer, prod),
-                            (_consumer, (0, HALF, q_s, k_s, v_s, kready, vready, kempty, vempty, idx_base, lut_sk, nt,
-                                         O, LSE, ROWMAP, BIAS, GL, o_sb, o_sh, o_sl, b, h, pid_bh, pid_m, L, LK,
-                                         qk_scale, bias_sb, BLOCK, BLOCK_N, D, NBUF, HAS_BIAS, HAS_GATE, ACCUM,
-                                         OVERLAP)),
-                            (_consumer, (HALF, HALF, q_s, k_s, v_s, kready, vready, kempty, vempty, idx_base, lut_sk,
-                                         nt, O, LSE, ROWMAP, BIAS, GL, o_sb, o_sh, o_sl, b, h, pid_bh, pid_m, L, LK,
-                                         qk_scale, bias_sb, BLOCK, BLOCK_N, D, NBUF, HAS_BIAS, HAS_GATE, ACCUM,
-                                         OVERLAP))],
+                            (_consumer, (0, HALF, OVERLAP, ring, io, BLOCK, BLOCK_N, D, NBUF, HAS_BIAS, HAS_GATE,
+                                         ACCUM)),
+                            (_consumer, (HALF, HALF, OVERLAP, ring, io, BLOCK, BLOCK_N, D, NBUF, HAS_BIAS, HAS_GATE,
+                                         ACCUM))],
                            [4, 4], [WORKER_REGS, WORKER_REGS])
     else:           # one consumer of all BLOCK rows is the default partition (8 warps), a 1-warp producer
-        gl.warp_specialize([(_consumer, (0, BLOCK, q_s, k_s, v_s, kready, vready, kempty, vempty, idx_base, lut_sk,
-                                         nt, O, LSE, ROWMAP, BIAS, GL, o_sb, o_sh, o_sl, b, h, pid_bh, pid_m, L, LK,
-                                         qk_scale, bias_sb, BLOCK, BLOCK_N, D, NBUF, HAS_BIAS, HAS_GATE, ACCUM,
-                                         OVERLAP)),
+        gl.warp_specialize([(_consumer, (0, BLOCK, OVERLAP, ring, io, BLOCK, BLOCK_N, D, NBUF, HAS_BIAS, HAS_GATE,
+                                         ACCUM)),
                             (_producer, prod)], [1], [WORKER_REGS])
     for i in gl.static_range(NBUF):
         mbarrier.invalidate(kready.index(i))

@@ -474,12 +474,12 @@ def _sparse_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block
     lse = _empty(B, H, L, device=q.device, dtype=torch.float32, poison=opts.poison)
     rm = _rowmap(rowmap, L, q.device)
     bias, bias_sb, gl = bias_args(bias, gate_logit, B, H * D, q.device)
-    if (c.kwargs.get("GLUON_WS") and rm is not None and means is None and opts.tma is not False
-            and _gluon_ws_ok(q, k, v, block, bn, c.num_stages, int(c.kwargs["GLUON_WS"]))):
+    ws_mode = int(c.kwargs.get("GLUON_WS") or 0)
+    if (ws_mode and rm is not None and means is None and opts.tma is not False
+            and _gluon_ws_ok(q, k, v, block, bn, c.num_stages, ws_mode)):
         from . import _gluon_ws       # (gathers q through the row map itself: q_tiled is not needed)
         _gluon_ws.launch(q, k, v, o, lse, idx, cnt, rm, bias, bias_sb, gl, block, scale * tk.LOG2E, block_n=bn,
-                         nbuf=c.num_stages, accumulate=accumulate_into is not None,
-                         **_gluon_ws.MODES[int(c.kwargs["GLUON_WS"])])
+                         nbuf=c.num_stages, accumulate=accumulate_into is not None, **_gluon_ws.MODES[ws_mode])
         return o, lse, means
     q_src = q_tiled if (rm is not None and q_tiled is not None) else q
     # with a row map (and no tile-ordered q) q is read with plain loads, so only k and v must meet TMA's rules
