@@ -29,8 +29,9 @@
 #                                                480p forward with it)
 #   PART=p23 bash benchmarks/gpu_speed_suite.sh  (Wan 14B 480p and 720p forwards at 90%, bf16 and fp8_proj, 2 timed
 #                                                forwards each: the final tree's 14B rows)
-#   PART=p24 bash benchmarks/gpu_speed_suite.sh  (the K/V pass sweep with 132/264 programs beside 528: fewer partial
-#                                                linear states for the torch sum; 1.3B/14B 480p and 21x30x30)
+#   PART=p24 bash benchmarks/gpu_speed_suite.sh  (kv_pass WAVE_FIT: the pass tests, then the table's kv_pass with and
+#                                                without it at batch 1/2 on five Wan shapes; P24_SWEEP=1: the sweep
+#                                                with 132/264 programs beside 528 that led to it)
 #   PART=p15 bash benchmarks/gpu_speed_suite.sh  (a whole-tree check: the pass/gate GPU tests, 1.3B 480p forwards
 #                                                batch 1/2 bf16 vs fp8_proj, fp8_proj through a real server (full
 #                                                and partial load), kernels)
@@ -68,8 +69,14 @@ p22)
          --fwd-configs "${FWD_CONFIGS:-table,GLUON_WS=4,GLUON_WS=4+BLOCK_N=128}" --out "$W/e2e13"
   fi ;;
 p24)
-  step 120 sweep-kv python3 benchmarks/sweep_passes.py --out "$W/sweep" --shapes 1.3b-480p,14b-480p,1.3b-sq480 \
-       --kinds kv_pass --budget-s 90 ;;
+  if [ -n "${P24_SWEEP:-}" ]; then
+    step 120 sweep-kv python3 benchmarks/sweep_passes.py --out "$W/sweep" --shapes 1.3b-480p,14b-480p,1.3b-sq480 \
+         --kinds kv_pass --budget-s 90
+  else
+    step 70 gpu-tests python3 -m pytest -q tests/test_passes.py
+    step 80 wave-check python3 benchmarks/sweep_passes.py --out "$W/wave" --kinds "" --wave-check \
+         --shapes 1.3b-480p,1.3b-sq480,14b-480p,14b-720p,1.3b-480p17
+  fi ;;
 p23)
   step 230 e2e-14b python3 benchmarks/bench_e2e.py --model 14b --sizes 480p --no-layers --iters 2 \
        --sparsities 0.9 --precisions bf16,fp8_proj --out "$W/e2e14"

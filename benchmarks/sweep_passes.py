@@ -42,7 +42,10 @@ def parse(argv=None):
     ap.add_argument("--host-profile", action="store_true")
     ap.add_argument("--kinds", default="kv_pass,q_pass",
                     help="what to sweep, comma separated: kv_pass, q_pass; token_mean (the gate's mean of the "
-                         "block input, against torch.mean)")
+                         "block input, against torch.mean); empty: none")
+    ap.add_argument("--wave-check", action="store_true",
+                    help="per shape at batch 1 and 2: the table's kv_pass with and without WAVE_FIT (programs "
+                         "halved when one wave of whole splits per head fills)")
     return ap.parse_args(argv)
 
 
@@ -69,6 +72,29 @@ def candidates(kind: str, smoke: bool):
         out.append(triton.Config({"BLOCK_M": r, "PROGRAMS": p, "S_PARTS": parts, "DEN_DOT": dd}, num_warps=w,
                                  num_stages=s))
     return out
+
+
+def _wave_check(entry, name, card, H, L, D, rm, dev, dtype, bench):
+    """kv_pass with the table's entry (WAVE_FIT on) against the same entry with WAVE_FIT off, batch 1 and 2."""
+    import torch
+    import triton
+    import salad_pack.kernels as K
+    from salad_pack.kernels import _triton_ops as ops
+    table = ops.config_for("kv_pass", D, dtype, L)
+    off = K.TritonOptions(configs={"kv_pass": triton.Config(dict(table.kwargs, WAVE_FIT=False),
+                                                            num_warps=table.num_warps, num_stages=table.num_stages)})
+    nb = ops.num_blocks(L, 128)
+    for b in (1, 2):
+        kv = [torch.randn(b, L, H, D, device=dev, dtype=dtype).transpose(1, 2) for _ in range(2)]
+        with torch.inference_mode():
+            fit_ms = bench(lambda: K.kv_pass(kv[0], kv[1], rm))
+            off_ms = bench(lambda: K.kv_pass(kv[0], kv[1], rm, triton_options=off))
+        row = {"batch": b, "fit_ms": fit_ms, "off_ms": off_ms,
+               "programs_fit": b * H * ops._splits(nb, 1, b * H, ops._wave_fit(b * H, table.kwargs["PROGRAMS"]))[0],
+               "programs_off": b * H * ops._splits(nb, 1, b * H, table.kwargs["PROGRAMS"])[0]}
+        entry.setdefault("kv_wave_fit", []).append(row)
+        print(f"[sweep] {card} {name} batch {b} kv_pass WAVE_FIT: {row['programs_fit']} programs {fit_ms:.4f} ms, "
+              f"off: {row['programs_off']} programs {off_ms:.4f} ms ({off_ms / fit_ms:.3f}x)", flush=True)
 
 
 def main(argv=None):
@@ -111,7 +137,7 @@ def main(argv=None):
             if x is not None:
                 entry["x_bytes"] = x.numel() * x.element_size()
                 entry["torch_mean_ms"] = bench(lambda: torch.mean(x, dim=1, dtype=torch.float32))
-            for kind in a.kinds.split(","):
+            for kind in [x for x in a.kinds.split(",") if x]:
                 entry[kind] = []
                 tried = []                  # (config, its row in entry[kind]) of each candidate
                 for c in candidates(kind, a.smoke):
@@ -166,6 +192,8 @@ def main(argv=None):
                       f"(table) {entry['token_mean_default_ms']:.3f} ms, best {entry['token_mean_best']['ms']:.3f} ms "
                       f"({entry['x_bytes'] / entry['token_mean_best']['ms'] / 1e9:.2f} TB/s); max |diff| {err:.2e}",
                       flush=True)
+            if a.wave_check:
+                _wave_check(entry, name, res["card"], H, L, D, rm, dev, dtype, bench)
         res["shapes"][name] = entry
         del q, k, v, x
 

@@ -49,7 +49,11 @@ _TUNED_16BIT: Dict[Tuple[str, int], triton.Config] = {
     # q_pass at D=128 (second sweep, 64 candidates with the variants, Wan-1.3B/14B 480p): the state as one
     # 16-bit dot operand (S_PARTS 1) and the denominator on the tensor cores (DEN_DOT), 128 rows per step:
     # 0.155 -> 0.103 ms (1.3B), 0.476 -> 0.316 ms (14B); D=64 keeps the first sweep's entry (not re-swept)
-    **{("kv_pass", d): _cfg(4, 3, BLOCK_N=64, PROGRAMS=528) for d in (64, 128)},
+    # kv_pass WAVE_FIT (host side): half of PROGRAMS when whole splits per head fill >= 95% of that half (see
+    # _wave_fit; sweep of 2026-11-29 on the H200 with 132/264/528 programs: at B*H 12, 264 programs beat 528,
+    # 0.209 -> 0.196 ms at 1.3B 480p and 0.147 -> 0.125 ms at 21x30x30; at B*H 40 (Wan 14B) 264 would run
+    # 240 programs and lost, 0.628 vs 0.602 ms, so 528 stays there)
+    **{("kv_pass", d): _cfg(4, 3, BLOCK_N=64, PROGRAMS=528, WAVE_FIT=True) for d in (64, 128)},
     ("q_pass", 64): _cfg(4, 1, BLOCK_M=64, PROGRAMS=528),
     ("q_pass", 128): _cfg(4, 1, BLOCK_M=128, PROGRAMS=528, S_PARTS=1, DEN_DOT=True),
     # the gate's mean over the tokens of the block input (B, L, dim): not a head-dim kernel, one entry
@@ -264,6 +268,17 @@ def _splits(n_rows: int, tile: int, bh: int, target: int) -> Tuple[int, int]:
     return triton_cdiv(n_rows, chunk), chunk
 
 
+def _wave_fit(bh: int, programs: int, fill: float = 0.95) -> int:
+    """About how many programs a split-per-head pass over bh heads should aim at: half of `programs` when
+    bh heads times whole splits per head fill at least `fill` of that half, else `programs`.  The table's
+    528 is two waves of two CTAs per SM on a 132-SM H100/H200: one full wave is enough to keep the loads in
+    flight, and every program also writes a partial D x D state (66 KB at D=128) that a torch sum reads
+    back, so one wave halves that traffic; a half-empty wave (Wan 14B: 40 heads, 6 splits, 240 of 264)
+    costs more than the partials save."""
+    half = programs // 2
+    return half if bh <= half and (half // bh) * bh >= fill * half else programs
+
+
 def linear_state(k: Tensor, v: Tensor, opts: TritonOptions = DEFAULT_OPTIONS) -> Tuple[Tensor, Tensor]:
     """Scaled linear state S' = S / LK (B*H, D, D) fp32 and z' = z / LK (B*H, D) fp32, via split-L
     partial sums + torch reduce.  The 1/LK scale keeps entries O(1) (fp16-safe hi/lo split) and
@@ -343,7 +358,8 @@ def kv_pass(k: Tensor, v: Tensor, rowmap: Tensor, block: int, pool_k: bool, pool
     nb = num_blocks(L, block)
     c = config_for("kv_pass", D, k.dtype, L, opts)
     bn = min(c.kwargs["BLOCK_N"], block)
-    nsplit, bps = _splits(nb, 1, B * H, c.kwargs["PROGRAMS"])
+    target = _wave_fit(B * H, c.kwargs["PROGRAMS"]) if c.kwargs.get("WAVE_FIT", False) else c.kwargs["PROGRAMS"]
+    nsplit, bps = _splits(nb, 1, B * H, target)
     kt = _out(B, H, L, D, k.device, k.dtype, "blhd", opts.poison)
     vt = _out(B, H, L, D, v.device, v.dtype, "blhd", opts.poison)
     km = _empty(B, H, nb, D, device=k.device, dtype=torch.float32, poison=opts.poison) if pool_k else None
