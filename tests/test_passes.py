@@ -62,6 +62,31 @@ def test_kv_pass_matches_reference(seed, poison, L, D, block, dtype):
     assert km is None and vm is None and st is None and torch.equal(kt, want[0]) and torch.equal(vt, want[1])
 
 
+def test_kv_pass_wave_fit_rule_and_split_counts(seed, monkeypatch):
+    """WAVE_FIT (the table's kv_pass entry): half of PROGRAMS when whole splits per head fill >= 95% of that
+    half, else PROGRAMS (so Wan-1.3B's 12 heads run 264 programs and Wan-14B's 40 keep 528, as measured on the
+    H200); and the pass is right with either split count (fewer splits: fewer partial states to sum)."""
+    import triton
+    from salad_pack.kernels import _triton_ops as ops
+    assert [ops._wave_fit(bh, 528) for bh in (1, 2, 12, 24, 40, 80, 264, 300)] == [264, 264, 264, 264, 528, 528,
+                                                                                   264, 528]
+    assert ops.config_for("kv_pass", 128, torch.bfloat16, 32760).kwargs["WAVE_FIT"] is True
+    B, H, L, D, block = 1, 2, 500, 32, 32              # 16 blocks; PROGRAMS 16: 4 splits per head with the rule
+    k, v = _blhd(B, H, L, D, torch.float16), _blhd(B, H, L, D, torch.float16)
+    perm = torch.randperm(L, device=DEV)
+    want = R.kv_pass_ref(k, v, perm, block, True, False, True)
+    splits, real = [], ops._splits
+    monkeypatch.setattr(ops, "_splits", lambda *a: splits.append(real(*a)[0]) or real(*a))   # what the launch uses
+    for fit in (True, False):
+        conf = triton.Config({"BLOCK_N": 32, "PROGRAMS": 16, "WAVE_FIT": fit}, num_warps=4, num_stages=1)
+        opts = K.TritonOptions(poison=True, configs={"kv_pass": conf})
+        got = K.kv_pass(k, v, perm, block, pool_k=True, pool_v=False, backend="triton", triton_options=opts)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"WAVE_FIT {fit}: copies"
+        _close(got[2], want[2], 2e-3, f"WAVE_FIT {fit}: k_mean", seed)
+        _close(got[4], want[4], 2e-3, f"WAVE_FIT {fit}: state", seed)
+    assert splits == [4, 8], splits
+
+
 @pytest.mark.parametrize("B,L,C,strided", [(1, 300, 96, False), (2, 1000, 320, True), (3, 7, 40, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_token_mean_matches_reference(seed, B, L, C, strided, dtype):
