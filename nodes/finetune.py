@@ -260,7 +260,9 @@ class SALADFinetune:
                 "Training pairs (SALAD Save Training Pair): a name under output/salad_training/ or a path.")}),
             "steps": ("INT", {"default": 1600, "min": 1, "max": 1000000}),
             "batch": ("INT", {"default": 1, "min": 1, "max": 256}),
-            "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-5}),
+            "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-7, "tooltip": (
+                "AdamW learning rate (warm-up, then cosine decay). The frontend rounds to the step, so it is "
+                "1e-7 to keep values such as 2e-5.")}),
             "sparsity": ("FLOAT", {"default": DEFAULT_SPARSITY, "min": 0.0, "max": 0.99, "step": 0.01,
                                    "display": "slider"}),
             "pattern": (list(PATTERNS),),
@@ -268,7 +270,13 @@ class SALADFinetune:
                                                                "one (same settings and data)."}),
         }, "optional": {
             "init_weights": ("SALAD_WEIGHTS", {"tooltip": "Start from these (e.g. calibrated) weights."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+            # The frontend gives an INT named seed a "control after generate" widget (new nodes: randomize).
+            # Removing it (control_after_generate False) would shift the widget values of every saved
+            # workflow with this node, so it stays; the tooltip says to keep it on fixed.
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": (
+                "Seed of the training (noise, timesteps, data order). Set 'control after generate' to fixed: "
+                "randomize changes the seed on every Run, which trains again, and resume refuses a changed "
+                "seed.")}),
             "checkpoint_every": ("INT", {"default": 100, "min": 0, "max": 1000000}),
             "filename_prefix": ("STRING", {"default": "salad_finetuned"}),
             "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": (
@@ -282,6 +290,11 @@ class SALADFinetune:
             "proj_rank": ("INT", {"default": 0, "min": 0, "max": 8192, "tooltip": (
                 PROJ_RANK_TOOLTIP + " Used when fresh weights are made; with init_weights their own rank wins.")}),
         }}
+
+    @classmethod
+    def IS_CHANGED(cls, data_folder="", **kwargs):
+        """Run again when the training pairs change (names, sizes, modification times), not only the widgets."""
+        return _folder_state(data_folder)
 
     def train(self, model, data_folder, steps, batch, learning_rate, sparsity, pattern, resume, init_weights=None,
               seed=0, checkpoint_every=100, filename_prefix="salad_finetuned", gradient_checkpointing=True,
@@ -300,6 +313,7 @@ class SALADFinetune:
 
         info = wan_model_info(model, "SALAD Fine-tune")
         data = PairFolder(resolve_data_folder(data_folder))
+        check_trainable_wan(model.get_model_object("diffusion_model"), data, data_folder)
         ms = model.get_model_object("model_sampling")
         shift = float(getattr(ms, "shift", 1.0))
         multiplier = float(getattr(ms, "multiplier", 1000.0))
@@ -326,7 +340,7 @@ class SALADFinetune:
             if init_weights is not None:   # a copy: the loader's cached weights are never changed
                 init = _plain(copy.deepcopy(init_weights.model))
             weights = make_weights(info, cfg, init, created_by="ComfyUI SALAD Fine-tune")
-            swapped = _trainable_copy_of_inference_tensors(dm)
+            swapped = _trainable_copy_of_inference_tensors(dm, device)
             if swapped:
                 log.info("SALAD Fine-tune: %d inference-mode tensors of the model copied for autograd", swapped)
             lora = LoraSet(wan_lora_targets(dm), cfg.lora_rank, seed=seed) if cfg.lora_rank else None
@@ -356,22 +370,68 @@ class SALADFinetune:
         return {"ui": {"text": [text]}, "result": (SALADWeightsLoader.wrap(weights), name, lora_name)}
 
 
-def _trainable_copy_of_inference_tensors(module) -> int:
+def _trainable_copy_of_inference_tensors(module, device=None) -> int:
     """Parameters / buffers that ComfyUI created under inference_mode (the loaders run there) cannot take
     part in autograd ("Inference tensors cannot be saved for backward"): swap each for a normal copy (one
-    tensor at a time, so the extra memory is one tensor).  The model computes the same; returns how many."""
+    tensor at a time, so the extra memory is one tensor).  The model computes the same; returns how many.
+    ``device``: only tensors on it are swapped.  Those that ComfyUI left elsewhere (offloaded by a partial
+    load) reach the compute device through its cast, which makes a new, normal tensor, so they stay as
+    they are, with whatever ComfyUI registered for them (pinned memory)."""
     n = 0
+    dev = None if device is None else torch.device(device)
+
+    def here(t):
+        return dev is None or (t.device.type == dev.type and (dev.index is None or t.device.index == dev.index))
+
     with torch.inference_mode(False), torch.no_grad():
         for mod in module.modules():
             for name, p in list(mod._parameters.items()):
-                if p is not None and p.is_inference():
+                if p is not None and p.is_inference() and here(p):
                     mod._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)
                     n += 1
             for name, b in list(mod._buffers.items()):
-                if b is not None and b.is_inference():
+                if b is not None and b.is_inference() and here(b):
                     mod._buffers[name] = b.clone()
                     n += 1
     return n
+
+
+def check_trainable_wan(diffusion_model, data, data_folder: str) -> None:
+    """Fine-tuning feeds the model a noisy latent, a timestep and the text context, nothing else: refuse Wan
+    variants that need more (image-to-video, VACE, camera, speech / audio models) and latents whose channels
+    the model does not take, with what was expected, before the model is loaded."""
+    dm = diffusion_model
+    kind = type(dm).__name__
+    model_type = str(getattr(dm, "model_type", "t2v"))
+    if kind != "WanModel" or model_type != "t2v":
+        what = "an image-to-video" if model_type == "i2v" else "a"
+        raise ValueError(f"SALAD Fine-tune: this is {what} Wan model ({kind}, model_type {model_type}), which needs "
+                         f"more inputs than training pairs hold; fine-tuning gives the model only the noisy latent "
+                         f"and the text, so it supports text-to-video Wan models (Wan 2.1 T2V, Wan 2.2 T2V and "
+                         f"TI2V 5B)")
+    want = int(dm.patch_embedding.weight.shape[1])
+    lat = data[0][0]
+    if lat.ndim != 4 or int(lat.shape[0]) != want:
+        raise ValueError(f"SALAD Fine-tune: the training pairs in data_folder {str(data_folder)[:200]!r} hold "
+                         f"latents of shape {tuple(lat.shape)} (first: {data.items[0][1].name}); this model takes "
+                         f"{want}-channel video latents (C, T, H, W): save the pairs from this model's VAE (Wan 2.1 "
+                         f"VAE: 16 channels, Wan 2.2 VAE: 48)")
+
+
+def _folder_state(data_folder: str) -> str:
+    """Names, sizes and modification times of a data folder's files (IS_CHANGED); '' when it cannot be read
+    (the node then runs and says why)."""
+    import hashlib
+    try:
+        path = resolve_data_folder(data_folder)
+        h = hashlib.sha256(os.path.abspath(path).encode())
+        for e in sorted(os.scandir(path), key=lambda e: e.name):
+            if e.is_file() and not e.name.startswith("."):
+                st = e.stat()
+                h.update(f"{e.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+    except (OSError, ValueError):
+        return ""
 
 
 def _plain(weights):

@@ -212,6 +212,20 @@ class SaladPatch:
         return out
 
     # -- callbacks ---------------------------------------------------------------------------
+    def set_sigma_window(self, model_sampling: Any) -> None:
+        """start_percent / end_percent -> the sigma window, on ``model_sampling``'s schedule (None: always on)."""
+        if self.opts.start_percent > 0.0 or self.opts.end_percent < 1.0:
+            self.sigma_start = float(model_sampling.percent_to_sigma(self.opts.start_percent))
+            self.sigma_end = float(model_sampling.percent_to_sigma(self.opts.end_percent))
+        else:
+            self.sigma_start = self.sigma_end = None
+        self._sigma_cache = (None, None)
+
+    def on_pre_run(self, patcher: Any) -> None:
+        """Before each sampling run: the window follows the schedule of the model being sampled, so a
+        ModelSamplingSD3 (shift) node placed after Apply SALAD Attention moves it as it moves the sigmas."""
+        self.set_sigma_window(patcher.get_model_object("model_sampling"))
+
     def on_cleanup(self, *args: Any, **kwargs: Any) -> None:
         if self.stats.sparse_calls or self.stats.declined:
             msg = self.stats.summary()
@@ -327,13 +341,9 @@ def apply_salad(model: Any, opts: PatchOptions, weights_patcher: Any = None) -> 
             raise ValueError(f"Apply SALAD Attention: salad_weights do not fit this model: {e}") from None
         weights_patcher = weights_in_compute_dtype(weights_patcher, model)
 
-    sigma_start = sigma_end = None
-    if opts.start_percent > 0.0 or opts.end_percent < 1.0:
-        ms = m.get_model_object("model_sampling")
-        sigma_start = float(ms.percent_to_sigma(opts.start_percent))
-        sigma_end = float(ms.percent_to_sigma(opts.end_percent))
-
-    state = SaladPatch(dm, opts, weights_patcher, sigma_start, sigma_end, family=family)
+    state = SaladPatch(dm, opts, weights_patcher, family=family)
+    # the window on this model's schedule now, and on the sampled model's own at each run (on_pre_run)
+    state.set_sigma_window(m.get_model_object("model_sampling"))
     family.install_recorder(m, state, KEY)
     owned = [i for i in range(num_blocks) if i not in opts.dense_blocks]
     replaced = 0
@@ -347,6 +357,7 @@ def apply_salad(model: Any, opts: PatchOptions, weights_patcher: Any = None) -> 
         m.set_additional_models(KEY, weights_in_use)
     else:
         m.remove_additional_models(KEY)
+    m.add_callback_with_key(pe.CallbacksMP.ON_PRE_RUN, KEY, state.on_pre_run)
     m.add_callback_with_key(pe.CallbacksMP.ON_CLEANUP, KEY, state.on_cleanup)
     if opts.verbose:
         log.info("SALAD: patched %d of %d %s blocks (sparsity %.2f, pattern %s, backend %s, weights %s)%s",

@@ -1,4 +1,5 @@
 """Register ComfyUI's ``models/salad`` folder for SALAD weight files."""
+import logging
 import os
 
 import folder_paths
@@ -9,7 +10,11 @@ EXTENSIONS = {".safetensors"}
 
 def register_model_folder() -> None:
     default = os.path.join(folder_paths.models_dir, FOLDER_NAME)
-    os.makedirs(default, exist_ok=True)
+    try:
+        os.makedirs(default, exist_ok=True)
+    except OSError as e:   # a read-only models folder must not stop the pack from loading
+        logging.getLogger("SALAD").warning("SALAD: could not create %s (%s); put weight files in a 'salad' "
+                                           "folder named in extra_model_paths.yaml instead", default, e)
     existing = folder_paths.folder_names_and_paths.get(FOLDER_NAME)
     paths = [default]
     if existing:  # paths added from extra_model_paths.yaml (`salad:` key) stay, after the default

@@ -108,7 +108,7 @@ class SALADTrainWeights:
                                                      "quarter are held out to measure the result."}),
             "train_steps": ("INT", {"default": 200, "min": 1, "max": 100000,
                                     "tooltip": "Optimiser steps per block."}),
-            "learning_rate": ("FLOAT", {"default": 1e-3, "min": 1e-6, "max": 1.0, "step": 1e-4,
+            "learning_rate": ("FLOAT", {"default": 1e-3, "min": 1e-6, "max": 1.0, "step": 1e-6,
                                         "tooltip": "AdamW learning rate (warm-up, then cosine decay)."}),
             "filename_prefix": ("STRING", {"default": "salad_wan",
                                            "tooltip": "Saved as models/salad/<prefix>_NNNNN.safetensors."}),

@@ -461,3 +461,74 @@ def test_nodes_save_pairs_finetune_apply_in_comfy(comfy_server):
     log = comfy_server.log()[mark:]
     assert "SALAD Fine-tune: step 2/2 loss" in log
     assert (comfy_server.output / "salad_finetune" / f"{prefix}.ckpt").exists()
+
+
+def test_finetune_refuses_models_and_latents_it_cannot_train_with_named_errors(comfy_server):
+    """Fine-tune gives the model only the noisy latent and the text: an image-to-video Wan, or pairs whose
+    latents have other channels than the model takes (Wan 2.1 VAE latents on the Wan 2.2 5B), fail before
+    the model is loaded, naming the model type / the data folder and what was expected."""
+    import uuid
+
+    from comfy_harness import execution_error, status_str
+    folder = f"ftbad_{uuid.uuid4().hex[:8]}"
+    p = {"2": {"class_type": "SALADTest_Conditioning", "inputs": {"seed": 11, "tokens": 16, "dim": 4096}},
+         "4": {"class_type": "SALADTest_EmptyLatentVideo",
+               "inputs": {"channels": 16, "frames": 2, "height": 32, "width": 32, "batch_size": 1}},
+         "10": {"class_type": "SALADSaveTrainingPair", "inputs": {"latent": ["4", 0], "conditioning": ["2", 0],
+                                                                 "data_folder": folder, "filename_prefix": "pair"}}}
+    assert status_str(comfy_server.run(p)) == "success"
+    want = {"wan21_i2v_tiny.safetensors": ("i2v", "text-to-video"),
+            "wan22_5b_tiny.safetensors": ("48-channel", folder)}
+    for unet, words in want.items():
+        q = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}},
+             "20": {"class_type": "SALADFinetune", "inputs": {
+                 "model": ["1", 0], "data_folder": folder, "steps": 1, "batch": 1, "learning_rate": 1e-3,
+                 "sparsity": 0.75, "pattern": "topk", "resume": False, "filename_prefix": f"bad_{uuid.uuid4().hex[:6]}",
+                 "checkpoint_every": 0}}}
+        entry = comfy_server.run(q)
+        assert status_str(entry) == "error", unet
+        err = execution_error(entry)
+        assert err["node_type"] == "SALADFinetune", err
+        msg = err["exception_message"]
+        assert all(w in msg for w in words), (unet, msg)
+        assert "Traceback" not in msg
+        print(unet, "->", msg)
+    assert comfy_server.alive()
+
+
+def test_finetune_is_changed_follows_the_data_folder(comfy_inprocess, tmp_path):
+    """IS_CHANGED: the same while the pairs are the same, new when a file is added or rewritten, '' (run
+    and say why) for a folder that cannot be read; only widget values are passed to it."""
+    from salad_pack.nodes.finetune import SALADFinetune
+    d = tmp_path / "set"
+    d.mkdir()
+    (d / "a.safetensors").write_bytes(b"x" * 10)
+    one = SALADFinetune.IS_CHANGED(data_folder=str(d), steps=10)
+    assert one and one == SALADFinetune.IS_CHANGED(data_folder=str(d), steps=10)
+    (d / "b.safetensors").write_bytes(b"y" * 10)
+    two = SALADFinetune.IS_CHANGED(data_folder=str(d))
+    assert two != one
+    (d / "b.safetensors").write_bytes(b"y" * 11)
+    assert SALADFinetune.IS_CHANGED(data_folder=str(d)) not in (one, two)
+    assert SALADFinetune.IS_CHANGED(data_folder=str(tmp_path / "missing")) == ""
+    assert SALADFinetune.IS_CHANGED(data_folder="") == ""
+
+
+def test_inference_tensors_swapped_only_on_the_training_device():
+    """Tensors ComfyUI made under inference_mode are swapped for equal normal ones where training computes;
+    tensors left on another device (offloaded by a partial load) are left alone: ComfyUI's cast to the
+    compute device makes a new, normal tensor, which autograd accepts."""
+    from salad_pack.nodes.finetune import _trainable_copy_of_inference_tensors
+    with torch.inference_mode():
+        m = torch.nn.Linear(4, 4)
+        m.register_buffer("b", torch.ones(2))
+    params = list(m.parameters())
+    assert _trainable_copy_of_inference_tensors(m, torch.device("cuda", 0)) == 0
+    assert [p is q for p, q in zip(m.parameters(), params)] == [True, True]
+    x = torch.randn(2, 4, requires_grad=True)
+    torch.nn.functional.linear(x, m.weight.to(torch.bfloat16).float()).sum().backward()   # a cast copy trains
+    assert x.grad is not None
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    assert _trainable_copy_of_inference_tensors(m, "cpu") == 3
+    assert not any(t.is_inference() for t in m.state_dict().values())
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in before.items())

@@ -69,3 +69,47 @@ def test_patching_leaves_the_users_model_alone(comfy_inprocess, tiny_models):
     assert [b.self_attn.forward for b in dm.blocks] == fwd_before
     for n, p in dm.state_dict().items():
         assert torch.equal(p, before[n]), n
+
+
+def test_percent_window_follows_a_shift_node_placed_after_salad(comfy_inprocess, tiny_models):
+    """start/end_percent are turned into sigmas on the schedule of the model being sampled (ON_PRE_RUN):
+    Apply SALAD, then ModelSamplingSD3 with another shift, moves the window as the shift moves the sigmas."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+    base = _load(comfy_inprocess, tiny_models["wan21_t2v_tiny"])
+    m = _apply(base, 0.9, "topk", 0.2, 0.9, "", "torch")
+    state = _state(m)
+    at_apply = (state.sigma_start, state.sigma_end)
+    ms = m.get_model_object("model_sampling")
+    assert at_apply == (float(ms.percent_to_sigma(0.2)), float(ms.percent_to_sigma(0.9)))
+    shifted = ModelSamplingSD3().patch(m, shift=1.0)[0]
+    ms1 = shifted.get_model_object("model_sampling")
+    want = (float(ms1.percent_to_sigma(0.2)), float(ms1.percent_to_sigma(0.9)))
+    assert abs(want[0] - at_apply[0]) > 0.05, (want, at_apply)       # the shift really moves the window
+    shifted.pre_run()                                                  # what CFGGuider.outer_sample calls
+    assert (state.sigma_start, state.sigma_end) == want
+    m.pre_run()                                                        # sampling the unshifted clone again
+    assert (state.sigma_start, state.sigma_end) == at_apply
+    # the whole window (0, 1) stays "always on" whatever the schedule
+    full = _state(_apply(base, 0.9, "topk", 0.0, 1.0, "", "torch"))
+    assert full.sigma_start is None and full.sigma_end is None
+
+
+def test_read_only_models_folder_does_not_stop_the_pack_loading(comfy_inprocess, monkeypatch, caplog):
+    """models/salad cannot be created (read-only models folder, e.g. in a container): a warning, and the
+    folder is still registered, so weight files in extra_model_paths.yaml's salad folders keep working."""
+    import folder_paths
+
+    from salad_pack.nodes import paths
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Read-only file system")
+    monkeypatch.setattr(paths.os, "makedirs", refuse)
+    saved = folder_paths.folder_names_and_paths.get(paths.FOLDER_NAME)
+    try:
+        with caplog.at_level("WARNING", logger="SALAD"):
+            paths.register_model_folder()
+        assert paths.FOLDER_NAME in folder_paths.folder_names_and_paths
+        assert "could not create" in caplog.text and "Read-only" in caplog.text
+    finally:
+        if saved is not None:
+            folder_paths.folder_names_and_paths[paths.FOLDER_NAME] = saved
