@@ -1,6 +1,6 @@
 """SALAD core: token tiling, sparse + linear attention mixing, weight format and trainer.
 
-Pure torch (plus einops/safetensors); never imports ComfyUI.  The sibling package ``kernels``
+Pure torch (plus safetensors); never imports ComfyUI.  The sibling package ``kernels``
 is imported relatively.
 """
 from .tiling import DEFAULT_TILE, TileLayout, from_tile_order, grid_from_latent_shape, to_tile_order
