@@ -81,17 +81,20 @@ def _wave_check(entry, name, card, H, L, D, rm, dev, dtype, bench):
     import salad_pack.kernels as K
     from salad_pack.kernels import _triton_ops as ops
     table = ops.config_for("kv_pass", D, dtype, L)
-    off = K.TritonOptions(configs={"kv_pass": triton.Config(dict(table.kwargs, WAVE_FIT=False),
-                                                            num_warps=table.num_warps, num_stages=table.num_stages)})
-    nb = ops.num_blocks(L, 128)
+    no_fit = triton.Config(dict(table.kwargs, WAVE_FIT=False), num_warps=table.num_warps, num_stages=table.num_stages)
+    off = K.TritonOptions(configs={"kv_pass": no_fit})
+    nb = ops.num_blocks(L, K.DEFAULT_BLOCK)
+
+    def programs(c, bh):       # the programs kv_pass launches for bh heads with config c
+        return bh * ops._splits(nb, 1, bh, ops.kv_pass_programs(c, bh))[0]
+
     for b in (1, 2):
         kv = [torch.randn(b, L, H, D, device=dev, dtype=dtype).transpose(1, 2) for _ in range(2)]
         with torch.inference_mode():
             fit_ms = bench(lambda: K.kv_pass(kv[0], kv[1], rm))
             off_ms = bench(lambda: K.kv_pass(kv[0], kv[1], rm, triton_options=off))
         row = {"batch": b, "fit_ms": fit_ms, "off_ms": off_ms,
-               "programs_fit": b * H * ops._splits(nb, 1, b * H, ops._wave_fit(b * H, table.kwargs["PROGRAMS"]))[0],
-               "programs_off": b * H * ops._splits(nb, 1, b * H, table.kwargs["PROGRAMS"])[0]}
+               "programs_fit": programs(table, b * H), "programs_off": programs(no_fit, b * H)}
         entry.setdefault("kv_wave_fit", []).append(row)
         print(f"[sweep] {card} {name} batch {b} kv_pass WAVE_FIT: {row['programs_fit']} programs {fit_ms:.4f} ms, "
               f"off: {row['programs_off']} programs {off_ms:.4f} ms ({off_ms / fit_ms:.3f}x)", flush=True)

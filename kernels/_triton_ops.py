@@ -279,6 +279,11 @@ def _wave_fit(bh: int, programs: int, fill: float = 0.95) -> int:
     return half if bh <= half and (half // bh) * bh >= fill * half else programs
 
 
+def kv_pass_programs(c: triton.Config, bh: int) -> int:
+    """The program target of a kv_pass config for bh heads: its PROGRAMS, through _wave_fit when WAVE_FIT."""
+    return _wave_fit(bh, c.kwargs["PROGRAMS"]) if c.kwargs.get("WAVE_FIT", False) else c.kwargs["PROGRAMS"]
+
+
 def linear_state(k: Tensor, v: Tensor, opts: TritonOptions = DEFAULT_OPTIONS) -> Tuple[Tensor, Tensor]:
     """Scaled linear state S' = S / LK (B*H, D, D) fp32 and z' = z / LK (B*H, D) fp32, via split-L
     partial sums + torch reduce.  The 1/LK scale keeps entries O(1) (fp16-safe hi/lo split) and
@@ -358,8 +363,7 @@ def kv_pass(k: Tensor, v: Tensor, rowmap: Tensor, block: int, pool_k: bool, pool
     nb = num_blocks(L, block)
     c = config_for("kv_pass", D, k.dtype, L, opts)
     bn = min(c.kwargs["BLOCK_N"], block)
-    target = _wave_fit(B * H, c.kwargs["PROGRAMS"]) if c.kwargs.get("WAVE_FIT", False) else c.kwargs["PROGRAMS"]
-    nsplit, bps = _splits(nb, 1, B * H, target)
+    nsplit, bps = _splits(nb, 1, B * H, kv_pass_programs(c, B * H))
     kt = _out(B, H, L, D, k.device, k.dtype, "blhd", opts.poison)
     vt = _out(B, H, L, D, v.device, v.dtype, "blhd", opts.poison)
     km = _empty(B, H, nb, D, device=k.device, dtype=torch.float32, poison=opts.poison) if pool_k else None

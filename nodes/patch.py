@@ -83,7 +83,6 @@ class SaladPatch:
     """State shared by the object patches of one patched clone."""
 
     def __init__(self, diffusion_model: torch.nn.Module, opts: PatchOptions, weights: Any = None,
-                 sigma_start: Optional[float] = None, sigma_end: Optional[float] = None,
                  family: Optional[ModelFamily] = None):
         from ..salad_core.attention import SaladConfig  # lazy: keeps import of the pack light
         self.opts = opts
@@ -94,8 +93,7 @@ class SaladPatch:
         if self.family is None:
             raise ValueError(f"SALAD: {type(diffusion_model).__name__} is not a model SALAD supports "
                              f"({supported()})")
-        self.sigma_start = sigma_start
-        self.sigma_end = sigma_end
+        self.sigma_start = self.sigma_end = None    # the percent window in sigmas: set_sigma_window
         self._seen = None                 # what the family's recorder saw in this forward (its token grid)
         self._fresh_forward = True
         self._sigma_cache = (None, None)

@@ -203,10 +203,10 @@ def _gloo_worker(rank, world, data_dir, tmp, init_file):
 
 
 def _spawn_gloo(tmp_path, data, world=2):
-    """Two gloo processes; returns the number of attempts.  A process killed by a signal (a gloo/torch C++
-    abort, seen once in CI) is retried once with a fresh rendezvous, loudly; one that died after every rank
-    wrote its ``.done`` marker only failed in teardown, and its saved result is checked as usual.  An
-    exception raised in a worker (our code) is never retried."""
+    """Two gloo processes; returns (the run's folder, the attempt that gave it).  A process killed by a
+    signal (a gloo/torch C++ abort, seen once in CI) is retried once with a fresh rendezvous, loudly; one
+    that died after every rank wrote its ``.done`` marker only failed in teardown, and its saved result is
+    checked as usual.  An exception raised in a worker (our code) is never retried."""
     import torch.multiprocessing as mp
     for attempt in (1, 2):
         run_dir = tmp_path / f"attempt{attempt}"
@@ -222,7 +222,6 @@ def _spawn_gloo(tmp_path, data, world=2):
                 return run_dir, attempt
             if attempt == 2:
                 raise
-    raise AssertionError("unreachable")
 
 
 def test_gloo_two_processes_match_one_process(tmp_path):
